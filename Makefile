@@ -1,0 +1,41 @@
+# flowplay — `make run` starts everything embedded; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PORT ?= 4454
+
+.PHONY: run test test-pg bench migrate user lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]' honcho
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+venv: $(STAMP)
+
+migrate: $(STAMP)
+	$(BIN)/python manage.py migrate --noinput
+
+## Start web (Daphne on $(PORT)), a Celery worker and the scheduler on the embedded default.
+run: migrate
+	PORT=$(PORT) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+
+## Create the first user from DJANGO_SUPERUSER_EMAIL / _USERNAME / _PASSWORD.
+user: migrate
+	$(BIN)/python manage.py createsuperuser --noinput
+
+## The whole suite on the embedded default (SQLite, filesystem broker).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: migrate
+	$(BIN)/python manage.py bench $(BENCH_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
+
+from flows import views as flow_views
+from plays import views as play_views
+
+router = SimpleRouter(trailing_slash=False)
+router.register("flows", flow_views.FlowViewSet, basename="flow")
+router.register(r"flows/(?P<flow_id>[^/]+)/layers", flow_views.FlowletViewSet, basename="flowlet")
+router.register("plays", play_views.PlayViewSet, basename="play")
+router.register("auth/api-keys", flow_views.ApiKeyViewSet, basename="api-key")
+
+api = [
+    path("auth/login", flow_views.LoginView.as_view(), name="api-login"),
+    path("auth/logout", flow_views.LogoutView.as_view(), name="api-logout"),
+    path("auth/me", flow_views.MeView.as_view(), name="api-me"),
+    path("health", flow_views.HealthView.as_view(), name="health"),
+    path("schema", SpectacularAPIView.as_view(), name="schema"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("flows/<str:flow_id>/plays", play_views.FlowPlaysViewSet.as_view({"get": "list"}), name="flow-plays"),
+    *router.urls,
+]
+
+urlpatterns = [
+    path("api/", include(api)),
+    path("admin/", admin.site.urls),
+]
+
+handler400 = "flows.api.handler400"
+handler404 = "flows.api.handler404"
+handler500 = "flows.api.handler500"
