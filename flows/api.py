@@ -1,0 +1,208 @@
+"""API plumbing shared by both apps: the error body, domain exceptions, pagination."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.pagination import BasePagination
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(exceptions.APIException):
+    """A domain error with the spec's code, e.g. ``FLOW_NOT_FOUND``."""
+
+    def __init__(self, code: str, message: str, status_code: int, details: dict[str, Any] | None = None):
+        super().__init__(detail=message, code=code)
+        self.status_code = status_code
+        self.error_code = code
+        self.message = message
+        self.details = details
+
+
+def not_found(entity: str, key: str) -> ApiError:
+    return ApiError(f"{entity.upper()}_NOT_FOUND", f"{entity.capitalize()} with ID {key} not found", 404)
+
+
+def invalid_state(message: str) -> ApiError:
+    return ApiError("INVALID_STATE", message, 409)
+
+
+def validation_error(details: dict[str, list[str]], message: str = "The request is not valid") -> ApiError:
+    return ApiError("VALIDATION_ERROR", message, 400, details)
+
+
+_CODES = {
+    400: "VALIDATION_ERROR",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    406: "NOT_ACCEPTABLE",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "TOO_MANY_REQUESTS",
+    500: "INTERNAL_ERROR",
+}
+
+
+def body(code: str, message: str, status_code: int, details: Any = None) -> dict[str, Any]:
+    data: dict[str, Any] = {"error": code, "message": message, "statusCode": status_code}
+    if details:
+        data["details"] = details
+    return data
+
+
+def flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
+    """Turn DRF's nested error detail into ``{"layers[1].args.url": ["…"]}``."""
+    out: dict[str, list[str]] = {}
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            if key == "non_field_errors":
+                path = prefix
+            elif isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+                path = f"{prefix}[{key}]"
+            else:
+                path = f"{prefix}.{key}" if prefix else str(key)
+            for k, v in flatten(value, path).items():
+                out.setdefault(k, []).extend(v)
+    elif isinstance(detail, list):
+        if all(not isinstance(item, (dict, list)) for item in detail):
+            out.setdefault(prefix or "body", []).extend(str(item) for item in detail)
+        else:
+            for i, item in enumerate(detail):
+                if item:
+                    for k, v in flatten(item, f"{prefix}[{i}]").items():
+                        out.setdefault(k, []).extend(v)
+    else:
+        out.setdefault(prefix or "body", []).append(str(detail))
+    return out
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """Shape every API error as ``{error, message, statusCode, details?}``."""
+    if isinstance(exc, ApiError):
+        return Response(body(exc.error_code, exc.message, exc.status_code, exc.details), status=exc.status_code)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        log.exception("unhandled API error", exc_info=exc)
+        return Response(body("INTERNAL_ERROR", "Internal server error", 500), status=500)
+    code = _CODES.get(response.status_code, "ERROR")
+    if isinstance(exc, exceptions.ValidationError):
+        details = flatten(exc.detail)
+        message = "The request is not valid"
+        if list(details) == ["body"]:
+            message = details["body"][0]
+        response.data = body(code, message, response.status_code, details)
+    elif isinstance(exc, exceptions.ParseError):
+        response.data = body("VALIDATION_ERROR", f"Malformed request body: {exc.detail}", 400)
+    else:
+        detail = exc.detail if isinstance(exc, exceptions.APIException) else str(exc)
+        response.data = body(code, str(detail), response.status_code)
+    return response
+
+
+class PagePagination(BasePagination):
+    """Zero-based ``page`` and ``size`` (default 25, at most 100) with the spec's envelope."""
+
+    default_size = 25
+    max_size = 100
+
+    def paginate_queryset(self, queryset: Any, request: Any, view: Any = None) -> list[Any]:
+        self.page, self.size = self.parse(request)
+        # On millions of rows an exact COUNT(*) with filters is the slow part; the views
+        # keep it on an index (see PlayFilter) and cap what a deep page may read.
+        self.total = queryset.count()
+        start = self.page * self.size
+        return list(queryset[start : start + self.size])
+
+    @classmethod
+    def parse(cls, request: Any) -> tuple[int, int]:
+        errors: dict[str, list[str]] = {}
+        page = cls._int(request.query_params.get("page"), 0, "page", errors)
+        size = cls._int(request.query_params.get("size"), cls.default_size, "size", errors)
+        if "page" not in errors and page < 0:
+            errors["page"] = ["page must be 0 or more"]
+        if "size" not in errors and not 1 <= size <= cls.max_size:
+            errors["size"] = [f"size must be between 1 and {cls.max_size}"]
+        if errors:
+            raise validation_error(errors, "Invalid pagination parameters")
+        return page, size
+
+    @staticmethod
+    def _int(raw: str | None, default: int, name: str, errors: dict[str, list[str]]) -> int:
+        if raw is None or raw == "":
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            errors[name] = [f"{name} must be an integer"]
+            return default
+
+    def get_paginated_response(self, data: list[Any]) -> Response:
+        pages = (self.total + self.size - 1) // self.size
+        return Response({"data": data, "total": self.total, "page": self.page, "size": self.size, "pages": pages})
+
+    def get_paginated_response_schema(self, schema: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": ["data", "total", "page", "size", "pages"],
+            "properties": {
+                "data": schema,
+                "total": {"type": "integer"},
+                "page": {"type": "integer"},
+                "size": {"type": "integer"},
+                "pages": {"type": "integer"},
+            },
+        }
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": "page", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+            {"name": "size", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+        ]
+
+
+def json_error_view(code: str, message: str, status_code: int):  # noqa: ANN201
+    def view(request: Any, exception: Any = None) -> JsonResponse:
+        return JsonResponse(body(code, message, status_code), status=status_code)
+
+    return view
+
+
+def handler404(request: Any, exception: Any = None) -> Any:
+    if request.path.startswith("/api/"):
+        return JsonResponse(body("NOT_FOUND", f"No endpoint at {request.path}", 404), status=404)
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception)
+
+
+def handler500(request: Any) -> Any:
+    if request.path.startswith("/api/"):
+        return JsonResponse(body("INTERNAL_ERROR", "Internal server error", 500), status=500)
+    from django.views.defaults import server_error
+
+    return server_error(request)
+
+
+def handler400(request: Any, exception: Any = None) -> Any:
+    if request.path.startswith("/api/"):
+        return JsonResponse(body("VALIDATION_ERROR", "Bad request", 400), status=400)
+    from django.views.defaults import bad_request
+
+    return bad_request(request, exception)
+
+
+__all__ = ["ApiError", "PagePagination", "exception_handler", "status"]

@@ -1,0 +1,337 @@
+"""Tenants, people, API keys and flow definitions."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import secrets
+from typing import Any
+
+from django.contrib.auth.models import AbstractUser, UserManager
+from django.db import connection, models, transaction
+from django.db.models import Q
+from django.db.models.functions import Lower
+from django.utils import timezone
+from django.utils.text import slugify
+
+from .ids import new_id
+
+DEFAULT_COMPANY_NAME = "Default"
+
+
+class Company(models.Model):
+    """A tenant. Every flow, play and event belongs to exactly one."""
+
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=200, unique=True)
+    # Last event sequence number handed out; see next_event_seqs().
+    event_seq = models.BigIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        verbose_name_plural = "companies"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def default(cls) -> Company:
+        company, _ = cls.objects.get_or_create(slug="default", defaults={"name": DEFAULT_COMPANY_NAME})
+        return company
+
+    @staticmethod
+    def next_event_seqs(company_id: str, count: int = 1) -> int:
+        """Reserve ``count`` event sequence numbers and return the last one.
+
+        Must run inside the transaction that writes the events: the row lock taken here is
+        held until commit, so sequence order is commit order within a company. That is what
+        lets a WebSocket client resume with ``since=<seq>`` without a gap.
+        """
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE flows_company SET event_seq = event_seq + %s WHERE id = %s RETURNING event_seq",
+                [count, company_id],
+            )
+            return cursor.fetchone()[0]
+
+
+class User(AbstractUser):
+    company = models.ForeignKey(Company, on_delete=models.PROTECT, related_name="users")
+
+    objects = UserManager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                Lower("email"), condition=~Q(email=""), name="flows_user_unique_email"
+            ),
+        ]
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.company_id is None:
+            # createsuperuser --noinput and plain create_user() land in the default company.
+            self.company = Company.default()
+        super().save(*args, **kwargs)
+
+    @property
+    def display_name(self) -> str:
+        return self.get_full_name() or self.username
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ApiKeyQuerySet(models.QuerySet):
+    def active(self) -> ApiKeyQuerySet:
+        return self.filter(revoked_at__isnull=True)
+
+
+class ApiKey(models.Model):
+    """A bearer token for scripts. Only its SHA-256 is stored; the token is shown once."""
+
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=200)
+    prefix = models.CharField(max_length=16, editable=False)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    scopes = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @classmethod
+    def issue(cls, user: User, name: str, scopes: list[str] | None = None) -> tuple[ApiKey, str]:
+        """Create a key and return it with its token; the token is not recoverable later."""
+        prefix = secrets.token_hex(4)
+        token = f"fp_{prefix}_{secrets.token_urlsafe(32)}"
+        key = cls.objects.create(
+            user=user, name=name, prefix=prefix, token_hash=hash_token(token), scopes=scopes or []
+        )
+        return key, token
+
+    @classmethod
+    def lookup(cls, token: str) -> ApiKey | None:
+        key = cls.objects.active().select_related("user", "user__company").filter(token_hash=hash_token(token)).first()
+        if key is None or not key.user.is_active:
+            return None
+        now = timezone.now()
+        # Write at most once a minute: a busy script must not turn every read into a write.
+        if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
+            cls.objects.filter(pk=key.pk).update(last_used_at=now)
+            key.last_used_at = now
+        return key
+
+    def revoke(self) -> None:
+        ApiKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+
+
+# --- Flows ----------------------------------------------------------------------------
+
+
+class OnError(models.TextChoices):
+    FAIL = "fail"
+    CONTINUE = "continue"
+    SKIP = "skip"
+
+
+class FlowQuerySet(models.QuerySet):
+    def alive(self) -> FlowQuerySet:
+        return self.filter(deleted_at__isnull=True)
+
+    def for_company(self, company_id: str) -> FlowQuerySet:
+        return self.filter(company_id=company_id)
+
+    def get_by_id_or_permanent_id(self, key: str) -> Flow:
+        """Resolve ``{flowId}`` in a path: the id or the permanentId both work."""
+        return self.filter(Q(pk=key) | Q(permanent_id=key)).get()
+
+
+class Flow(models.Model):
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    company = models.ForeignKey(Company, on_delete=models.PROTECT, related_name="flows")
+    name = models.CharField(max_length=200)
+    permanent_id = models.SlugField(max_length=200)
+    category = models.CharField(max_length=100, blank=True, default="")
+    enabled = models.BooleanField(default=True)
+    version = models.PositiveIntegerField(default=1)
+    filters = models.JSONField(default=list, blank=True)
+    timeout = models.PositiveIntegerField(null=True, blank=True, help_text="Seconds for the whole play.")
+    max_concurrency = models.PositiveIntegerField(null=True, blank=True)
+    queue = models.CharField(max_length=100, default="default")
+    retention_days = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    objects = FlowQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["company", "permanent_id"],
+                condition=Q(deleted_at__isnull=True),
+                name="flows_flow_unique_permanent_id",
+            ),
+        ]
+        indexes = [models.Index(fields=["company", "name"], name="flows_flow_company_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def execution(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "maxConcurrency": self.max_concurrency, "queue": self.queue}
+
+    def unique_permanent_id(self, wanted: str | None) -> str:
+        base = slugify(wanted or self.name)[:180] or "flow"
+        taken = set(
+            Flow.objects.alive()
+            .filter(company_id=self.company_id, permanent_id__startswith=base)
+            .exclude(pk=self.pk)
+            .values_list("permanent_id", flat=True)
+        )
+        if base not in taken:
+            return base
+        n = 2
+        while f"{base}-{n}" in taken:
+            n += 1
+        return f"{base}-{n}"
+
+    def definition(self) -> dict[str, Any]:
+        """The flow as the runner needs it, frozen into a FlowVersion."""
+        return {
+            "name": self.name,
+            "filters": self.filters,
+            "execution": self.execution,
+            "layers": [f.definition() for f in self.flowlets.order_by("index")],
+        }
+
+    def snapshot(self) -> FlowVersion:
+        """Return the FlowVersion of the current version, creating it on first use."""
+        existing = FlowVersion.objects.filter(flow=self, version=self.version).first()
+        if existing is not None:
+            return existing
+        version, _ = FlowVersion.objects.get_or_create(
+            flow=self, version=self.version, defaults={"definition": self.definition()}
+        )
+        return version
+
+    @transaction.atomic
+    def bump(self) -> None:
+        """Record a change: version + 1 and a fresh snapshot for plays created from now on."""
+        Flow.objects.filter(pk=self.pk).update(version=models.F("version") + 1, updated_at=timezone.now())
+        self.refresh_from_db(fields=["version", "updated_at"])
+        FlowVersion.objects.get_or_create(flow=self, version=self.version, defaults={"definition": self.definition()})
+
+    def soft_delete(self) -> None:
+        Flow.objects.filter(pk=self.pk, deleted_at__isnull=True).update(deleted_at=timezone.now())
+
+    def renumber(self) -> None:
+        """Keep flowlet indexes dense and unique, in their current order."""
+        flowlets = list(self.flowlets.order_by("index", "id"))
+        if [f.index for f in flowlets] == list(range(len(flowlets))):
+            return
+        # Two passes, because (flow, index) is unique and indexes may swap.
+        for offset, flowlet in enumerate(flowlets):
+            Flowlet.objects.filter(pk=flowlet.pk).update(index=-1 - offset)
+        for position, flowlet in enumerate(flowlets):
+            Flowlet.objects.filter(pk=flowlet.pk).update(index=position)
+
+
+class Flowlet(models.Model):
+    """One step of a flow (the flow's ``layers`` in the API)."""
+
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="flowlets")
+    ref = models.CharField(max_length=100)
+    name = models.CharField(max_length=200, blank=True, default="")
+    app_id = models.CharField(max_length=100)
+    index = models.IntegerField()
+    args = models.JSONField(default=dict, blank=True)
+    filters = models.JSONField(default=list, blank=True)
+    timeout = models.PositiveIntegerField(null=True, blank=True, help_text="Seconds for one attempt.")
+    retry = models.JSONField(default=dict, blank=True)
+    on_error = models.CharField(max_length=10, choices=OnError, default=OnError.FAIL)
+    needs_approval = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["index"]
+        constraints = [
+            models.UniqueConstraint(fields=["flow", "ref"], name="flows_flowlet_unique_ref"),
+            models.UniqueConstraint(fields=["flow", "index"], name="flows_flowlet_unique_index"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.ref} ({self.app_id})"
+
+    def definition(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "ref": self.ref,
+            "name": self.name,
+            "appId": self.app_id,
+            "index": self.index,
+            "args": copy.deepcopy(self.args),
+            "filters": copy.deepcopy(self.filters),
+            "timeout": self.timeout,
+            "retry": copy.deepcopy(self.retry),
+            "onError": self.on_error,
+            "needsApproval": self.needs_approval,
+        }
+
+
+class FlowVersion(models.Model):
+    """An immutable snapshot of a flow; a play runs the snapshot it was created with."""
+
+    flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="versions")
+    version = models.PositiveIntegerField()
+    definition = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["flow", "version"], name="flows_flowversion_unique_version"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.flow_id} v{self.version}"
+
+
+class KVScope(models.TextChoices):
+    GLOBAL = "global"
+    FLOW = "flow"
+
+
+class KV(models.Model):
+    """A small key/value store for flows (`kv-set`, `kv-get`, `kv-append`)."""
+
+    company = models.ForeignKey(Company, on_delete=models.CASCADE, related_name="kv")
+    flow = models.ForeignKey(Flow, on_delete=models.CASCADE, null=True, blank=True, related_name="kv")
+    key = models.CharField(max_length=255)
+    value = models.JSONField(null=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "KV entry"
+        verbose_name_plural = "KV entries"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["company", "key"], condition=Q(flow__isnull=True), name="flows_kv_unique_global_key"
+            ),
+            models.UniqueConstraint(
+                fields=["company", "flow", "key"], condition=Q(flow__isnull=False), name="flows_kv_unique_flow_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.key

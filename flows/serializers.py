@@ -1,0 +1,315 @@
+"""Flow, flowlet and account serializers, and the validation of a flow's steps."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+from rest_framework import serializers
+
+from . import expr
+from .models import ApiKey, Flow, Flowlet, OnError
+from .modules import get_module
+
+REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_REFS = {"args"}
+
+
+class RetrySerializer(serializers.Serializer):
+    count = serializers.IntegerField(min_value=0, max_value=100, default=0)
+    delayMs = serializers.IntegerField(min_value=0, max_value=24 * 3600 * 1000, default=1000)
+    backoffMultiplier = serializers.FloatField(min_value=1, max_value=100, default=2)
+    jitter = serializers.BooleanField(default=False)
+
+
+class FlowletSerializer(serializers.ModelSerializer):
+    appId = serializers.CharField(source="app_id", max_length=100)
+    index = serializers.IntegerField(required=False, min_value=0)
+    args = serializers.JSONField(required=False, default=dict)
+    filters = serializers.JSONField(required=False, default=list)
+    timeout = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=7 * 24 * 3600)
+    retry = RetrySerializer(required=False)
+    onError = serializers.ChoiceField(source="on_error", choices=OnError.choices, required=False, default=OnError.FAIL)
+    needsApproval = serializers.BooleanField(source="needs_approval", required=False, default=False)
+    id = serializers.CharField(required=False, max_length=24)
+    name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+
+    class Meta:
+        model = Flowlet
+        fields = ["id", "ref", "name", "appId", "index", "args", "filters", "timeout", "retry", "onError", "needsApproval"]
+
+    def validate_ref(self, value: str) -> str:
+        if not REF_RE.match(value):
+            raise serializers.ValidationError("ref must match ^[A-Za-z_][A-Za-z0-9_]*$")
+        if value in RESERVED_REFS:
+            raise serializers.ValidationError(f"ref {value!r} is reserved")
+        return value
+
+    def validate_args(self, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("args must be a JSON object")
+        return value
+
+    def to_representation(self, instance: Flowlet) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        data["retry"] = instance.retry or None
+        return data
+
+
+def validate_steps(layers: list[dict[str, Any]], flow_filters: Any = None) -> dict[str, list[str]]:
+    """Check a flow's steps as a whole; return ``{"layers[1].args.url": [...]}`` or {}.
+
+    Unknown appId, args that break the module's schema, malformed expressions, duplicate
+    or reserved refs, and expressions that read a later or unknown step are all errors.
+    Each message names the flowlet's ref.
+    """
+    errors: dict[str, list[str]] = {}
+
+    def add(path: str, message: str) -> None:
+        errors.setdefault(path, []).append(message)
+
+    seen: dict[str, int] = {}
+    for i, layer in enumerate(layers):
+        ref = layer.get("ref", "")
+        if ref in seen:
+            add(f"layers[{i}].ref", f"Duplicate ref {ref!r} (also used by layers[{seen[ref]}])")
+        else:
+            seen[ref] = i
+    for i, layer in enumerate(layers):
+        ref = layer.get("ref", "")
+        where = f"Flowlet {ref!r}"
+        module = get_module(layer.get("app_id") or layer.get("appId") or "")
+        if module is None:
+            add(f"layers[{i}].appId", f"{where}: unknown appId {layer.get('app_id') or layer.get('appId')!r}")
+        args = layer.get("args") or {}
+        raw = module.raw_args if module is not None else frozenset()
+        rendered_args = {k: v for k, v in args.items() if k not in raw} if isinstance(args, dict) else args
+        for path, messages in expr.check(rendered_args).items():
+            for message in messages:
+                add(_join(f"layers[{i}].args", path), f"{where}: {message}")
+        if module is not None:
+            for path, messages in module.check(args).items():
+                for message in messages:
+                    add(_join(f"layers[{i}].args", path), f"{where}: {message}")
+        filters = layer.get("filters") or []
+        for path, messages in expr.check_filters(filters).items():
+            for message in messages:
+                add(_join(f"layers[{i}].filters", path), f"{where}: {message}")
+        for field, value in (("args", rendered_args), ("filters", filters)):
+            try:
+                refs = expr.references(value)
+            except Exception:  # syntax errors are reported above
+                continue
+            for name in sorted(refs):
+                if name not in seen:
+                    add(f"layers[{i}].{field}", f"{where}: expression refers to unknown step {name!r}")
+                elif seen[name] >= i:
+                    add(f"layers[{i}].{field}", f"{where}: expression refers to {name!r}, which does not run before it")
+    if flow_filters:
+        for path, messages in expr.check_filters(flow_filters).items():
+            for message in messages:
+                add(_join("filters", path), message)
+        try:
+            refs = expr.references(flow_filters)
+        except Exception:
+            refs = set()
+        for name in sorted(refs):
+            add("filters", f"Flow filters run before any step and can only read $prev.args, not {name!r}")
+    return errors
+
+
+def _join(prefix: str, path: str) -> str:
+    if not path:
+        return prefix
+    if path.startswith("["):
+        return prefix + path
+    return f"{prefix}.{path}"
+
+
+class ExecutionSerializer(serializers.Serializer):
+    timeout = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=30 * 24 * 3600)
+    maxConcurrency = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100000)
+    queue = serializers.RegexField(r"^[A-Za-z0-9_.\-]{1,100}$", required=False)
+
+
+class FlowSerializer(serializers.ModelSerializer):
+    permanentId = serializers.SlugField(source="permanent_id", required=False, max_length=200)
+    category = serializers.CharField(required=False, allow_blank=True, max_length=100)
+    enabled = serializers.BooleanField(required=False)
+    version = serializers.IntegerField(read_only=True)
+    createdAt = serializers.DateTimeField(source="created_at", read_only=True)
+    updatedAt = serializers.DateTimeField(source="updated_at", read_only=True)
+    filters = serializers.JSONField(required=False)
+    execution = ExecutionSerializer(required=False)
+    layers = FlowletSerializer(many=True, required=False)
+
+    class Meta:
+        model = Flow
+        fields = ["id", "name", "permanentId", "category", "enabled", "version", "createdAt", "updatedAt",
+                  "filters", "execution", "layers"]
+        read_only_fields = ["id"]
+
+    def to_representation(self, instance: Flow) -> dict[str, Any]:
+        return {
+            "id": instance.id,
+            "name": instance.name,
+            "permanentId": instance.permanent_id,
+            "category": instance.category,
+            "enabled": instance.enabled,
+            "version": instance.version,
+            "createdAt": serializers.DateTimeField().to_representation(instance.created_at),
+            "updatedAt": serializers.DateTimeField().to_representation(instance.updated_at),
+            "filters": instance.filters,
+            "execution": instance.execution,
+            "layers": FlowletSerializer(instance.flowlets.all(), many=True).data,
+        }
+
+    def validate_filters(self, value: Any) -> Any:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise serializers.ValidationError("filters must be a list")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        layers = attrs.get("layers")
+        if layers is None and self.instance is not None:
+            layers = [f.definition() | {"app_id": f.app_id} for f in self.instance.flowlets.all()]
+        ordered = _ordered(layers or [])
+        filters = attrs.get("filters", self.instance.filters if self.instance is not None else [])
+        errors = validate_steps(ordered, filters)
+        if errors:
+            raise serializers.ValidationError(errors)
+        if "layers" in attrs:
+            attrs["layers"] = ordered
+        return attrs
+
+    @transaction.atomic
+    def create(self, validated: dict[str, Any]) -> Flow:
+        layers = validated.pop("layers", [])
+        execution = validated.pop("execution", {})
+        flow = Flow(company=self.context["request"].user.company, **validated)
+        _apply_execution(flow, execution)
+        flow.permanent_id = flow.unique_permanent_id(validated.get("permanent_id"))
+        if validated.get("permanent_id") and flow.permanent_id != validated["permanent_id"]:
+            raise serializers.ValidationError({"permanentId": [f"permanentId {validated['permanent_id']!r} is already used"]})
+        flow.save()
+        _replace_flowlets(flow, layers)
+        flow.snapshot()
+        return flow
+
+    @transaction.atomic
+    def update(self, flow: Flow, validated: dict[str, Any]) -> Flow:
+        # Serialise concurrent edits of one flow so each gets its own version number.
+        Flow.objects.select_for_update().filter(pk=flow.pk).first()
+        layers = validated.pop("layers", None)
+        execution = validated.pop("execution", None)
+        if "permanent_id" in validated and validated["permanent_id"] != flow.permanent_id:
+            wanted = validated["permanent_id"]
+            if Flow.objects.alive().filter(company_id=flow.company_id, permanent_id=wanted).exclude(pk=flow.pk).exists():
+                raise serializers.ValidationError({"permanentId": [f"permanentId {wanted!r} is already used"]})
+        for name, value in validated.items():
+            setattr(flow, name, value)
+        if execution is not None:
+            _apply_execution(flow, execution, partial=self.partial)
+        flow.updated_at = timezone.now()
+        flow.save()
+        if layers is not None:
+            _replace_flowlets(flow, layers)
+        flow.bump()
+        return flow
+
+
+def _apply_execution(flow: Flow, execution: dict[str, Any], partial: bool = False) -> None:
+    if not partial or "timeout" in execution:
+        flow.timeout = execution.get("timeout")
+    if not partial or "maxConcurrency" in execution:
+        flow.max_concurrency = execution.get("maxConcurrency")
+    if not partial or "queue" in execution:
+        flow.queue = execution.get("queue") or "default"
+
+
+def _ordered(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Order inline layers by their given index (stable), then make indexes dense."""
+    keyed = sorted(enumerate(layers), key=lambda pair: (pair[1].get("index", pair[0]), pair[0]))
+    ordered = []
+    for position, (_, layer) in enumerate(keyed):
+        layer = dict(layer)
+        layer["index"] = position
+        ordered.append(layer)
+    return ordered
+
+
+FLOWLET_FIELDS = ("ref", "name", "app_id", "args", "filters", "timeout", "retry", "on_error", "needs_approval")
+
+
+def _replace_flowlets(flow: Flow, layers: list[dict[str, Any]]) -> None:
+    """Make the flow's flowlets exactly ``layers``, keeping ids matched by id or ref."""
+    existing = {f.id: f for f in flow.flowlets.all()}
+    by_ref = {f.ref: f for f in existing.values()}
+    keep: list[Flowlet] = []
+    for layer in layers:
+        match = existing.get(layer.get("id") or "") or by_ref.get(layer["ref"])
+        flowlet = match or Flowlet(flow=flow)
+        for name in FLOWLET_FIELDS:
+            default = {"args": {}, "filters": [], "retry": {}, "on_error": OnError.FAIL, "needs_approval": False,
+                       "name": "", "timeout": None}.get(name)
+            setattr(flowlet, name, layer.get(name, default))
+        flowlet.retry = dict(flowlet.retry or {})
+        keep.append(flowlet)
+    kept_ids = {f.id for f in keep if f.pk and f.id in existing}
+    flow.flowlets.exclude(pk__in=kept_ids).delete()
+    # Park surviving rows on negative indexes first: (flow, index) and (flow, ref) are unique.
+    for offset, flowlet in enumerate(keep):
+        if flowlet.id in existing:
+            Flowlet.objects.filter(pk=flowlet.id).update(index=-1 - offset, ref=f"__moving_{offset}")
+    for position, flowlet in enumerate(keep):
+        flowlet.index = position
+        if flowlet.id in existing:
+            flowlet.save()
+        else:
+            flowlet.save(force_insert=True)
+
+
+# --- Accounts -------------------------------------------------------------------------
+
+
+class LoginSerializer(serializers.Serializer):
+    email = serializers.CharField(max_length=254)
+    password = serializers.CharField(max_length=1024, trim_whitespace=False)
+
+
+class UserSerializer(serializers.Serializer):
+    id = serializers.CharField(source="pk")
+    email = serializers.EmailField()
+    name = serializers.CharField(source="display_name")
+
+
+class CompanySerializer(serializers.Serializer):
+    id = serializers.CharField()
+    name = serializers.CharField()
+
+
+class MeSerializer(UserSerializer):
+    company = CompanySerializer()
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    issuedAt = serializers.DateTimeField(source="created_at", read_only=True)
+    lastUsedAt = serializers.DateTimeField(source="last_used_at", read_only=True)
+    scopes = serializers.ListField(child=serializers.CharField(max_length=50), required=False, max_length=20)
+    name = serializers.CharField(max_length=200)
+
+    class Meta:
+        model = ApiKey
+        fields = ["id", "name", "scopes", "issuedAt", "lastUsedAt"]
+        read_only_fields = ["id"]
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    token = serializers.CharField(read_only=True)
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = ["id", "name", "token", "scopes", "issuedAt"]

@@ -1,0 +1,285 @@
+"""Flow endpoints, the run verb, and session/API-key authentication endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import django_filters
+from django.contrib.auth import authenticate, login, logout
+from django.db import transaction
+from django.db.models import Q
+from django.views.decorators.csrf import ensure_csrf_cookie
+from django.utils.decorators import method_decorator
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import mixins, permissions, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+from rest_framework.throttling import AnonRateThrottle
+from rest_framework.views import APIView
+
+from .api import ApiError, not_found, validation_error
+from .models import ApiKey, Flow, Flowlet, User
+from .serializers import (
+    ApiKeyCreatedSerializer,
+    ApiKeySerializer,
+    FlowletSerializer,
+    FlowSerializer,
+    LoginSerializer,
+    MeSerializer,
+    UserSerializer,
+    _ordered,
+    validate_steps,
+)
+
+
+def get_flow(request: Any, key: str, *, for_update: bool = False) -> Flow:
+    """The caller's live flow by id or permanentId; another company's flow is a 404."""
+    qs = Flow.objects.alive().for_company(request.user.company_id)
+    if for_update:
+        qs = qs.select_for_update()
+    flow = qs.filter(Q(pk=key) | Q(permanent_id=key)).first()
+    if flow is None:
+        raise not_found("flow", key)
+    return flow
+
+
+class FlowFilter(django_filters.FilterSet):
+    category = django_filters.CharFilter(field_name="category")
+    enabled = django_filters.BooleanFilter(field_name="enabled")
+    q = django_filters.CharFilter(field_name="name", lookup_expr="icontains")
+
+    class Meta:
+        model = Flow
+        fields = ["category", "enabled", "q"]
+
+
+class FlowViewSet(viewsets.ModelViewSet):
+    serializer_class = FlowSerializer
+    filterset_class = FlowFilter
+    lookup_field = "pk"
+    lookup_url_kwarg = "flow_id"
+    lookup_value_regex = "[^/]+"
+
+    def get_queryset(self) -> Any:
+        return (
+            Flow.objects.alive()
+            .for_company(self.request.user.company_id)
+            .prefetch_related("flowlets")
+            .order_by("name", "id")
+        )
+
+    def get_object(self) -> Flow:
+        return get_flow(self.request, self.kwargs["flow_id"])
+
+    def perform_destroy(self, instance: Flow) -> None:
+        instance.soft_delete()
+
+    @extend_schema(
+        request=inline_serializer("RunRequest", {
+            "args": serializers.JSONField(required=False),
+            "idempotencyKey": serializers.CharField(required=False),
+            "runAt": serializers.DateTimeField(required=False),
+            "delayMs": serializers.IntegerField(required=False),
+            "start": serializers.BooleanField(required=False),
+        }),
+        responses={201: inline_serializer("RunResponse", {
+            "playId": serializers.CharField(), "state": serializers.CharField(),
+            "startedAt": serializers.DateTimeField(allow_null=True),
+            "createdAt": serializers.DateTimeField(),
+            "idempotencyKey": serializers.CharField(allow_null=True),
+        })},
+    )
+    @action(detail=True, methods=["post"])
+    def run(self, request: Any, flow_id: str) -> Response:
+        from plays.views import trigger
+
+        return trigger(request, get_flow(request, flow_id))
+
+
+class FlowletViewSet(
+    mixins.ListModelMixin,
+    mixins.CreateModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """``/api/flows/{flowId}/layers``: the flow's steps one by one. Each change is a new version."""
+
+    serializer_class = FlowletSerializer
+    pagination_class = None
+    lookup_url_kwarg = "layer_id"
+
+    def flow(self, for_update: bool = False) -> Flow:
+        return get_flow(self.request, self.kwargs["flow_id"], for_update=for_update)
+
+    def get_queryset(self) -> Any:
+        return self.flow().flowlets.all()
+
+    def get_object(self) -> Flowlet:
+        flowlet = self.get_queryset().filter(pk=self.kwargs["layer_id"]).first()
+        if flowlet is None:
+            raise not_found("layer", self.kwargs["layer_id"])
+        return flowlet
+
+    def _save(self, flow: Flow, layers: list[dict[str, Any]]) -> None:
+        from .serializers import _replace_flowlets
+
+        ordered = _ordered(layers)
+        errors = validate_steps(ordered, flow.filters)
+        if errors:
+            raise validation_error(errors, "The flow's steps are not valid")
+        _replace_flowlets(flow, ordered)
+        flow.bump()
+
+    def _current(self, flow: Flow) -> list[dict[str, Any]]:
+        return [f.definition() | {"app_id": f.app_id, "on_error": f.on_error, "needs_approval": f.needs_approval}
+                for f in flow.flowlets.all()]
+
+    @transaction.atomic
+    def create(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        flow = self.flow(for_update=True)
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        new = dict(serializer.validated_data)
+        layers = self._current(flow)
+        position = min(new.pop("index", len(layers)), len(layers))
+        layers = [dict(layer, index=i if i < position else i + 1) for i, layer in enumerate(layers)]
+        new["index"] = position
+        layers.append(new)
+        layers.sort(key=lambda layer: layer["index"])
+        self._save(flow, [_snake(layer) for layer in layers])
+        created = flow.flowlets.get(ref=new["ref"])
+        return Response(FlowletSerializer(created).data, status=status.HTTP_201_CREATED)
+
+    @transaction.atomic
+    def update(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        partial = kwargs.pop("partial", False)
+        flow = self.flow(for_update=True)
+        flowlet = self.get_object()
+        serializer = self.get_serializer(flowlet, data=request.data, partial=partial)
+        serializer.is_valid(raise_exception=True)
+        changes = dict(serializer.validated_data)
+        layers = [layer for layer in self._current(flow)]
+        target = next(layer for layer in layers if layer["id"] == flowlet.id)
+        base = {} if not partial else {k: v for k, v in _snake(target).items()}
+        merged = {**base, **changes, "id": flowlet.id}
+        if not partial:
+            merged.setdefault("index", flowlet.index)
+        new_index = merged.get("index", flowlet.index)
+        others = [_snake(layer) for layer in layers if layer["id"] != flowlet.id]
+        others.insert(min(new_index, len(others)), merged)
+        self._save(flow, [dict(layer, index=i) for i, layer in enumerate(others)])
+        return Response(FlowletSerializer(flow.flowlets.get(pk=flowlet.id)).data)
+
+    @transaction.atomic
+    def destroy(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        flow = self.flow(for_update=True)
+        flowlet = self.get_object()
+        layers = [_snake(layer) for layer in self._current(flow) if layer["id"] != flowlet.id]
+        self._save(flow, [dict(layer, index=i) for i, layer in enumerate(layers)])
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+def _snake(layer: dict[str, Any]) -> dict[str, Any]:
+    """A flowlet definition (API keys) as the serializer's validated data (model names)."""
+    names = {"appId": "app_id", "onError": "on_error", "needsApproval": "needs_approval"}
+    return {names.get(k, k): v for k, v in layer.items()}
+
+
+# --- Authentication -------------------------------------------------------------------
+
+
+class LoginThrottle(AnonRateThrottle):
+    scope = "login"
+
+    def get_cache_key(self, request: Any, view: Any) -> str:
+        return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
+
+
+@method_decorator(ensure_csrf_cookie, name="dispatch")
+class LoginView(APIView):
+    permission_classes = [permissions.AllowAny]
+    authentication_classes: list[Any] = []
+    throttle_classes = [LoginThrottle]
+
+    @extend_schema(request=LoginSerializer, responses={200: UserSerializer, 401: OpenApiResponse(description="Wrong credentials")})
+    def post(self, request: Any) -> Response:
+        data = LoginSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        email = data.validated_data["email"]
+        user = User.objects.filter(email__iexact=email).first() or User.objects.filter(username=email).first()
+        authed = authenticate(request, username=user.username, password=data.validated_data["password"]) if user else None
+        if authed is None:
+            raise ApiError("UNAUTHORIZED", "Wrong email or password", 401)
+        login(request, authed)
+        return Response(UserSerializer(authed).data)
+
+
+class LogoutView(APIView):
+    @extend_schema(request=None, responses={204: None})
+    def post(self, request: Any) -> Response:
+        logout(request)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MeView(APIView):
+    @extend_schema(responses={200: MeSerializer})
+    def get(self, request: Any) -> Response:
+        return Response(MeSerializer(request.user).data)
+
+
+class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    serializer_class = ApiKeySerializer
+    pagination_class = None
+    lookup_url_kwarg = "key_id"
+
+    def get_queryset(self) -> Any:
+        return ApiKey.objects.active().filter(user=self.request.user).order_by("-created_at")
+
+    def get_object(self) -> ApiKey:
+        key = self.get_queryset().filter(pk=self.kwargs["key_id"]).first()
+        if key is None:
+            raise not_found("api_key", self.kwargs["key_id"])
+        return key
+
+    @extend_schema(responses={201: ApiKeyCreatedSerializer})
+    def create(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        key, token = ApiKey.issue(request.user, serializer.validated_data["name"], serializer.validated_data.get("scopes"))
+        key.token = token
+        return Response(ApiKeyCreatedSerializer(key).data, status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance: ApiKey) -> None:
+        instance.revoke()
+
+
+class HealthView(APIView):
+    permission_classes = [permissions.AllowAny]
+    authentication_classes: list[Any] = []
+
+    @extend_schema(responses={200: inline_serializer("Health", {
+        "status": serializers.CharField(), "database": serializers.CharField(), "broker": serializers.CharField()})})
+    def get(self, request: Any) -> Response:
+        from django.db import connection
+
+        database = broker = "ok"
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except Exception:
+            database = "down"
+        try:
+            from flowplay.celery import app
+
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+        except Exception:
+            broker = "down"
+        healthy = database == "ok" and broker == "ok"
+        return Response(
+            {"status": "ok" if healthy else "degraded", "database": database, "broker": broker},
+            status=200 if healthy else 503,
+        )
+
