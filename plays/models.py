@@ -1,0 +1,732 @@
+"""Plays, their layers and events: the execution state machine.
+
+Every play state change happens in a verb method on ``Play`` (``start``, ``park``,
+``wait_for_approval``, ``finish``, ``fail``, ``skip``, ``hold``, ``resume``, ``cancel``,
+``decide``). Each one is a compare-and-set ``UPDATE … WHERE state IN (…)`` whose row count
+says whether it won, and writes its ``Event`` row in the same transaction. The ``state``
+field is assigned nowhere else. Layer state changes live on ``Layer`` the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from typing import Any, Iterable
+
+from django.conf import settings
+from django.db import IntegrityError, models, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from flows.ids import new_id
+from flows.models import Company, Flow, FlowVersion
+
+
+class State(models.TextChoices):
+    NEW = "NEW"
+    """Created, not yet started."""
+    RUN = "RUN"
+    """Executing, or accepted and queued for immediate execution."""
+    DONE = "DONE"
+    """Completed successfully."""
+    FAIL = "FAIL"
+    """Failed at a step, cancelled or timed out (error.code says which)."""
+    SKIP = "SKIP"
+    """Skipped by logic: flow filters failed, or an approval was declined."""
+    FILTERED = "FILTERED"
+    """Every step was filtered out."""
+    DEFERRED = "DEFERRED"
+    """Queued for later: runAt ahead, sleeping, or no concurrency slot free."""
+    WAIT = "WAIT"
+    """Waiting for an approval."""
+    ON_HOLD = "ON_HOLD"
+    """Paused by an operator."""
+
+
+TERMINAL = frozenset({State.DONE, State.FAIL, State.SKIP, State.FILTERED})
+NON_TERMINAL = frozenset(set(State) - TERMINAL)
+# States that occupy one of the flow's maxConcurrency slots.
+ACTIVE = frozenset({State.RUN, State.WAIT})
+HOLDABLE = frozenset({State.NEW, State.DEFERRED, State.RUN, State.WAIT})
+
+
+class LayerState(models.TextChoices):
+    RUN = "RUN"
+    DONE = "DONE"
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+    FILTERED = "FILTERED"
+    WAIT = "WAIT"
+
+
+LAYER_TERMINAL = frozenset({LayerState.DONE, LayerState.FAIL, LayerState.SKIP, LayerState.FILTERED})
+
+
+class InvalidState(Exception):
+    """A transition that is not legal from the play's current state (API: 409)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return dt.astimezone(dt_timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def duration_ms(start: datetime | None, end: datetime | None) -> int | None:
+    if start is None or end is None:
+        return None
+    return max(0, round((end - start).total_seconds() * 1000))
+
+
+def args_digest(args: Any) -> str:
+    return hashlib.sha256(json.dumps(args, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def error_body(code: str, message: str, ref: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if ref is not None:
+        body["ref"] = ref
+    return body
+
+
+# --- Events ---------------------------------------------------------------------------
+
+
+class EventType(models.TextChoices):
+    PLAY_STARTED = "play:started"
+    LAYER_STARTED = "play:layer:started"
+    LAYER_COMPLETED = "play:layer:completed"
+    LAYER_FAILED = "play:layer:failed"
+    PLAY_COMPLETED = "play:completed"
+    PLAY_FAILED = "play:failed"
+    PLAY_WAITING = "play:waiting"
+    PLAY_STATE = "play:state"
+
+
+class Event(models.Model):
+    """A stored state change: the history of a play and the outbox of the WebSocket."""
+
+    company = models.ForeignKey(Company, on_delete=models.CASCADE, related_name="+")
+    seq = models.BigIntegerField()
+    play = models.ForeignKey("Play", on_delete=models.CASCADE, related_name="events")
+    flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="+", db_constraint=False)
+    type = models.CharField(max_length=32, choices=EventType)
+    payload = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["company", "seq"], name="plays_event_unique_seq"),
+        ]
+        indexes = [
+            # GET /api/plays/{id}/events and the WebSocket's ?playId= replay.
+            models.Index(fields=["play", "seq"], name="plays_event_play_seq"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.seq} {self.type}"
+
+    @property
+    def message(self) -> dict[str, Any]:
+        return self.payload
+
+
+def emit(play: Play, items: Iterable[tuple[str, dict[str, Any]]]) -> list[Event]:
+    """Store events of ``play`` in the current transaction and publish them after commit."""
+    items = list(items)
+    if not items:
+        return []
+    last = Company.next_event_seqs(play.company_id, len(items))
+    first = last - len(items) + 1
+    now = timezone.now()
+    events = []
+    for offset, (kind, extra) in enumerate(items):
+        payload = {
+            "type": kind,
+            "seq": first + offset,
+            "playId": play.id,
+            "flowId": play.flow_id,
+            **extra,
+            "timestamp": iso(now),
+        }
+        events.append(
+            Event(company_id=play.company_id, seq=first + offset, play_id=play.id, flow_id=play.flow_id,
+                  type=kind, payload=payload, created_at=now)
+        )
+    Event.objects.bulk_create(events)
+    from .fanout import publish_on_commit
+
+    publish_on_commit(play.company_id, [e.payload for e in events])
+    return events
+
+
+# --- Plays ----------------------------------------------------------------------------
+
+
+class PlayQuerySet(models.QuerySet):
+    def for_company(self, company_id: str) -> PlayQuerySet:
+        return self.filter(company_id=company_id)
+
+    def terminal(self) -> PlayQuerySet:
+        return self.filter(state__in=TERMINAL)
+
+    def active(self) -> PlayQuerySet:
+        return self.filter(state__in=ACTIVE)
+
+
+class Play(models.Model):
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    company = models.ForeignKey(Company, on_delete=models.PROTECT, related_name="plays")
+    flow = models.ForeignKey(Flow, on_delete=models.PROTECT, related_name="plays")
+    flow_version = models.ForeignKey(FlowVersion, on_delete=models.PROTECT, related_name="plays")
+    state = models.CharField(max_length=8, choices=State, default=State.NEW)
+    args = models.JSONField(default=dict, blank=True)
+    args_hash = models.CharField(max_length=64, editable=False)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+    # Due time of a DEFERRED play (runAt, delayMs or a sleep step); null = as soon as a slot frees.
+    run_at = models.DateTimeField(null=True, blank=True)
+    # The whole-play deadline from the flow's execution.timeout, set when the play starts.
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    retry_of = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="retries")
+    parent = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="children")
+    parent_layer = models.ForeignKey("Layer", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    triggered_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # Index of the next flowlet to run; the runner advances it with each finished step.
+    next_index = models.IntegerField(default=0)
+    # The runner that currently executes this play, and how long its lease lasts without a heartbeat.
+    runner = models.CharField(max_length=64, blank=True, default="")
+    lease_until = models.DateTimeField(null=True, blank=True)
+
+    objects = PlayQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            # Concurrent duplicates of one run request cannot both insert; a FAIL play
+            # leaves the index, so its key is free for a new attempt.
+            models.UniqueConstraint(
+                fields=["flow", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False) & ~Q(state="FAIL"),
+                name="plays_play_unique_idempotency_key",
+            ),
+        ]
+        indexes = [
+            # GET /api/flows/{id}/plays, newest first, with and without a state filter.
+            models.Index(fields=["flow", "-created_at", "-id"], name="plays_play_flow_created"),
+            models.Index(fields=["flow", "state", "-created_at", "-id"], name="plays_play_flow_state_created"),
+            # GET /api/plays for a company.
+            models.Index(fields=["company", "-created_at", "-id"], name="plays_play_company_created"),
+            models.Index(fields=["company", "state", "-created_at", "-id"], name="plays_play_company_state"),
+            models.Index(fields=["flow", "idempotency_key"], name="plays_play_flow_key"),
+            # release_due(): deferred plays by due time.
+            models.Index(fields=["run_at", "created_at"], condition=Q(state="DEFERRED"), name="plays_play_deferred_due"),
+            # reap_stuck() and the concurrency count: running plays by lease.
+            models.Index(fields=["lease_until"], condition=Q(state="RUN"), name="plays_play_running_lease"),
+            # expire_timed_out(): plays with a deadline that are not finished.
+            models.Index(fields=["deadline_at"], condition=Q(deadline_at__isnull=False) & Q(state__in=["RUN", "WAIT", "DEFERRED", "ON_HOLD"]), name="plays_play_deadline"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.state})"
+
+    # -- derived ------------------------------------------------------------------------
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def duration(self) -> int | None:
+        return duration_ms(self.started_at, self.completed_at)
+
+    @property
+    def definition(self) -> dict[str, Any]:
+        return self.flow_version.definition
+
+    def _cas(self, from_states: Iterable[str], **changes: Any) -> bool:
+        """Compare-and-set: apply ``changes`` if the play is still in ``from_states``."""
+        changes.setdefault("updated_at", timezone.now())
+        n = Play.objects.filter(pk=self.pk, state__in=list(from_states)).update(**changes)
+        if n:
+            for name, value in changes.items():
+                if not hasattr(value, "resolve_expression"):
+                    setattr(self, name, value)
+        return bool(n)
+
+    def _state_event(self, previous: str) -> tuple[str, dict[str, Any]]:
+        return EventType.PLAY_STATE, {"state": self.state, "previousState": previous}
+
+    # -- creation -----------------------------------------------------------------------
+
+    @classmethod
+    def trigger(
+        cls,
+        flow: Flow,
+        args: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        run_at: datetime | None = None,
+        user: Any = None,
+        start: bool = True,
+        parent: Play | None = None,
+        parent_layer: Layer | None = None,
+    ) -> tuple[Play, bool]:
+        """Create a play of ``flow`` and start it; return (play, created).
+
+        With an idempotency key, an existing play holding that key (any state but FAIL) is
+        returned instead, and the same key with other args raises ``IdempotencyConflict``.
+        Two concurrent requests with one key race on the partial unique constraint: the
+        loser catches the IntegrityError and returns the winner's play.
+        """
+        digest = args_digest(args)
+        if idempotency_key:
+            existing = cls._existing_for_key(flow, idempotency_key, digest)
+            if existing is not None:
+                return existing, False
+        version = flow.snapshot()
+        try:
+            with transaction.atomic():
+                play = cls.objects.create(
+                    company_id=flow.company_id, flow=flow, flow_version=version, args=args, args_hash=digest,
+                    idempotency_key=idempotency_key or None, run_at=run_at, triggered_by=user if getattr(user, "pk", None) else None,
+                    parent=parent, parent_layer=parent_layer,
+                )
+                if start:
+                    play.start()
+        except IntegrityError:
+            if not idempotency_key:
+                raise
+            existing = cls._existing_for_key(flow, idempotency_key, digest)
+            if existing is None:
+                raise
+            return existing, False
+        return play, True
+
+    @classmethod
+    def _existing_for_key(cls, flow: Flow, key: str, digest: str) -> Play | None:
+        existing = cls.objects.filter(flow=flow, idempotency_key=key).exclude(state=State.FAIL).first()
+        if existing is not None and existing.args_hash != digest:
+            raise IdempotencyConflict(existing)
+        return existing
+
+    # -- transitions --------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """NEW/DEFERRED → RUN (or DEFERRED when not due or no slot; SKIP when flow filters fail).
+
+        Runs inside the caller's transaction; the runner task is enqueued after commit.
+        """
+        from flows.expr import FilterError, Scope, evaluate_filters
+
+        now = timezone.now()
+        previous = self.state
+        if previous not in (State.NEW, State.DEFERRED):
+            return False
+        events: list[tuple[str, dict[str, Any]]] = []
+        if self.started_at is None and self.definition.get("filters"):
+            try:
+                passed = evaluate_filters(self.definition["filters"], Scope(prev={"args": self.args}, flow_id=self.flow_id, play_id=self.id))
+            except FilterError as exc:
+                return self._fail_now(previous, error_body("FILTER_ERROR", str(exc)))
+            if not passed:
+                if not self._cas([previous], state=State.SKIP, started_at=now, completed_at=now, run_at=None):
+                    return False
+                emit(self, [self._state_event(previous)])
+                return True
+        not_due = self.run_at is not None and self.run_at > now
+        if not_due or not self._slot_free():
+            # Waiting for a slot is not a due time: run_at is cleared so that the due-time
+            # sweep does not pick the play again; release_flow() starts it when a slot frees.
+            run_at = self.run_at if not_due else None
+            if previous == State.DEFERRED:
+                if run_at != self.run_at:
+                    self._cas([State.DEFERRED], run_at=run_at)
+                return False
+            if not self._cas([previous], state=State.DEFERRED, run_at=run_at):
+                return False
+            emit(self, [self._state_event(previous)])
+            return True
+        changes: dict[str, Any] = {"state": State.RUN, "run_at": None, "runner": "", "lease_until": None}
+        if self.started_at is None:
+            changes["started_at"] = now
+            timeout = self.definition.get("execution", {}).get("timeout")
+            if timeout:
+                changes["deadline_at"] = now + timedelta(seconds=timeout)
+            events.append((EventType.PLAY_STARTED, {"state": State.RUN}))
+        else:
+            events.append((EventType.PLAY_STATE, {"state": State.RUN, "previousState": previous}))
+        if not self._cas([previous], **changes):
+            return False
+        emit(self, events)
+        self.enqueue()
+        return True
+
+    def _slot_free(self) -> bool:
+        limit = self.definition.get("execution", {}).get("maxConcurrency")
+        if not limit:
+            return True
+        # Two triggers could each count limit-1 running plays and both start: lock the
+        # flow row so that counting and starting are one step per flow.
+        Flow.objects.select_for_update().filter(pk=self.flow_id).first()
+        running = Play.objects.filter(flow_id=self.flow_id, state__in=ACTIVE).exclude(pk=self.pk).count()
+        return running < limit
+
+    def enqueue(self) -> None:
+        from .tasks import run_play
+
+        queue = self.definition.get("execution", {}).get("queue") or "default"
+        play_id = self.id
+        transaction.on_commit(lambda: run_play.apply_async((play_id,), queue=queue))
+
+    def claim(self, runner: str, lease_seconds: float) -> bool:
+        """Take the runner's lease on a RUN play; False if another live runner has it."""
+        now = timezone.now()
+        n = (
+            Play.objects.filter(pk=self.pk, state=State.RUN)
+            .filter(Q(runner="") | Q(lease_until__lt=now) | Q(runner=runner))
+            .update(runner=runner, lease_until=now + timedelta(seconds=lease_seconds))
+        )
+        if n:
+            self.refresh_from_db()
+        return bool(n)
+
+    def release(self, runner: str) -> bool:
+        """Give up the lease unless the play is RUN again (resumed meanwhile); True if released."""
+        n = Play.objects.filter(pk=self.pk, runner=runner).exclude(state=State.RUN).update(runner="", lease_until=None)
+        if n:
+            return True
+        # Still RUN (resumed while we were stopping) or lease lost: check which.
+        return not Play.objects.filter(pk=self.pk, runner=runner, state=State.RUN).exists()
+
+    def hand_back(self, runner: str) -> None:
+        """Give up the lease of a RUN play and requeue it (end of a runner's time slice)."""
+        with transaction.atomic():
+            if Play.objects.filter(pk=self.pk, runner=runner, state=State.RUN).update(runner="", lease_until=None):
+                self.enqueue()
+
+    def park(self, runner: str, until: datetime) -> bool:
+        """RUN → DEFERRED until ``until`` (a sleep step); the play holds no worker meanwhile."""
+        if not self._cas([State.RUN], state=State.DEFERRED, run_at=until, runner="", lease_until=None):
+            return False
+        emit(self, [self._state_event(State.RUN)])
+        return True
+
+    def wait_for_approval(self, layer: Layer) -> bool:
+        if not self._cas([State.RUN], state=State.WAIT, runner="", lease_until=None):
+            return False
+        emit(self, [(EventType.PLAY_WAITING, {"layerId": layer.id, "ref": layer.ref, "state": State.WAIT})])
+        return True
+
+    def finish(self, runner: str) -> bool:
+        """RUN → DONE, or FILTERED when every layer was filtered out."""
+        states = set(self.layers.values_list("state", flat=True))
+        state = State.FILTERED if states == {LayerState.FILTERED} else State.DONE
+        now = timezone.now()
+        n = Play.objects.filter(pk=self.pk, state=State.RUN, runner=runner).update(
+            state=state, completed_at=now, updated_at=now, runner="", lease_until=None
+        )
+        if not n:
+            return False
+        self.state, self.completed_at = state, now
+        if state == State.DONE:
+            emit(self, [(EventType.PLAY_COMPLETED, {"state": state, "duration": self.duration})])
+        else:
+            emit(self, [self._state_event(State.RUN)])
+        self._after_end()
+        return True
+
+    def fail(self, error: dict[str, Any], from_states: Iterable[str] = (State.RUN,)) -> bool:
+        return self._fail_now(None, error, from_states=from_states)
+
+    def _fail_now(self, previous: str | None, error: dict[str, Any], from_states: Iterable[str] | None = None) -> bool:
+        now = timezone.now()
+        states = list(from_states) if from_states is not None else [previous]
+        current = Play.objects.filter(pk=self.pk).values_list("state", flat=True).first()
+        if current not in states:
+            return False
+        if not self._cas([current], state=State.FAIL, error=error, completed_at=now, started_at=self.started_at or now,
+                         runner="", lease_until=None, run_at=None):
+            return False
+        # Steps in flight or waiting are abandoned with the play.
+        for layer in self.layers.filter(state__in=[LayerState.RUN, LayerState.WAIT]):
+            layer.end(LayerState.FAIL, error=error_body(error["code"], error["message"]))
+        emit(self, [(EventType.PLAY_FAILED, {"state": State.FAIL, "ref": error.get("ref"), "error": error, "duration": self.duration})])
+        self._after_end()
+        return True
+
+    def skip(self, from_states: Iterable[str]) -> bool:
+        now = timezone.now()
+        current = Play.objects.filter(pk=self.pk).values_list("state", flat=True).first()
+        if current not in list(from_states):
+            return False
+        if not self._cas([current], state=State.SKIP, completed_at=now, runner="", lease_until=None):
+            return False
+        emit(self, [self._state_event(current)])
+        self._after_end()
+        return True
+
+    def hold(self, by: Any = None) -> bool:
+        """NEW/DEFERRED/RUN/WAIT → ON_HOLD. A step in flight finishes; no further step starts."""
+        current = Play.objects.filter(pk=self.pk).values_list("state", flat=True).first()
+        if current not in HOLDABLE:
+            raise InvalidState(f"Play {self.id} is {current} and cannot be held")
+        with transaction.atomic():
+            if not self._cas([current], state=State.ON_HOLD):
+                raise InvalidState(f"Play {self.id} changed state and cannot be held now")
+            emit(self, [self._state_event(current)])
+            self._after_end()
+        return True
+
+    def resume(self, by: Any = None) -> bool:
+        """ON_HOLD → the state it would have now: WAIT, DEFERRED, NEW or RUN."""
+        with transaction.atomic():
+            self.refresh_from_db(fields=["state", "run_at", "started_at"])
+            if self.state != State.ON_HOLD:
+                raise InvalidState(f"Play {self.id} is {self.state}, not ON_HOLD")
+            pending = self.layers.filter(state=LayerState.WAIT).exists()
+            if pending:
+                target = State.WAIT
+            elif self.started_at is None and self.run_at is None and not self._ever_started_request():
+                target = State.NEW
+            else:
+                # Re-enter through start(), which decides between RUN and DEFERRED.
+                if not self._cas([State.ON_HOLD], state=State.DEFERRED):
+                    raise InvalidState(f"Play {self.id} changed state and cannot be resumed now")
+                self.state = State.DEFERRED
+                started = self.start()
+                if not started or self.state == State.DEFERRED:
+                    emit(self, [(EventType.PLAY_STATE, {"state": State.DEFERRED, "previousState": State.ON_HOLD})])
+                return True
+            if not self._cas([State.ON_HOLD], state=target):
+                raise InvalidState(f"Play {self.id} changed state and cannot be resumed now")
+            emit(self, [(EventType.PLAY_STATE, {"state": target, "previousState": State.ON_HOLD})])
+        return True
+
+    def _ever_started_request(self) -> bool:
+        # A play held while NEW was never asked to start; one held while DEFERRED was.
+        return self.events.filter(type=EventType.PLAY_STATE, payload__state=State.DEFERRED).exists()
+
+    def cancel(self, by: Any = None) -> bool:
+        """Any non-terminal state → FAIL/CANCELLED. The runner sees it before its next write."""
+        with transaction.atomic():
+            current = Play.objects.filter(pk=self.pk).values_list("state", flat=True).first()
+            if current not in NON_TERMINAL:
+                raise InvalidState(f"Play {self.id} is {current} and cannot be cancelled")
+            who = getattr(by, "username", None)
+            message = f"Cancelled by {who}" if who else "Cancelled"
+            if not self._fail_now(current, error_body("CANCELLED", message)):
+                raise InvalidState(f"Play {self.id} changed state and cannot be cancelled now")
+        return True
+
+    def begin(self) -> bool:
+        """NEW → started (the API's /start for a play created with start=false)."""
+        with transaction.atomic():
+            self.refresh_from_db(fields=["state"])
+            if self.state != State.NEW:
+                raise InvalidState(f"Play {self.id} is {self.state}, not NEW")
+            return self.start()
+
+    def _after_end(self) -> None:
+        """A slot may have freed: let deferred plays of the flow start."""
+        if self.definition.get("execution", {}).get("maxConcurrency"):
+            from .tasks import release_flow
+
+            flow_id = self.flow_id
+            transaction.on_commit(lambda: release_flow.delay(flow_id))
+
+    # -- approvals ----------------------------------------------------------------------
+
+    def decide(self, layer_id: str, decision: str, by: Any, note: str = "") -> Approval:
+        """Record an approval decision on the waiting layer and continue or skip the play."""
+        with transaction.atomic():
+            # Two people deciding at once: lock the play row so only one decision is taken.
+            play = Play.objects.select_for_update().get(pk=self.pk)
+            if play.state != State.WAIT:
+                raise InvalidState(f"Play {self.id} is {play.state}, not WAIT")
+            layer = play.layers.filter(pk=layer_id, state=LayerState.WAIT).first()
+            if layer is None:
+                raise InvalidState(f"Layer {layer_id} of play {self.id} is not waiting for approval")
+            approval = Approval.objects.create(play=play, layer=layer, decision=decision, note=note or "",
+                                               decided_by=by if getattr(by, "pk", None) else None)
+            if decision == Decision.APPROVED:
+                # The layer becomes RUN when the runner picks the step up again.
+                Layer.objects.filter(pk=layer.pk).update(state=LayerState.RUN, approved=True)
+                self._cas([State.WAIT], state=State.RUN, runner="", lease_until=None)
+                emit(self, [(EventType.PLAY_STATE, {"state": State.RUN, "previousState": State.WAIT})])
+                self.enqueue()
+            else:
+                layer.end(LayerState.SKIP, out=None)
+                self.skip([State.WAIT])
+            self.refresh_from_db()
+        return approval
+
+    def pending_approval(self) -> Layer | None:
+        return self.layers.filter(state=LayerState.WAIT).first()
+
+    # -- retry --------------------------------------------------------------------------
+
+    def retry(self, by: Any = None) -> Play:
+        """FAIL → a new play with retryOf, the same args and version, DONE layers copied."""
+        with transaction.atomic():
+            self.refresh_from_db()
+            if self.state != State.FAIL:
+                raise InvalidState(f"Play {self.id} is {self.state}; only FAIL plays can be retried")
+            key = self.idempotency_key
+            if key and Play.objects.filter(flow_id=self.flow_id, idempotency_key=key).exclude(state=State.FAIL).exists():
+                key = None
+            new = Play.objects.create(
+                company_id=self.company_id, flow_id=self.flow_id, flow_version_id=self.flow_version_id,
+                args=self.args, args_hash=self.args_hash, idempotency_key=key, retry_of=self,
+                parent=self.parent, triggered_by=by if getattr(by, "pk", None) else None,
+            )
+            failed = self.layers.exclude(state__in=[LayerState.DONE, LayerState.FILTERED, LayerState.SKIP]).order_by("index", "iteration").first()
+            copies = []
+            resume_at = failed.index if failed else self.next_index
+            for layer in self.layers.filter(index__lt=resume_at).order_by("index", "iteration"):
+                copies.append(
+                    Layer(play=new, ref=layer.ref, app_id=layer.app_id, index=layer.index, iteration=layer.iteration,
+                          state=layer.state, attempts=layer.attempts, started_at=layer.started_at,
+                          completed_at=layer.completed_at, out=layer.out, error=layer.error,
+                          reused_from=layer.reused_from or layer)
+                )
+            Layer.objects.bulk_create(copies)
+            Play.objects.filter(pk=new.pk).update(next_index=resume_at)
+            new.next_index = resume_at
+            new.start()
+        return new
+
+
+class IdempotencyConflict(Exception):
+    def __init__(self, play: Play):
+        super().__init__(f"Idempotency key already used by play {play.id} with different args")
+        self.play = play
+
+
+# --- Layers ---------------------------------------------------------------------------
+
+
+class Layer(models.Model):
+    """One flowlet's execution inside a play."""
+
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    play = models.ForeignKey(Play, on_delete=models.CASCADE, related_name="layers")
+    ref = models.CharField(max_length=100)
+    app_id = models.CharField(max_length=100)
+    index = models.IntegerField()
+    iteration = models.IntegerField(null=True, blank=True)
+    state = models.CharField(max_length=8, choices=LayerState, default=LayerState.RUN)
+    attempts = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    out = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    # Set on the layers a retry copied instead of running them again.
+    reused_from = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # A step that parked the play (sleep) keeps its result here until the play wakes up.
+    parked_out = models.JSONField(null=True, blank=True)
+    approved = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["index", "iteration"]
+        constraints = [
+            # One layer per (play, ref, iteration); NULL iterations are not equal in SQL,
+            # so the non-iterated case needs its own partial constraint.
+            models.UniqueConstraint(fields=["play", "ref"], condition=Q(iteration__isnull=True), name="plays_layer_unique_ref"),
+            models.UniqueConstraint(fields=["play", "ref", "iteration"], condition=Q(iteration__isnull=False), name="plays_layer_unique_iteration"),
+        ]
+        indexes = [models.Index(fields=["play", "index", "iteration"], name="plays_layer_play_order")]
+
+    def __str__(self) -> str:
+        return f"{self.ref} ({self.state})"
+
+    @property
+    def duration(self) -> int | None:
+        return duration_ms(self.started_at, self.completed_at)
+
+    @classmethod
+    def open(cls, play: Play, step: dict[str, Any], state: str, *, iteration: int | None = None,
+             out: Any = None, error: dict[str, Any] | None = None) -> Layer:
+        """Create the layer of a step the play has reached, with its event.
+
+        RUN: the first attempt starts. WAIT: it needs an approval. FILTERED/FAIL: it ended
+        before running (filters, a filter error).
+        """
+        now = timezone.now()
+        ended = state in LAYER_TERMINAL
+        layer = cls.objects.create(
+            play=play, ref=step["ref"], app_id=step["appId"], index=step["index"], iteration=iteration,
+            state=state, attempts=1 if state == LayerState.RUN else 0, started_at=now,
+            completed_at=now if ended else None, out=out, error=error,
+        )
+        extra: dict[str, Any] = {"layerId": layer.id, "ref": layer.ref, "state": state}
+        if iteration is not None:
+            extra["iteration"] = iteration
+        if state == LayerState.RUN:
+            emit(play, [(EventType.LAYER_STARTED, {**extra, "attempt": 1})])
+        elif state == LayerState.FAIL:
+            emit(play, [(EventType.LAYER_FAILED, {**extra, "error": error})])
+        elif ended:
+            emit(play, [(EventType.LAYER_COMPLETED, {**extra, "out": out})])
+        return layer
+
+    def begin_attempt(self, play: Play, note: str | None = None) -> None:
+        """Count one more attempt of a RUN layer (a retry, a resumed or an interrupted one)."""
+        now = timezone.now()
+        Layer.objects.filter(pk=self.pk).update(attempts=F("attempts") + 1, started_at=self.started_at or now)
+        self.attempts += 1
+        self.started_at = self.started_at or now
+        extra: dict[str, Any] = {"layerId": self.id, "ref": self.ref, "state": LayerState.RUN, "attempt": self.attempts}
+        if self.iteration is not None:
+            extra["iteration"] = self.iteration
+        if note:
+            extra["note"] = note
+        emit(play, [(EventType.LAYER_STARTED, extra)])
+
+    def end(self, state: str, *, out: Any = None, error: dict[str, Any] | None = None) -> bool:
+        """RUN/WAIT → a final state, with its event. False if the layer had already ended."""
+        now = timezone.now()
+        n = Layer.objects.filter(pk=self.pk, state__in=[LayerState.RUN, LayerState.WAIT]).update(
+            state=state, out=out, error=error, completed_at=now, started_at=self.started_at or now
+        )
+        if not n:
+            return False
+        self.state, self.out, self.error, self.completed_at = state, out, error, now
+        self.started_at = self.started_at or now
+        play = self.play
+        if state == LayerState.FAIL:
+            extra = {"layerId": self.id, "ref": self.ref, "state": state, "error": error}
+        else:
+            extra = {"layerId": self.id, "ref": self.ref, "state": state, "out": out}
+        if self.iteration is not None:
+            extra["iteration"] = self.iteration
+        emit(play, [(EventType.LAYER_FAILED if state == LayerState.FAIL else EventType.LAYER_COMPLETED, extra)])
+        return True
+
+
+class Decision(models.TextChoices):
+    APPROVED = "approved"
+    DECLINED = "declined"
+
+
+class Approval(models.Model):
+    """A person's decision on a step that needed approval."""
+
+    play = models.ForeignKey(Play, on_delete=models.CASCADE, related_name="approvals")
+    layer = models.OneToOneField(Layer, on_delete=models.CASCADE, related_name="approval")
+    decision = models.CharField(max_length=10, choices=Decision)
+    note = models.TextField(blank=True, default="")
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    decided_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.decision} on {self.layer_id}"

@@ -1,0 +1,387 @@
+"""The step runner: executes a RUN play's steps in order inside one Celery task.
+
+Consecutive steps run in the same worker without a broker round trip; the play goes back
+to the broker only when something forces a hand-off (an approval, a sleep, the end of the
+runner's time slice). Every state change is a model verb committed before the next step
+starts, so a runner that dies loses at most the attempt it was in: the play's lease
+expires, the reaper requeues the play, and the next runner counts the interrupted
+attempt and carries on. A step that had finished is never run again.
+
+1. ``run(play_id)`` claims the play's lease (a compare-and-set; a duplicate delivery of
+   the task loses and returns).
+2. For each step from ``play.next_index``: filters → ``FILTERED``; ``needsApproval`` →
+   ``WAIT``; else the layer is opened (``RUN``), its args rendered and the module called
+   in a thread, bounded by the step's timeout, retried with backoff.
+3. The outcome is recorded together with ``next_index``; ``onError`` decides whether the
+   play goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.utils import timezone
+
+from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, render
+from flows.modules import Park, RunContext, StepError, get_module
+
+from .models import LAYER_TERMINAL, TERMINAL, Layer, LayerState, Play, State, error_body
+
+log = logging.getLogger(__name__)
+
+_executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="flowplay-step")
+
+
+def config(name: str) -> Any:
+    return settings.FLOWPLAY[name]
+
+
+class Stop(Exception):
+    """The runner must stop: the play left RUN, or its lease moved to another runner."""
+
+
+# --- Heartbeat ------------------------------------------------------------------------
+
+
+class Heartbeat:
+    """Extend the leases of the plays this process runs, and notice cancellations.
+
+    One daemon thread per worker process. A worker killed with SIGKILL stops
+    heartbeating, its leases expire after LEASE_SECONDS, and reap_stuck() requeues them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owned: dict[str, str] = {}
+        self._ended: dict[str, threading.Event] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def track(self, play_id: str, runner: str) -> threading.Event:
+        with self._lock:
+            self._owned[play_id] = runner
+            ended = self._ended[play_id] = threading.Event()
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="flowplay-heartbeat", daemon=True)
+                self._thread.start()
+        return ended
+
+    def untrack(self, play_id: str) -> None:
+        with self._lock:
+            self._owned.pop(play_id, None)
+            self._ended.pop(play_id, None)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(config("HEARTBEAT_SECONDS"))
+            try:
+                self.beat()
+            except Exception:  # a database restart must not kill the thread
+                log.exception("heartbeat failed")
+                close_old_connections()
+
+    def beat(self) -> None:
+        with self._lock:
+            owned = dict(self._owned)
+        if not owned:
+            return
+        until = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
+        for play_id, runner in owned.items():
+            Play.objects.filter(pk=play_id, runner=runner, state__in=[State.RUN, State.ON_HOLD]).update(lease_until=until)
+        gone = Play.objects.filter(pk__in=list(owned), state__in=TERMINAL).values_list("pk", flat=True)
+        with self._lock:
+            for play_id in gone:
+                if play_id in self._ended:
+                    self._ended[play_id].set()
+
+
+heartbeat = Heartbeat()
+
+_definitions: dict[tuple[int, str, int], dict[str, Any]] = {}
+
+
+def definition_of(play: Play) -> dict[str, Any]:
+    # FlowVersion rows never change, so their definitions can be cached for good. The key
+    # holds more than the pk because a rolled-back transaction can hand a pk out again.
+    version = play.flow_version
+    key = (version.pk, version.flow_id, version.version)
+    found = _definitions.get(key)
+    if found is None:
+        if len(_definitions) > 1000:
+            _definitions.clear()
+        found = _definitions[key] = version.definition
+    return found
+
+
+def run(play_id: str) -> None:
+    runner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    play = Play.objects.select_related("flow_version").filter(pk=play_id).first()
+    if play is None or play.state != State.RUN:
+        return
+    if not play.claim(runner, config("LEASE_SECONDS")):
+        return
+    ended = heartbeat.track(play.id, runner)
+    try:
+        Runner(play, runner, ended).loop()
+    finally:
+        heartbeat.untrack(play.id)
+
+
+class Runner:
+    def __init__(self, play: Play, runner: str, ended: threading.Event):
+        self.play = play
+        self.runner = runner
+        self.ended = ended
+        self.definition = definition_of(play)
+        self.steps: list[dict[str, Any]] = self.definition["layers"]
+        self.layers: dict[str, Layer] = {}
+        self.outputs: dict[str, Any] = {}
+        for layer in play.layers.filter(iteration__isnull=True):
+            layer.play = play
+            self.layers[layer.ref] = layer
+            self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
+        self.slice_ends = time.monotonic() + config("RUNNER_SLICE_SECONDS")
+
+    # -- main loop ------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        while True:
+            try:
+                self.step()
+            except Stop:
+                if self.play.release(self.runner):
+                    return
+                # Resumed while we were stopping: carry on with the fresh state.
+                self.play.refresh_from_db()
+                if self.play.state != State.RUN:
+                    return
+            except _Done:
+                return
+
+    def step(self) -> None:
+        play = self.play
+        if time.monotonic() > self.slice_ends:
+            play.hand_back(self.runner)
+            raise _Done
+        index = play.next_index
+        if index >= len(self.steps):
+            with transaction.atomic():
+                self.own(update_lease=False)
+                play.finish(self.runner)
+            raise _Done
+        step = self.steps[index]
+        if play.deadline_at is not None and timezone.now() >= play.deadline_at:
+            self.fail_play(error_body("PLAY_TIMEOUT", f"The play exceeded its timeout of {self.definition['execution']['timeout']} s", step["ref"]))
+        layer = self.layers.get(step["ref"])
+        if layer is not None and layer.state in LAYER_TERMINAL:
+            # Recorded before a crash that came between the layer and next_index; both are
+            # written in one transaction, so this only guards against hand edits.
+            self.advance(index)
+            return
+        if layer is None:
+            layer = self.open(step)
+            if layer is None:
+                return
+        elif layer.state == LayerState.WAIT:
+            with transaction.atomic():
+                self.own()
+                play.wait_for_approval(layer)
+            raise Stop
+        elif layer.parked_out is not None:
+            self.succeed(step, layer, layer.parked_out)
+            return
+        else:
+            with transaction.atomic():
+                self.own()
+                note = None if layer.approved and layer.attempts == 0 else "previous attempt interrupted"
+                layer.begin_attempt(play, note)
+        self.execute(step, layer)
+
+    def own(self, update_lease: bool = True) -> None:
+        """Check, inside the current transaction, that the play is still ours and RUN."""
+        changes: dict[str, Any] = {}
+        if update_lease:
+            changes["lease_until"] = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
+        query = Play.objects.filter(pk=self.play.pk, runner=self.runner, state=State.RUN)
+        if not (query.update(**changes) if changes else query.exists()):
+            raise Stop
+
+    def advance(self, index: int) -> None:
+        n = Play.objects.filter(pk=self.play.pk, runner=self.runner).exclude(state__in=TERMINAL).update(next_index=index + 1)
+        if not n:
+            raise Stop
+        self.play.next_index = index + 1
+
+    def scope(self) -> Scope:
+        return Scope(prev={"args": self.play.args, **self.outputs}, flow_id=self.play.flow_id, play_id=self.play.id)
+
+    # -- opening a step -------------------------------------------------------------------
+
+    def open(self, step: dict[str, Any]) -> Layer | None:
+        """Create the step's layer; return it if the step must run now."""
+        play = self.play
+        filters = step.get("filters") or []
+        verdict: bool | FilterError = True
+        if filters:
+            try:
+                verdict = evaluate_filters(filters, self.scope())
+            except FilterError as exc:
+                verdict = exc
+        with transaction.atomic():
+            self.own()
+            if isinstance(verdict, FilterError):
+                layer = Layer.open(play, step, LayerState.RUN)
+            elif not verdict:
+                self.advance(step["index"])
+                self.layers[step["ref"]] = Layer.open(play, step, LayerState.FILTERED)
+                self.outputs[step["ref"]] = None
+                return None
+            elif step.get("needsApproval"):
+                layer = Layer.open(play, step, LayerState.WAIT)
+                play.wait_for_approval(layer)
+            else:
+                layer = Layer.open(play, step, LayerState.RUN)
+        self.layers[step["ref"]] = layer
+        if layer.state == LayerState.WAIT:
+            raise Stop  # after commit: raising inside atomic() would roll the wait back
+        if isinstance(verdict, FilterError):
+            self.finish_failed(step, layer, error_body("FILTER_ERROR", str(verdict)))
+            return None
+        return layer
+
+    # -- executing a step -------------------------------------------------------------------
+
+    def execute(self, step: dict[str, Any], layer: Layer) -> None:
+        retry = step.get("retry") or {}
+        retries = int(retry.get("count") or 0)
+        delay = float(retry.get("delayMs") or 0) / 1000
+        multiplier = float(retry.get("backoffMultiplier") or 1)
+        jitter = bool(retry.get("jitter"))
+        module = get_module(step["appId"])
+        timeout = float(step.get("timeout") or config("DEFAULT_STEP_TIMEOUT"))
+        while True:
+            error = self.attempt(step, layer, module, timeout)
+            if error is None:
+                return
+            retryable = error.pop("retryable", True)
+            if not retryable or layer.attempts > retries:
+                self.finish_failed(step, layer, error)
+                return
+            wait = delay * multiplier ** (layer.attempts - 1)
+            if jitter:
+                wait *= random.uniform(0.8, 1.2)
+            self.sleep(wait)
+            with transaction.atomic():
+                self.own()
+                layer.begin_attempt(self.play, f"retry after {error['code']}")
+
+    def attempt(self, step: dict[str, Any], layer: Layer, module: Any, timeout: float) -> dict[str, Any] | None:
+        """Run one attempt; record success; return the error of a failed attempt."""
+        if module is None:
+            return {**error_body("UNKNOWN_MODULE", f"No module with appId {step['appId']!r}"), "retryable": False}
+        try:
+            args = step.get("args") or {}
+            if module.raw_args:
+                raw = {k: v for k, v in args.items() if k in module.raw_args}
+                args = {**render({k: v for k, v in args.items() if k not in module.raw_args}, self.scope()), **raw}
+            else:
+                args = render(args, self.scope())
+        except ExpressionError as exc:
+            return {**error_body("EXPRESSION_ERROR", str(exc)), "retryable": False}
+        if self.play.deadline_at is not None:
+            timeout = min(timeout, max(0.0, (self.play.deadline_at - timezone.now()).total_seconds()))
+        ctx = RunContext(play_id=self.play.id, flow_id=self.play.flow_id, company_id=self.play.company_id,
+                         ref=step["ref"], attempt=layer.attempts, timeout=timeout)
+        future = _executor.submit(_call, module, args, ctx)
+        try:
+            out = self.wait(future, timeout)
+        except FutureTimeout:
+            if self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at:
+                self.fail_play(error_body("PLAY_TIMEOUT", "The play exceeded its timeout", step["ref"]))
+            return error_body("TIMEOUT", f"Step {step['ref']} timed out after {timeout:g} s")
+        except Park as park:
+            with transaction.atomic():
+                self.own()
+                Layer.objects.filter(pk=layer.pk).update(parked_out=park.out)
+                layer.parked_out = park.out
+                self.play.park(self.runner, park.until)
+            raise Stop from None
+        except StepError as exc:
+            return {**error_body(exc.code, str(exc)), "retryable": exc.retryable}
+        except Exception as exc:  # a module bug must not kill the runner
+            log.exception("step %s of play %s raised", step["ref"], self.play.id)
+            return error_body("STEP_ERROR", f"{type(exc).__name__}: {exc}")
+        self.succeed(step, layer, out)
+        return None
+
+    def wait(self, future: Future, timeout: float) -> Any:
+        """Wait for a step, abandoning it if the play is cancelled meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FutureTimeout
+            try:
+                return future.result(timeout=min(remaining, 0.25))
+            except FutureTimeout:
+                if self.ended.is_set():
+                    raise Stop from None
+                continue
+
+    def sleep(self, seconds: float) -> None:
+        if self.ended.wait(seconds):
+            raise Stop
+
+    # -- recording outcomes -----------------------------------------------------------------
+
+    def succeed(self, step: dict[str, Any], layer: Layer, out: Any) -> None:
+        with transaction.atomic():
+            self.advance(step["index"])
+            if not layer.end(LayerState.DONE, out=out):
+                raise Stop
+        self.outputs[step["ref"]] = out
+
+    def finish_failed(self, step: dict[str, Any], layer: Layer, error: dict[str, Any]) -> None:
+        on_error = step.get("onError") or "fail"
+        with transaction.atomic():
+            if on_error in ("skip", "continue"):
+                self.advance(step["index"])
+                layer.end(LayerState.SKIP if on_error == "skip" else LayerState.FAIL, error=error)
+                failed = None
+            else:
+                layer.end(LayerState.FAIL, error=error)
+                message = f"Step {step['ref']} failed: {error['message']}"
+                failed = self.play.fail(error_body("STEP_FAILED", message, step["ref"]), from_states=[State.RUN, State.ON_HOLD])
+        self.outputs[step["ref"]] = None
+        if failed is not None:
+            raise _Done if failed else Stop
+
+    def fail_play(self, error: dict[str, Any]) -> None:
+        with transaction.atomic():
+            self.play.fail(error, from_states=[State.RUN])
+        raise _Done
+
+
+class _Done(Exception):
+    """The play reached a terminal state or was handed back: the runner is finished."""
+
+
+def _call(module: Any, args: dict[str, Any], ctx: RunContext) -> Any:
+    try:
+        return module.run(args, ctx)
+    finally:
+        # Modules that touch the ORM (kv, subflow) open a connection in this thread.
+        close_old_connections()

@@ -1,0 +1,141 @@
+"""Celery tasks: thin wrappers that load rows and call model verbs.
+
+Sweeps (``release_due``, ``reap_stuck``, ``expire_timed_out``) each have a ``*_one``
+function that handles one unit of work and returns whether it found any, so tests drive
+them step by step; the periodic task loops over it within a small time budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import Callable
+
+from celery import shared_task
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from . import runner
+from .models import ACTIVE, NON_TERMINAL, Play, State, error_body
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(ignore_result=True, acks_late=True)
+def run_play(play_id: str) -> None:
+    """Run a RUN play's steps; a duplicate delivery loses the lease race and returns."""
+    runner.run(play_id)
+
+
+def _drain(one: Callable[[], bool], budget: float = 2.0) -> int:
+    done = 0
+    ends = time.monotonic() + budget
+    while time.monotonic() < ends and one():
+        done += 1
+    return done
+
+
+def release_due_one() -> bool:
+    """Start one DEFERRED play whose due time has come. Return False when there is none."""
+    with transaction.atomic():
+        # skip_locked: several schedulers (or a slow previous run) never claim the same row.
+        play = (
+            Play.objects.select_for_update(skip_locked=True)
+            .select_related("flow_version")
+            .filter(state=State.DEFERRED, run_at__lte=timezone.now())
+            .order_by("run_at", "created_at")
+            .first()
+        )
+        if play is None:
+            return False
+        if not play.start():
+            # No slot free: start() cleared run_at, release_flow() starts it later.
+            pass
+    return True
+
+
+@shared_task(ignore_result=True)
+def release_due() -> int:
+    """Periodic: release due deferred plays, and plays waiting for a slot that has freed."""
+    released = _drain(release_due_one)
+    flows = (
+        Play.objects.filter(state=State.DEFERRED, run_at__isnull=True)
+        .values_list("flow_id", flat=True)
+        .distinct()[:100]
+    )
+    for flow_id in flows:
+        released += release_flow_slots(flow_id)
+    return released
+
+
+def release_flow_slots(flow_id: str) -> int:
+    """Start the oldest DEFERRED plays of a flow that wait for a slot, while slots are free."""
+    started = 0
+    while True:
+        with transaction.atomic():
+            play = (
+                Play.objects.select_for_update(skip_locked=True)
+                .select_related("flow_version")
+                .filter(flow_id=flow_id, state=State.DEFERRED, run_at__isnull=True)
+                .order_by("created_at")
+                .first()
+            )
+            if play is None or not play.start() or play.state != State.RUN:
+                return started
+            started += 1
+
+
+@shared_task(ignore_result=True)
+def release_flow(flow_id: str) -> int:
+    return release_flow_slots(flow_id)
+
+
+def reap_stuck_one(idle_seconds: float = 30.0) -> bool:
+    """Requeue one RUN play whose runner died (lease expired) or whose task was lost."""
+    now = timezone.now()
+    with transaction.atomic():
+        play = (
+            Play.objects.select_for_update(skip_locked=True)
+            .select_related("flow_version")
+            .filter(state=State.RUN)
+            .filter(Q(lease_until__lt=now) | Q(runner="", updated_at__lt=now - timedelta(seconds=idle_seconds)))
+            .order_by("updated_at")
+            .first()
+        )
+        if play is None:
+            return False
+        Play.objects.filter(pk=play.pk, state=State.RUN).update(runner="", lease_until=None, updated_at=now)
+        log.warning("requeueing play %s (runner %r lost)", play.pk, play.runner)
+        play.enqueue()
+    return True
+
+
+@shared_task(ignore_result=True)
+def reap_stuck() -> int:
+    return _drain(reap_stuck_one)
+
+
+def expire_timed_out_one() -> bool:
+    """Fail one unfinished play whose whole-play timeout has passed."""
+    play = (
+        Play.objects.select_related("flow_version")
+        .filter(state__in=NON_TERMINAL - {State.NEW}, deadline_at__lt=timezone.now())
+        .order_by("deadline_at")
+        .first()
+    )
+    if play is None:
+        return False
+    with transaction.atomic():
+        timeout = play.definition.get("execution", {}).get("timeout")
+        play.fail(error_body("PLAY_TIMEOUT", f"The play exceeded its timeout of {timeout} s"), from_states=list(NON_TERMINAL))
+    return True
+
+
+@shared_task(ignore_result=True)
+def expire_timed_out() -> int:
+    return _drain(expire_timed_out_one)
+
+
+__all__ = ["ACTIVE", "run_play", "release_due", "release_flow", "reap_stuck", "expire_timed_out"]
