@@ -1,0 +1,116 @@
+"""Shared fixtures: the personas alice and bob (one company) and charlie (another).
+
+Tests call the Celery tasks' functions directly (``drain``) instead of running a worker;
+the integration tests in ``tests/integration`` start the real processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from flows.models import Company, User
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def _fast_settings(settings: Any, tmp_path: Any) -> None:
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    settings.REDIS_URL = ""
+
+
+@pytest.fixture
+def acme(db: Any) -> Company:
+    return Company.objects.create(name="Acme", slug="acme")
+
+
+@pytest.fixture
+def globex(db: Any) -> Company:
+    return Company.objects.create(name="Globex", slug="globex")
+
+
+@pytest.fixture
+def alice(acme: Company) -> User:
+    return User.objects.create_user("alice", "alice@acme.test", PASSWORD, company=acme, first_name="Alice")
+
+
+@pytest.fixture
+def bob(acme: Company) -> User:
+    return User.objects.create_user("bob", "bob@acme.test", PASSWORD, company=acme, first_name="Bob")
+
+
+@pytest.fixture
+def charlie(globex: Company) -> User:
+    return User.objects.create_user("charlie", "charlie@globex.test", PASSWORD, company=globex, first_name="Charlie")
+
+
+def client_for(user: User) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
+
+
+@pytest.fixture
+def api(alice: User) -> APIClient:
+    """alice's authenticated API client."""
+    return client_for(alice)
+
+
+@pytest.fixture
+def bob_api(bob: User) -> APIClient:
+    return client_for(bob)
+
+
+@pytest.fixture
+def charlie_api(charlie: User) -> APIClient:
+    return client_for(charlie)
+
+
+@pytest.fixture
+def anon() -> APIClient:
+    return APIClient()
+
+
+@pytest.fixture
+def no_enqueue(monkeypatch: Any) -> list[str]:
+    """Capture run_play enqueues instead of sending them to a broker."""
+    sent: list[str] = []
+    from plays import tasks
+
+    monkeypatch.setattr(tasks.run_play, "apply_async", lambda args, **kw: sent.append(args[0]))
+    monkeypatch.setattr(tasks.release_flow, "delay", lambda flow_id: tasks.release_flow_slots(flow_id))
+    return sent
+
+
+@pytest.fixture
+def drain(no_enqueue: list[str], monkeypatch: Any) -> Any:
+    """Run every enqueued play to completion in this process, like a worker would.
+
+    The test runs inside one transaction that is never committed, so on-commit hooks
+    (enqueueing the runner) fire at once instead.
+    """
+    from django.db import transaction
+
+    from plays import runner
+
+    monkeypatch.setattr(transaction, "on_commit", lambda func, using=None, robust=False: func())
+
+    def run_all(limit: int = 1000) -> int:
+        n = 0
+        while no_enqueue and n < limit:
+            runner.run(no_enqueue.pop(0))
+            n += 1
+        return n
+
+    return run_all
+
+
+def make_flow(client: APIClient, layers: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    body = {"name": fields.pop("name", "Test flow"), "layers": layers, **fields}
+    response = client.post("/api/flows", body, format="json")
+    assert response.status_code == 201, response.content
+    return response.json()

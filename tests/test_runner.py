@@ -1,0 +1,259 @@
+"""The step runner, driven in-process: every outcome of section 2 of the spec."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import pytest
+
+from flows import modules
+from flows.modules import Module, RunContext, StepError
+from plays.models import Event, Layer, Play
+
+from .conftest import make_flow
+
+
+class Flaky(Module):
+    """Fails ``failures`` times per ref, then returns {"ok": True, "attempt": n}."""
+
+    app_id = "test-flaky"
+    summary = "test module"
+    args_schema: ClassVar[dict] = {"type": "object"}
+    out_schema: ClassVar[dict] = {"type": "object"}
+    calls: ClassVar[dict[str, int]] = {}
+
+    def run(self, args: dict, ctx: RunContext) -> Any:
+        n = Flaky.calls[ctx.ref] = Flaky.calls.get(ctx.ref, 0) + 1
+        if n <= int(args.get("failures", 0)):
+            raise StepError(f"flaky failure {n}", code="FLAKY", retryable=bool(args.get("retryable", True)))
+        return {"ok": True, "attempt": ctx.attempt}
+
+
+class Slow(Module):
+    app_id = "test-slow"
+    summary = "test module"
+    args_schema: ClassVar[dict] = {"type": "object"}
+    out_schema: ClassVar[dict] = {"type": "object"}
+
+    def run(self, args: dict, ctx: RunContext) -> Any:
+        time.sleep(float(args.get("seconds", 1)))
+        return {"slept": True}
+
+
+@pytest.fixture(autouse=True)
+def test_modules() -> Any:
+    Flaky.calls = {}
+    modules.REGISTRY["test-flaky"] = Flaky()
+    modules.REGISTRY["test-slow"] = Slow()
+    yield
+    modules.REGISTRY.pop("test-flaky", None)
+    modules.REGISTRY.pop("test-slow", None)
+
+
+def run(api: Any, flow: dict[str, Any], args: dict[str, Any] | None = None, **body: Any) -> dict[str, Any]:
+    r = api.post(f"/api/flows/{flow['id']}/run", {"args": args or {}, **body}, format="json")
+    assert r.status_code in (200, 201), r.content
+    return r.json()
+
+
+def layers_of(api: Any, play_id: str) -> list[dict[str, Any]]:
+    return api.get(f"/api/plays/{play_id}/layers").json()
+
+
+def events_of(play_id: str) -> list[str]:
+    return [e.type for e in Event.objects.filter(play_id=play_id).order_by("seq")]
+
+
+def test_three_steps_run_in_order_and_pass_outputs(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [
+        {"ref": "a", "appId": "var", "args": {"values": {"n": "{{ $prev.args.n }}"}}},
+        {"ref": "b", "appId": "var", "args": {"values": {"double": "{{ $prev.a.n * 2 }}"}}},
+        {"ref": "c", "appId": "template", "args": {"template": "total={{ t }}", "data": {"t": "{{ $prev.b.double + 1 }}"}}},
+    ])
+    started = run(api, flow, {"n": 20})
+    assert started["state"] == "RUN" and started["startedAt"]
+    drain()
+    play = api.get(f"/api/plays/{started['playId']}").json()
+    assert play["state"] == "DONE"
+    assert play["duration"] is not None and play["completedAt"].endswith("Z")
+    layers = layers_of(api, started["playId"])
+    assert [(x["ref"], x["state"], x["attempts"]) for x in layers] == [("a", "DONE", 1), ("b", "DONE", 1), ("c", "DONE", 1)]
+    assert layers[2]["out"] == {"result": "total=41"}
+    assert events_of(started["playId"]) == [
+        "play:started",
+        "play:layer:started", "play:layer:completed",
+        "play:layer:started", "play:layer:completed",
+        "play:layer:started", "play:layer:completed",
+        "play:completed",
+    ]
+    seqs = list(Event.objects.filter(play_id=started["playId"]).order_by("seq").values_list("seq", flat=True))
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_a_failing_step_fails_the_play_and_later_steps_never_run(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [
+        {"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.args.doc }}"}},
+        {"ref": "never", "appId": "var", "args": {"values": {}}},
+    ])
+    play_id = run(api, flow, {"doc": "{not json"})["playId"]
+    drain()
+    play = api.get(f"/api/plays/{play_id}").json()
+    assert play["state"] == "FAIL"
+    assert play["error"]["code"] == "STEP_FAILED" and play["error"]["ref"] == "parse"
+    layers = layers_of(api, play_id)
+    assert [(x["ref"], x["state"]) for x in layers] == [("parse", "FAIL")]
+    assert layers[0]["error"]["code"]
+    assert events_of(play_id)[-2:] == ["play:layer:failed", "play:failed"]
+    failed = Event.objects.get(play_id=play_id, type="play:failed").payload
+    assert failed["ref"] == "parse" and failed["error"]["code"] == "STEP_FAILED" and "duration" in failed
+
+
+@pytest.mark.parametrize(("on_error", "layer_state"), [("continue", "FAIL"), ("skip", "SKIP")])
+def test_on_error_continue_and_skip_go_on_with_a_null_output(api: Any, drain: Any, on_error: str, layer_state: str) -> None:
+    flow = make_flow(api, [
+        {"ref": "bad", "appId": "json-parse", "args": {"input": "{{ $prev.args.doc }}"}, "onError": on_error},
+        {"ref": "after", "appId": "var", "args": {"values": {"was": "{{ $prev.bad }}", "d": "{{ $prev.bad.result | default('none') }}"}}},
+    ])
+    play_id = run(api, flow, {"doc": "{"})["playId"]
+    drain()
+    assert api.get(f"/api/plays/{play_id}").json()["state"] == "DONE"
+    layers = layers_of(api, play_id)
+    assert layers[0]["state"] == layer_state
+    assert layers[1]["out"] == {"was": None, "d": "none"}
+
+
+def test_retries_with_backoff_count_attempts(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 2},
+                            "retry": {"count": 2, "delayMs": 10, "backoffMultiplier": 2, "jitter": True}}])
+    play_id = run(api, flow)["playId"]
+    drain()
+    layer = layers_of(api, play_id)[0]
+    assert (layer["state"], layer["attempts"], layer["out"]) == ("DONE", 3, {"ok": True, "attempt": 3})
+
+
+def test_retries_exhausted_fail_the_step(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 5}, "retry": {"count": 1, "delayMs": 1}}])
+    play_id = run(api, flow)["playId"]
+    drain()
+    layer = layers_of(api, play_id)[0]
+    assert (layer["state"], layer["attempts"], layer["error"]["code"]) == ("FAIL", 2, "FLAKY")
+
+
+def test_a_non_retryable_error_is_not_retried(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 5, "retryable": False}, "retry": {"count": 3, "delayMs": 1}}])
+    play_id = run(api, flow)["playId"]
+    drain()
+    assert layers_of(api, play_id)[0]["attempts"] == 1
+
+
+def test_an_attempt_over_its_timeout_fails(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "s", "appId": "test-slow", "args": {"seconds": 3}, "timeout": 1}])
+    play_id = run(api, flow)["playId"]
+    drain()
+    layer = layers_of(api, play_id)[0]
+    assert layer["state"] == "FAIL" and layer["error"]["code"] == "TIMEOUT"
+
+
+def test_a_play_over_its_timeout_fails_with_play_timeout(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "s", "appId": "test-slow", "args": {"seconds": 3}}], execution={"timeout": 1})
+    play_id = run(api, flow)["playId"]
+    drain()
+    play = api.get(f"/api/plays/{play_id}").json()
+    assert play["state"] == "FAIL" and play["error"]["code"] == "PLAY_TIMEOUT"
+
+
+def test_filtered_steps_and_all_filtered_play(api: Any, drain: Any) -> None:
+    never = [{"leftValue": "{{ $prev.args.go }}", "operator": "eq", "rightValue": "yes"}]
+    flow = make_flow(api, [
+        {"ref": "a", "appId": "var", "args": {"values": {}}, "filters": never},
+        {"ref": "b", "appId": "var", "args": {"values": {}}, "filters": never},
+    ])
+    play_id = run(api, flow, {"go": "no"})["playId"]
+    drain()
+    assert api.get(f"/api/plays/{play_id}").json()["state"] == "FILTERED"
+    assert [x["state"] for x in layers_of(api, play_id)] == ["FILTERED", "FILTERED"]
+    play_id = run(api, flow, {"go": "yes"})["playId"]
+    drain()
+    assert api.get(f"/api/plays/{play_id}").json()["state"] == "DONE"
+
+
+def test_flow_filters_skip_the_play_at_once(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}}],
+                     filters=[{"leftValue": "{{ $prev.args.amount }}", "operator": "gte", "rightValue": "1000", "cast": "number"}])
+    small = run(api, flow, {"amount": 5})
+    assert small["state"] == "SKIP"
+    assert layers_of(api, small["playId"]) == []
+    big = run(api, flow, {"amount": 5000})
+    assert big["state"] == "RUN"
+    drain()
+    assert api.get(f"/api/plays/{big['playId']}").json()["state"] == "DONE"
+
+
+def test_a_filter_that_cannot_cast_fails_the_layer(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}},
+                            "filters": [{"leftValue": "{{ $prev.args.x }}", "operator": "gt", "rightValue": "1", "cast": "number"}]}])
+    play_id = run(api, flow, {"x": "abc"})["playId"]
+    drain()
+    layer = layers_of(api, play_id)[0]
+    assert layer["state"] == "FAIL" and layer["error"]["code"] == "FILTER_ERROR"
+
+
+def test_an_expression_runtime_error_fails_the_layer(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": "{{ 1 / $prev.args.zero }}"}}}])
+    play_id = run(api, flow, {"zero": 0})["playId"]
+    drain()
+    layer = layers_of(api, play_id)[0]
+    assert layer["error"]["code"] == "EXPRESSION_ERROR"
+    assert layer["error"]["message"]
+
+
+def test_plays_run_the_version_they_were_created_with(api: Any, no_enqueue: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"v": 1}}}])
+    play_id = run(api, flow)["playId"]
+    api.put(f"/api/flows/{flow['id']}", {"name": flow["name"], "layers": [
+        {"ref": "a", "appId": "var", "args": {"values": {"v": 2}}}]}, format="json")
+    drain()
+    play = api.get(f"/api/plays/{play_id}").json()
+    assert play["flowVersion"] == 1
+    assert layers_of(api, play_id)[0]["out"] == {"v": 1}
+
+
+def test_a_duplicate_delivery_does_not_run_a_finished_step_again(api: Any, no_enqueue: list[str], drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {}}])
+    play_id = run(api, flow)["playId"]
+    no_enqueue.append(play_id)  # the broker delivers the task twice
+    drain()
+    assert Flaky.calls == {"f": 1}
+    assert Layer.objects.filter(play_id=play_id).count() == 1
+
+
+def test_a_runner_that_died_mid_step_is_resumed_and_counts_the_attempt(api: Any, no_enqueue: list[str], drain: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from plays import tasks
+
+    flow = make_flow(api, [
+        {"ref": "a", "appId": "var", "args": {"values": {"x": 1}}},
+        {"ref": "b", "appId": "test-flaky", "args": {}},
+    ])
+    play_id = run(api, flow)["playId"]
+    no_enqueue.clear()
+    play = Play.objects.get(pk=play_id)
+    # Simulate a worker that finished step a, opened step b and was killed.
+    play.claim("dead-worker", 30)
+    a = Layer.objects.create(play=play, ref="a", app_id="var", index=0, state="DONE", attempts=1, out={"x": 1},
+                             started_at=timezone.now(), completed_at=timezone.now())
+    Layer.objects.create(play=play, ref="b", app_id="test-flaky", index=1, state="RUN", attempts=1, started_at=timezone.now())
+    Play.objects.filter(pk=play_id).update(next_index=1, lease_until=timezone.now() - timedelta(seconds=1))
+    assert tasks.reap_stuck_one()
+    assert no_enqueue == [play_id]
+    drain()
+    assert Play.objects.get(pk=play_id).state == "DONE"
+    b = Layer.objects.get(play_id=play_id, ref="b")
+    assert (b.state, b.attempts) == ("DONE", 2)
+    assert Layer.objects.get(pk=a.pk).attempts == 1
+    notes = [e.payload.get("note") for e in Event.objects.filter(play_id=play_id, type="play:layer:started")]
+    assert "previous attempt interrupted" in notes
