@@ -28,7 +28,7 @@ import re
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -79,10 +79,13 @@ class Park(Exception):
     ``until`` is an aware datetime; ``out`` is what the step records once the wait is over.
     """
 
-    def __init__(self, until: datetime, out: Any):
+    def __init__(self, until: datetime, out: Any, ready: Callable[[], bool] | None = None):
         super().__init__(f"park until {until.isoformat()}")
         self.until = until
+        # None: the module is called again when the play wakes (it waits for something,
+        # e.g. a subflow's child play); ``ready`` tells whether that already happened.
         self.out = out
+        self.ready = ready
 
 
 @dataclass
@@ -93,6 +96,10 @@ class RunContext:
     ref: str = ""
     attempt: int = 1
     timeout: float = 300.0  # seconds left for this attempt
+    layer_id: str = ""
+    iteration: int | None = None
+    # The outputs of a loop step's iterations in item order (for `aggregator`).
+    collect: Callable[[str], list] | None = None
 
 
 def is_expression(value: Any) -> bool:
