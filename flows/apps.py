@@ -4,3 +4,8 @@ from django.apps import AppConfig
 class FlowsConfig(AppConfig):
     name = "flows"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import audit_admin
+
+        audit_admin.register()

@@ -31,3 +31,18 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request: Any) -> str:
         return self.keyword
+
+
+try:
+    from drf_spectacular.extensions import OpenApiAuthenticationExtension
+
+    class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+        """Documents ``Authorization: Bearer <token>`` in the OpenAPI schema."""
+
+        target_class = "flows.auth.ApiKeyAuthentication"
+        name = "apiKey"
+
+        def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+            return {"type": "http", "scheme": "bearer", "description": "An API key from POST /api/auth/api-keys"}
+except ImportError:  # pragma: no cover - drf-spectacular is a dependency
+    pass

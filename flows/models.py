@@ -169,6 +169,8 @@ class Flow(models.Model):
     max_concurrency = models.PositiveIntegerField(null=True, blank=True)
     queue = models.CharField(max_length=100, default="default")
     retention_days = models.PositiveIntegerField(null=True, blank=True)
+    # Retention keeps at least this many newest finished plays of the flow (None: the setting).
+    retention_keep = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
     deleted_at = models.DateTimeField(null=True, blank=True)
@@ -335,3 +337,36 @@ class KV(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+# --- Audit ----------------------------------------------------------------------------
+
+
+class AuditEntry(models.Model):
+    """Who did what to which play or flow, from the API or the admin (see ``flows.audit``).
+
+    Rows are only ever added; the admin shows them read-only to staff.
+    """
+
+    company = models.ForeignKey(Company, on_delete=models.CASCADE, null=True, blank=True, related_name="+")
+    actor = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # The actor's username when the entry was written: it survives the user's deletion.
+    actor_name = models.CharField(max_length=150, blank=True, default="")
+    action = models.CharField(max_length=32)
+    object_type = models.CharField(max_length=32)
+    object_id = models.CharField(max_length=64)
+    object_repr = models.CharField(max_length=200, blank=True, default="")
+    details = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        verbose_name = "audit entry"
+        verbose_name_plural = "audit log"
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["object_type", "object_id", "-created_at"], name="flows_audit_object"),
+            models.Index(fields=["company", "-created_at"], name="flows_audit_company"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.actor_name or 'system'} {self.action} {self.object_type} {self.object_id}"

@@ -54,6 +54,7 @@ class FlowFilter(django_filters.FilterSet):
 
 
 class FlowViewSet(viewsets.ModelViewSet):
+    queryset = Flow.objects.none()  # for the schema; get_queryset() scopes to the company
     serializer_class = FlowSerializer
     filterset_class = FlowFilter
     lookup_field = "pk"
@@ -106,6 +107,7 @@ class FlowletViewSet(
 ):
     """``/api/flows/{flowId}/layers``: the flow's steps one by one. Each change is a new version."""
 
+    queryset = Flowlet.objects.none()  # for the schema
     serializer_class = FlowletSerializer
     pagination_class = None
     lookup_url_kwarg = "layer_id"
@@ -126,7 +128,7 @@ class FlowletViewSet(
         from .serializers import _replace_flowlets
 
         ordered = _ordered(layers)
-        errors = validate_steps(ordered, flow.filters)
+        errors = validate_steps(ordered, flow.filters, company_id=flow.company_id, flow_id=flow.pk)
         if errors:
             raise validation_error(errors, "The flow's steps are not valid")
         _replace_flowlets(flow, ordered)
@@ -230,6 +232,7 @@ class MeView(APIView):
 
 
 class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    queryset = ApiKey.objects.none()  # for the schema
     serializer_class = ApiKeySerializer
     pagination_class = None
     lookup_url_kwarg = "key_id"
