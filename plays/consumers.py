@@ -1,193 +1,371 @@
-"""The live event stream: ``ws://<host>/api/ws``.
+"""The live event stream: ``ws://<host>:4454/api/ws``.
 
-Each connection tracks the last ``seq`` it delivered. Events reach it two ways: as
-payloads on its company's channel-layer group (the fast path), and by reading the
-``Event`` table (on connect with ``?since=``, when a gap in ``seq`` shows that a message
-was lost or reordered, and on a periodic check). Because ``seq`` is allocated under a
-per-company row lock, sequence order is commit order, so "everything after my last seq,
-in order" is exactly what a client must see: no gap, no duplicate.
+Each connection remembers ``last_seq``: every event of its company up to that number has
+been delivered or filtered out. Events reach it two ways:
+
+1. as payloads on its company's channel-layer group (the fast path): published by the
+   workers after commit when Redis is configured (``fanout.py``), or by the web process's
+   own relay reading new ``Event`` rows otherwise (``Relay`` below);
+2. by reading the ``Event`` table: on connect (``?since=``), whenever a payload's seq is
+   not ``last_seq + 1`` (a message was dropped by a full channel, or two workers'
+   messages crossed), and once a second in case the last message of a burst was dropped.
+
+``seq`` is allocated under a per-company row lock held until commit, so sequence order is
+commit order: once seq N is visible, every event before it is. "Every event after
+``last_seq``, in order" is therefore exactly what the client must see next, whichever
+path brings it: no gap, no duplicate.
+
+Close codes (a handshake without valid credentials is refused before it completes,
+with HTTP 403):
+
+- 4400: bad query parameters (``since`` not a non-negative integer).
+- 4401: credentials no longer valid (API key revoked, user deactivated, logged out).
+- 4008: the client reads too slowly: its send buffer stayed over the high-water mark
+  for ``STALL_SECONDS`` or it fell more than ``MAX_LAG`` events behind. Reconnect with
+  ``?since=<last seq received>`` to lose nothing.
+- 1011: an internal error; reconnect with ``?since=``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections import Counter
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from flows.models import Company
+from flows.models import ApiKey, Company, Flow
 
 from .fanout import company_group
-from .models import Event, Play
+from .models import Event
+from .wsauth import API_KEY_ID, SEND_BACKLOG, origin_allowed
 
 log = logging.getLogger(__name__)
 
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_TOO_SLOW = 4008
+CLOSE_ERROR = 1011
+
 CATCH_UP_BATCH = 500
-# A client that has not taken this many events is too far behind: close it; it can
-# reconnect with ?since= and lose nothing.
-MAX_BACKLOG = 5000
 POLL_SECONDS = 1.0
+AUTH_CHECK_SECONDS = 10.0
+# channels-redis forgets group members after a day (group_expiry): join again well before.
+REJOIN_SECONDS = 3600.0
+
+# Back-pressure. Past the high-water mark of unsent bytes the consumer stops sending (and
+# reading: new events wait in the database) until the buffer is under the low-water mark.
+SEND_HIGH_WATER = 1024 * 1024
+SEND_LOW_WATER = 256 * 1024
+STALL_SECONDS = 15.0
+MAX_LAG = 20000
+
+# DB reads of the stream run on the default thread pool, not on the single thread that
+# Django's sync views share, so that a burst of catch-ups does not queue API requests.
+def db_read(func: Any) -> Any:
+    return database_sync_to_async(func, thread_sensitive=False)
 
 
-class PlayEventsConsumer(AsyncJsonWebsocketConsumer):
+class TooSlow(Exception):
+    pass
+
+
+class PlayEventsConsumer(AsyncWebsocketConsumer):
+    company_id: str
+    play_id: str | None = None
+    flow_id: str | None = None
+    last_seq = 0
+    group: str | None = None
+    poller: asyncio.Task | None = None
+    closing = False
+
     async def connect(self) -> None:
         user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close(code=4401)
+        if user is None or not user.is_authenticated or not origin_allowed(self.scope):
+            await self.close(code=CLOSE_UNAUTHORIZED)
             return
         query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
-        self.company_id = user.company_id
-        self.play_id = (query.get("playId") or [None])[0]
-        self.flow_id = (query.get("flowId") or [None])[0]
-        since_raw = (query.get("since") or [None])[0]
+        since_raw = (query.get("since") or [""])[0]
         try:
-            since = int(since_raw) if since_raw not in (None, "") else None
+            since = int(since_raw) if since_raw != "" else None
         except ValueError:
-            await self.close(code=4400)
+            since = -1
+        if since is not None and since < 0:
+            await self.close(code=CLOSE_BAD_REQUEST)
             return
-        if self.flow_id:
-            self.flow_id = await self._resolve_flow(self.flow_id)
+        self.company_id = user.company_id
+        self.user_pk = user.pk
+        self.api_key_id = self.scope.get(API_KEY_ID)
+        self.session_key = getattr(self.scope.get("session"), "session_key", None)
+        self.play_id = (query.get("playId") or [None])[0] or None
+        flow = (query.get("flowId") or [None])[0] or None
+        self.flow_id = await self._resolve_flow(flow) if flow else None
         self.lock = asyncio.Lock()
-        self.last_seq = since if since is not None else await self._current_seq()
+        self.last_seq = since if since is not None else await self._head()
         self.group = company_group(self.company_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.accept()
         if not settings.REDIS_URL:
-            ensure_relay()
-        await self.catch_up()
+            relay.subscribe(self.company_id)
+        await self.accept()
+        # The poller's first round replays ?since= before anything else is sent.
         self.poller = asyncio.create_task(self._poll())
 
     async def disconnect(self, code: int) -> None:
-        poller = getattr(self, "poller", None)
-        if poller is not None:
-            poller.cancel()
-        if getattr(self, "group", None):
+        self.closing = True
+        if self.poller is not None:
+            self.poller.cancel()
+        if self.group:
             await self.channel_layer.group_discard(self.group, self.channel_name)
+            if not settings.REDIS_URL:
+                relay.unsubscribe(self.company_id)
+            self.group = None
 
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        # Clients only listen; a {"type": "ping"} gets a pong so browsers can check liveness.
-        if isinstance(content, dict) and content.get("type") == "ping":
-            await self.send_json({"type": "pong", "seq": self.last_seq})
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        # Clients only listen; {"type": "ping"} gets a pong with the last seq looked at.
+        try:
+            content = json.loads(text_data or "")
+        except ValueError:
+            return
+        if isinstance(content, dict) and content.get("type") == "ping" and not self.closing:
+            await self.send(text_data=json.dumps({"type": "pong", "seq": self.last_seq}))
+
+    # -- delivery -------------------------------------------------------------------------
 
     async def play_events(self, message: dict[str, Any]) -> None:
-        """Channel-layer handler: a batch of stored events of this company."""
+        """Channel-layer handler: stored events of this company, in seq order."""
+        if self.closing:
+            return
         async with self.lock:
-            events = message["events"]
-            if events and events[0]["seq"] > self.last_seq + 1:
-                await self._catch_up_locked()
+            try:
+                for payload in message["events"]:
+                    if self.closing:
+                        return
+                    seq = payload["seq"]
+                    if seq <= self.last_seq:
+                        continue
+                    if seq != self.last_seq + 1:
+                        # Something before it was dropped or is still on its way: the table
+                        # has it (this payload was published after its commit).
+                        await self._catch_up_locked()
+                        continue
+                    self.last_seq = seq
+                    if self._wanted(payload):
+                        await self._send_event(payload)
+            except TooSlow as exc:
+                await self._close_too_slow(str(exc))
+
+    def _wanted(self, payload: dict[str, Any]) -> bool:
+        if self.play_id and payload.get("playId") != self.play_id:
+            return False
+        if self.flow_id and payload.get("flowId") != self.flow_id:
+            return False
+        return True
+
+    async def _send_event(self, payload: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(payload))
+        backlog = self.scope.get(SEND_BACKLOG)
+        if backlog is not None and backlog() > SEND_HIGH_WATER:
+            await self._drain(backlog)
+
+    async def _drain(self, backlog: Any) -> None:
+        """Wait until the client has read most of its buffer; TooSlow if it does not."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        next_lag_check = started
+        while backlog() > SEND_LOW_WATER:
+            if self.closing:
                 return
-            for payload in events:
-                if payload["seq"] <= self.last_seq:
-                    continue
-                if payload["seq"] != self.last_seq + 1:
-                    await self._catch_up_locked()
-                    return
-                await self._deliver(payload)
+            now = loop.time()
+            if now - started > STALL_SECONDS:
+                raise TooSlow(f"send buffer over {SEND_LOW_WATER} bytes for {STALL_SECONDS:.0f} s")
+            if now >= next_lag_check:
+                lag = await self._head() - self.last_seq
+                if lag > MAX_LAG:
+                    raise TooSlow(f"{lag} events behind")
+                next_lag_check = now + 1.0
+            await asyncio.sleep(0.05)
 
-    async def _deliver(self, payload: dict[str, Any]) -> None:
-        self.last_seq = payload["seq"]
-        if self.play_id and payload["playId"] != self.play_id:
-            return
-        if self.flow_id and payload["flowId"] != self.flow_id:
-            return
-        await self.send_json(payload)
-
-    async def catch_up(self) -> None:
-        async with self.lock:
-            await self._catch_up_locked()
+    async def _close_too_slow(self, why: str) -> None:
+        log.info("closing slow WebSocket client of company %s at seq %s: %s", self.company_id, self.last_seq, why)
+        self.closing = True
+        await self.close(code=CLOSE_TOO_SLOW, reason="too far behind; reconnect with since")
 
     async def _catch_up_locked(self) -> None:
-        while True:
+        while not self.closing:
             rows, newest = await self._read(self.last_seq)
-            for payload in rows:
-                await self.send_json(payload)
-            if newest is None:
+            for seq, payload in rows:
+                if self.closing:
+                    return
+                self.last_seq = seq
+                await self._send_event(payload)
+            if newest <= self.last_seq:
                 return
             self.last_seq = newest
             if len(rows) < CATCH_UP_BATCH:
                 return
 
     async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_auth = loop.time() + AUTH_CHECK_SECONDS
+        next_join = loop.time() + REJOIN_SECONDS
         try:
-            while True:
+            while not self.closing:
+                async with self.lock:
+                    await self._catch_up_locked()
+                now = loop.time()
+                if now >= next_auth:
+                    next_auth = now + AUTH_CHECK_SECONDS
+                    if not await self._still_authorized():
+                        self.closing = True
+                        await self.close(code=CLOSE_UNAUTHORIZED, reason="credentials revoked")
+                        return
+                if now >= next_join and self.group:
+                    next_join = now + REJOIN_SECONDS
+                    await self.channel_layer.group_add(self.group, self.channel_name)
                 await asyncio.sleep(POLL_SECONDS)
-                await self.catch_up()
         except asyncio.CancelledError:
-            pass
+            raise
+        except TooSlow as exc:
+            await self._close_too_slow(str(exc))
         except Exception:
-            log.exception("event poll failed; closing so the client reconnects with ?since=")
-            await self.close(code=1011)
+            log.exception("event stream failed; closing so that the client reconnects with ?since=")
+            self.closing = True
+            await self.close(code=CLOSE_ERROR)
 
-    @database_sync_to_async
-    def _read(self, after: int) -> tuple[list[dict[str, Any]], int | None]:
-        """Events after ``after`` (filters applied) and the newest seq looked at."""
-        seqs = list(
-            Event.objects.filter(company_id=self.company_id, seq__gt=after)
-            .order_by("seq")
-            .values_list("seq", "play_id", "flow_id")[:CATCH_UP_BATCH]
-        )
-        if not seqs:
-            return [], None
-        wanted = [s for s, play, flow in seqs
-                  if (not self.play_id or play == self.play_id) and (not self.flow_id or flow == self.flow_id)]
-        payloads = list(
-            Event.objects.filter(company_id=self.company_id, seq__in=wanted).order_by("seq").values_list("payload", flat=True)
-        ) if wanted else []
-        return payloads, seqs[-1][0]
+    # -- database -------------------------------------------------------------------------
 
-    @database_sync_to_async
-    def _current_seq(self) -> int:
+    @db_read
+    def _read(self, after: int) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+        """Events after ``after`` (filters applied) and the seq up to which all were looked at.
+
+        The head is read first: every event up to it is committed (commit order is seq
+        order), so rows at or below it are complete, and later ones wait for the next read.
+        """
+        head = Company.objects.filter(pk=self.company_id).values_list("event_seq", flat=True).first() or 0
+        if head <= after:
+            return [], after
+        events = Event.objects.filter(company_id=self.company_id, seq__gt=after, seq__lte=head)
+        if self.play_id:
+            events = events.filter(play_id=self.play_id)
+        if self.flow_id:
+            events = events.filter(flow_id=self.flow_id)
+        rows = list(events.order_by("seq").values_list("seq", "payload")[:CATCH_UP_BATCH])
+        if len(rows) == CATCH_UP_BATCH:
+            return rows, rows[-1][0]
+        return rows, head
+
+    @db_read
+    def _head(self) -> int:
         return Company.objects.filter(pk=self.company_id).values_list("event_seq", flat=True).first() or 0
 
-    @database_sync_to_async
+    @db_read
     def _resolve_flow(self, key: str) -> str:
-        from flows.models import Flow
+        """A flow's id from its id or permanentId (deleted flows included: their plays stay)."""
+        flows = Flow.objects.filter(company_id=self.company_id)
+        flow_id = flows.filter(pk=key).values_list("pk", flat=True).first()
+        if flow_id is None:
+            flow_id = flows.filter(permanent_id=key).order_by("deleted_at").values_list("pk", flat=True).first()
+        return flow_id or key
 
-        flow = Flow.objects.filter(company_id=self.company_id).filter(pk=key).first() or \
-            Flow.objects.filter(company_id=self.company_id, permanent_id=key, deleted_at__isnull=True).first()
-        return flow.pk if flow else key
+    @db_read
+    def _still_authorized(self) -> bool:
+        from django.contrib.auth import get_user_model
+        from django.contrib.sessions.backends.base import SessionBase
+
+        if self.api_key_id:
+            return ApiKey.objects.active().filter(pk=self.api_key_id, user__is_active=True).exists()
+        if not get_user_model().objects.filter(pk=self.user_pk, is_active=True).exists():
+            return False
+        session = self.scope.get("session")
+        if isinstance(session, SessionBase) and self.session_key:
+            return session.exists(self.session_key)
+        return True
 
 
 # --- Embedded relay -------------------------------------------------------------------
 
-_relay: asyncio.Task | None = None
+
+class Relay:
+    """Publish new ``Event`` rows to this process's channel-layer groups.
+
+    Without Redis the channel layer lives in the web process's memory, out of the workers'
+    reach, so the web process reads what they committed instead: every ``RELAY_SECONDS``
+    one query over the heads of the companies that have listeners here, and for each head
+    that moved, the rows after the last one published (by ``seq``, which is commit order,
+    so none is passed over).
+    """
+
+    RELAY_SECONDS = 0.05
+    BATCH = 1000
+
+    def __init__(self) -> None:
+        self.listeners: Counter[str] = Counter()
+        self.published: dict[str, int] = {}
+        self.task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def subscribe(self, company_id: str) -> None:
+        self.listeners[company_id] += 1
+        loop = asyncio.get_running_loop()
+        if self.task is None or self.task.done() or self.loop is not loop:
+            self.loop = loop
+            self.published.clear()
+            self.task = loop.create_task(self._run())
+
+    def unsubscribe(self, company_id: str) -> None:
+        self.listeners[company_id] -= 1
+        if self.listeners[company_id] <= 0:
+            del self.listeners[company_id]
+            self.published.pop(company_id, None)
+
+    async def _run(self) -> None:
+        layer = get_channel_layer()
+        while True:
+            try:
+                companies = list(self.listeners)
+                if companies:
+                    batches = await self._read(companies, dict(self.published))
+                    for company_id, last, payloads in batches:
+                        if company_id not in self.listeners:
+                            continue
+                        self.published[company_id] = last
+                        for start in range(0, len(payloads), 100):
+                            await layer.group_send(
+                                company_group(company_id), {"type": "play.events", "events": payloads[start:start + 100]}
+                            )
+                    if any(len(p) == self.BATCH for _, _, p in batches):
+                        continue
+                await asyncio.sleep(self.RELAY_SECONDS)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event relay failed; consumers fall back to their own polling")
+                await asyncio.sleep(1)
+
+    @db_read
+    def _read(self, companies: list[str], published: dict[str, int]) -> list[tuple[str, int, list[dict[str, Any]]]]:
+        out = []
+        for company_id, head in Company.objects.filter(pk__in=companies).values_list("pk", "event_seq"):
+            last = published.get(company_id)
+            if last is None:
+                # New listeners catch up by themselves; publish from here on.
+                out.append((company_id, head, []))
+                continue
+            if head <= last:
+                continue
+            rows = list(
+                Event.objects.filter(company_id=company_id, seq__gt=last, seq__lte=head)
+                .order_by("seq").values_list("seq", "payload")[: self.BATCH]
+            )
+            newest = rows[-1][0] if len(rows) == self.BATCH else head
+            out.append((company_id, newest, [payload for _, payload in rows]))
+        return out
 
 
-def ensure_relay() -> None:
-    """Without Redis, workers cannot reach this process's in-memory channel layer: read new
-    Event rows here and publish them to the local groups instead."""
-    global _relay
-    if _relay is None or _relay.done():
-        _relay = asyncio.get_running_loop().create_task(_relay_loop())
-
-
-async def _relay_loop() -> None:
-    layer = get_channel_layer()
-    last_id = await database_sync_to_async(lambda: Event.objects.order_by("-id").values_list("id", flat=True).first() or 0)()
-    while True:
-        try:
-            rows = await database_sync_to_async(
-                lambda: list(Event.objects.filter(id__gt=last_id).order_by("id").values_list("id", "company_id", "payload")[:1000])
-            )()
-            by_company: dict[str, list[dict[str, Any]]] = {}
-            for row_id, company_id, payload in rows:
-                by_company.setdefault(company_id, []).append(payload)
-                last_id = row_id
-            for company_id, payloads in by_company.items():
-                payloads.sort(key=lambda p: p["seq"])
-                await layer.group_send(company_group(company_id), {"type": "play.events", "events": payloads})
-            if len(rows) < 1000:
-                await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("event relay failed")
-            await asyncio.sleep(1)
-
-
-__all__ = ["PlayEventsConsumer", "Play"]
+relay = Relay()

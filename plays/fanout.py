@@ -23,6 +23,12 @@ from django.db import transaction
 log = logging.getLogger(__name__)
 
 
+# Payload batches waiting for Redis in one process. Past this the publisher drops new ones
+# (the consumers read them from the table) rather than grow without bound while Redis is
+# slow or down.
+MAX_PENDING = 10000
+
+
 def company_group(company_id: str) -> str:
     return f"company.{company_id}"
 
@@ -41,6 +47,9 @@ class Publisher:
                 self._queue = queue.SimpleQueue()
                 self._thread = threading.Thread(target=self._run, name="flowplay-publisher", daemon=True)
                 self._thread.start()
+        if self._queue.qsize() >= MAX_PENDING:
+            log.warning("channel-layer publisher is %d batches behind; dropping %d events", MAX_PENDING, len(payloads))
+            return
         self._queue.put((company_id, payloads))
 
     def _run(self) -> None:
