@@ -1,0 +1,192 @@
+"""The WebSocket consumer in-process (channels' WebsocketCommunicator), on the embedded
+channel layer and relay. The real server and clients are in tests/integration/test_ws.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+
+from flows.models import ApiKey, Flow, User
+from plays import consumers
+from plays.fanout import company_group
+from plays.models import Event, EventType, Play, emit
+from plays.wsauth import SEND_BACKLOG
+
+from .conftest import make_flow
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def token(alice: User) -> str:
+    return ApiKey.issue(alice, "ws")[1]
+
+
+@pytest.fixture
+def play(api: Any) -> Play:
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}])
+    return Play.trigger(Flow.objects.get(pk=flow["id"]), {}, start=False)[0]
+
+
+def other_play(play: Play) -> Play:
+    return Play.trigger(play.flow, {"other": True}, start=False)[0]
+
+
+def step(play: Play, ref: str) -> list[Event]:
+    return emit(play, [(EventType.LAYER_STARTED, {"layerId": "L", "ref": ref, "state": "RUN"})])
+
+
+def communicator(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> WebsocketCommunicator:
+    from flowplay.asgi import application
+
+    return WebsocketCommunicator(application, path, headers=headers or [])
+
+
+async def receive_seqs(comm: WebsocketCommunicator, n: int, timeout: float = 10) -> list[int]:
+    return [(await comm.receive_json_from(timeout=timeout))["seq"] for _ in range(n)]
+
+
+def test_it_refuses_a_handshake_without_credentials() -> None:
+    async def go() -> Any:
+        comm = communicator("/api/ws")
+        connected, code = await comm.connect()
+        return connected, code
+
+    assert run(go()) == (False, 4401)
+
+
+def test_it_refuses_a_revoked_or_unknown_token(alice: User) -> None:
+    key, token = ApiKey.issue(alice, "soon revoked")
+    key.revoke()
+
+    async def go(t: str) -> Any:
+        return (await communicator(f"/api/ws?token={t}").connect())[0]
+
+    assert run(go(token)) is False
+    assert run(go("fp_nothing_here")) is False
+
+
+def test_it_refuses_a_bad_since(token: str) -> None:
+    async def go() -> Any:
+        return await communicator(f"/api/ws?token={token}&since=-3").connect()
+
+    assert run(go()) == (False, 4400)
+
+
+def test_it_replays_after_since_then_goes_live_without_duplicates(token: str, play: Play) -> None:
+    before = [e.seq for _ in range(4) for e in step(play, "before")]
+    other = other_play(play)  # its events are filtered out by playId
+    step(other, "other")
+
+    async def go() -> list[int]:
+        comm = communicator(f"/api/ws?token={token}&since={before[1]}&playId={play.id}")
+        assert (await comm.connect())[0]
+        replayed = await receive_seqs(comm, 2)
+        live = []
+        for _ in range(3):
+            await sync_to_async(step)(play, "live")
+            await sync_to_async(step)(other, "other")
+            live += await receive_seqs(comm, 1)
+        assert await comm.receive_nothing(timeout=0.5)
+        await comm.disconnect()
+        return replayed + live
+
+    seqs = run(go())
+    assert seqs[:2] == before[2:]
+    stored = list(Event.objects.filter(play=play, seq__gt=before[1]).order_by("seq").values_list("seq", flat=True))
+    assert seqs == stored and len(seqs) == 5
+
+
+def test_it_reads_from_the_table_what_the_channel_layer_dropped(token: str, play: Play, settings: Any) -> None:
+    async def go() -> list[int]:
+        comm = communicator(f"/api/ws?token={token}")
+        assert (await comm.connect())[0]
+        # Events stored but never published, then a payload that shows the gap.
+        consumers.relay.listeners.clear()
+        events = await sync_to_async(lambda: [e for _ in range(3) for e in step(play, "x")])()
+        await get_channel_layer().group_send(company_group(play.company_id), {"type": "play.events", "events": [events[-1].payload]})
+        seqs = await receive_seqs(comm, 3)
+        await comm.disconnect()
+        return seqs, [e.seq for e in events]
+
+    got, stored = run(go())
+    assert got == stored
+
+
+def test_the_poll_delivers_events_whose_message_never_came(token: str, play: Play, monkeypatch: Any) -> None:
+    monkeypatch.setattr(consumers.Relay, "RELAY_SECONDS", 3600)
+
+    async def go() -> tuple[list[int], list[int]]:
+        comm = communicator(f"/api/ws?token={token}")
+        assert (await comm.connect())[0]
+        events = await sync_to_async(lambda: step(play, "quiet") + step(play, "quiet"))()
+        seqs = await receive_seqs(comm, 2, timeout=consumers.POLL_SECONDS * 5)
+        await comm.disconnect()
+        return seqs, [e.seq for e in events]
+
+    got, stored = run(go())
+    assert got == stored
+
+
+def test_it_closes_a_client_that_does_not_read(token: str, play: Play, monkeypatch: Any) -> None:
+    monkeypatch.setattr(consumers, "STALL_SECONDS", 0.3)
+    from flowplay.asgi import application
+
+    async def stuck_app(scope: dict, receive: Any, send: Any) -> Any:
+        # A send buffer that never drains, as Twisted would report for a stalled reader.
+        return await application(dict(scope, **{SEND_BACKLOG: lambda: 10 * consumers.SEND_HIGH_WATER}), receive, send)
+
+    async def go() -> Any:
+        comm = WebsocketCommunicator(stuck_app, f"/api/ws?token={token}")
+        assert (await comm.connect())[0]
+        await sync_to_async(step)(play, "x")
+        first = await comm.receive_json_from(timeout=5)
+        closed = await comm.receive_output(timeout=5)
+        await comm.wait()
+        return first, closed
+
+    first, closed = run(go())
+    assert first["type"] == "play:layer:started"
+    assert closed == {"type": "websocket.close", "code": 4008, "reason": "too far behind; reconnect with since"}
+
+
+def test_it_closes_when_the_api_key_is_revoked(alice: User, play: Play, monkeypatch: Any) -> None:
+    monkeypatch.setattr(consumers, "AUTH_CHECK_SECONDS", 0.1)
+    monkeypatch.setattr(consumers, "POLL_SECONDS", 0.1)
+    key, token = ApiKey.issue(alice, "revoked while open")
+
+    async def go() -> Any:
+        comm = communicator(f"/api/ws?token={token}")
+        assert (await comm.connect())[0]
+        assert await comm.receive_nothing(timeout=0.4)
+        await sync_to_async(key.revoke)()
+        closed = await comm.receive_output(timeout=5)
+        await comm.wait()
+        return closed
+
+    assert run(go())["code"] == 4401
+
+
+def test_a_cookie_handshake_from_another_origin_is_refused(alice: User, client: Any) -> None:
+    client.force_login(alice)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+
+    async def go(origin: bytes) -> bool:
+        headers = [(b"cookie", cookie), (b"host", b"testserver"), (b"origin", origin)]
+        comm = communicator("/api/ws", headers)
+        connected, _ = await comm.connect()
+        if connected:
+            await comm.disconnect()
+        return connected
+
+    assert run(go(b"http://testserver")) is True
+    assert run(go(b"http://evil.example:3000")) is False
