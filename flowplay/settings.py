@@ -166,7 +166,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # Steps are leased in the database and reaped by heartbeat, so a redelivery after
     # the visibility timeout can never run a step twice; keep it long anyway.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)}
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", "django-db")
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_ACKS_LATE = True
@@ -180,8 +180,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE = {
     "release-due-plays": {"task": "plays.tasks.release_due", "schedule": 0.5, "options": {"expires": 5}},
-    "reap-stuck-plays": {"task": "plays.tasks.reap_stuck", "schedule": 5.0, "options": {"expires": 10}},
+    "reap-stuck-plays": {"task": "plays.tasks.reap_stuck", "schedule": env_float("FLOWPLAY_REAP_EVERY_SECONDS", 5.0), "options": {"expires": 10}},
     "expire-timed-out-plays": {"task": "plays.tasks.expire_timed_out", "schedule": 2.0, "options": {"expires": 10}},
+    "prune-old-plays": {"task": "plays.tasks.prune_old_plays", "schedule": env_float("FLOWPLAY_RETENTION_EVERY_SECONDS", 300.0), "options": {"expires": 60}},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
@@ -218,6 +219,7 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"PlayStateEnum": "plays.models.State", "LayerStateEnum": "plays.models.LayerState"},
 }
 
 # --- Security -------------------------------------------------------------------------
@@ -270,15 +272,27 @@ FLOWPLAY = {
     "HEARTBEAT_SECONDS": env_float("FLOWPLAY_HEARTBEAT_SECONDS", 5.0),
     "DEFAULT_STEP_TIMEOUT": env_int("FLOWPLAY_DEFAULT_STEP_TIMEOUT", 300),
     "MAX_ITERATOR_ITEMS": env_int("FLOWPLAY_MAX_ITERATOR_ITEMS", 10000),
+    "MAX_SUBFLOW_DEPTH": env_int("FLOWPLAY_MAX_SUBFLOW_DEPTH", 8),
     "CURL_DENY": env_list("FLOWPLAY_CURL_DENY", ["169.254.0.0/16", "fd00:ec2::254/128", "100.100.100.200/32"]),
     "CURL_ALLOW": env_list("FLOWPLAY_CURL_ALLOW", []),
+    # A RUN play whose task was lost (no runner, untouched this long) is requeued by reap_stuck.
+    "REAP_IDLE_SECONDS": env_float("FLOWPLAY_REAP_IDLE_SECONDS", 30.0),
+    # Retention of finished plays (plays/retention.py): days, unless the flow sets retention_days;
+    # 0 keeps them for ever. FILTERED plays (nothing ran) go sooner. The newest RETENTION_KEEP
+    # finished plays of each flow are always kept. Deleted RETENTION_BATCH plays per transaction.
+    "RETENTION_DAYS": env_int("FLOWPLAY_RETENTION_DAYS", 0),
+    "RETENTION_FILTERED_DAYS": env_int("FLOWPLAY_RETENTION_FILTERED_DAYS", 7),
+    "RETENTION_KEEP": env_int("FLOWPLAY_RETENTION_KEEP", 100),
+    "RETENTION_BATCH": env_int("FLOWPLAY_RETENTION_BATCH", 200),
 }
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Credentials (Bearer/Basic tokens, passwords) are masked in every log line.
+    "filters": {"redact": {"()": "plays.redaction.RedactingFilter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},

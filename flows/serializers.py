@@ -12,6 +12,7 @@ from rest_framework import serializers
 from . import expr
 from .models import ApiKey, Flow, Flowlet, OnError
 from .modules import get_module
+from .modules.iterator import loop_end
 
 REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_REFS = {"args"}
@@ -58,7 +59,8 @@ class FlowletSerializer(serializers.ModelSerializer):
         return data
 
 
-def validate_steps(layers: list[dict[str, Any]], flow_filters: Any = None) -> dict[str, list[str]]:
+def validate_steps(layers: list[dict[str, Any]], flow_filters: Any = None, *, company_id: str | None = None,
+                   flow_id: str | None = None) -> dict[str, list[str]]:
     """Check a flow's steps as a whole; return ``{"layers[1].args.url": [...]}`` or {}.
 
     Unknown appId, args that break the module's schema, malformed expressions, duplicate
@@ -107,6 +109,9 @@ def validate_steps(layers: list[dict[str, Any]], flow_filters: Any = None) -> di
                     add(f"layers[{i}].{field}", f"{where}: expression refers to unknown step {name!r}")
                 elif seen[name] >= i:
                     add(f"layers[{i}].{field}", f"{where}: expression refers to {name!r}, which does not run before it")
+    _check_loops(layers, add)
+    if company_id is not None:
+        _check_subflows(layers, company_id, flow_id, add)
     if flow_filters:
         for path, messages in expr.check_filters(flow_filters).items():
             for message in messages:
@@ -118,6 +123,69 @@ def validate_steps(layers: list[dict[str, Any]], flow_filters: Any = None) -> di
         for name in sorted(refs):
             add("filters", f"Flow filters run before any step and can only read $prev.args, not {name!r}")
     return errors
+
+
+def _app(layer: dict[str, Any]) -> str:
+    return layer.get("app_id") or layer.get("appId") or ""
+
+
+def _check_loops(layers: list[dict[str, Any]], add: Any) -> None:
+    """Loops do not nest, and an aggregator gathers a step of the loop before it."""
+    steps = [{"ref": layer.get("ref", ""), "appId": _app(layer), "args": layer.get("args") or {}} for layer in layers]
+    inside: set[int] = set()
+    closers: set[int] = set()
+    for i, step in enumerate(steps):
+        if step["appId"] != "iterator":
+            continue
+        end = loop_end(steps, i)
+        if i in inside:
+            add(f"layers[{i}].appId", f"Flowlet {step['ref']!r}: an iterator cannot be inside another iterator's loop")
+        inside.update(range(i + 1, end))
+        closers.add(end)
+    for i, step in enumerate(steps):
+        if step["appId"] == "aggregator" and i not in closers:
+            add(f"layers[{i}].args.sourceRef",
+                f"Flowlet {step['ref']!r}: sourceRef must name a step inside the loop of an iterator before it")
+
+
+def _check_subflows(layers: list[dict[str, Any]], company_id: str, flow_id: str | None, add: Any) -> None:
+    """A subflow must name an existing flow, and flows must not call themselves back."""
+    alive = Flow.objects.alive().filter(company_id=company_id)
+
+    def resolve(key: str) -> Flow | None:
+        return alive.filter(pk=key).first() or alive.filter(permanent_id=key).first()
+
+    def callees(flow: Flow) -> list[str]:
+        return [str((f.args or {}).get("flowId")) for f in flow.flowlets.filter(app_id="subflow")
+                if isinstance((f.args or {}).get("flowId"), str) and not expr.is_expression(f.args["flowId"])]
+
+    for i, layer in enumerate(layers):
+        if _app(layer) != "subflow":
+            continue
+        key = (layer.get("args") or {}).get("flowId")
+        if not isinstance(key, str) or expr.is_expression(key):
+            continue  # known at run time only: the depth limit guards it
+        where = f"Flowlet {layer.get('ref', '')!r}"
+        target = resolve(key)
+        if target is None:
+            add(f"layers[{i}].args.flowId", f"{where}: no flow {key!r}")
+            continue
+        if flow_id is None:
+            continue
+        # Walk what the target calls, breadth first; reaching this flow is a cycle.
+        seen, queue, path = {target.pk}, [target], {target.pk: [target.name]}
+        while queue:
+            current = queue.pop(0)
+            if current.pk == flow_id:
+                chain = " → ".join(path[current.pk])
+                add(f"layers[{i}].args.flowId", f"{where}: calling {key!r} makes a cycle ({chain})")
+                break
+            for callee_key in callees(current):
+                callee = resolve(callee_key)
+                if callee is not None and callee.pk not in seen:
+                    seen.add(callee.pk)
+                    path[callee.pk] = path[current.pk] + [callee.name]
+                    queue.append(callee)
 
 
 def _join(prefix: str, path: str) -> str:
@@ -179,7 +247,10 @@ class FlowSerializer(serializers.ModelSerializer):
             layers = [f.definition() | {"app_id": f.app_id} for f in self.instance.flowlets.all()]
         ordered = _ordered(layers or [])
         filters = attrs.get("filters", self.instance.filters if self.instance is not None else [])
-        errors = validate_steps(ordered, filters)
+        request = self.context.get("request")
+        company_id = request.user.company_id if request is not None else (self.instance.company_id if self.instance else None)
+        errors = validate_steps(ordered, filters, company_id=company_id,
+                                flow_id=self.instance.pk if self.instance is not None else None)
         if errors:
             raise serializers.ValidationError(errors)
         if "layers" in attrs:

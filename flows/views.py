@@ -18,6 +18,7 @@ from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from .api import ApiError, not_found, validation_error
+from .audit import record
 from .models import ApiKey, Flow, Flowlet, User
 from .serializers import (
     ApiKeyCreatedSerializer,
@@ -72,8 +73,17 @@ class FlowViewSet(viewsets.ModelViewSet):
     def get_object(self) -> Flow:
         return get_flow(self.request, self.kwargs["flow_id"])
 
+    def perform_create(self, serializer: Any) -> None:
+        super().perform_create(serializer)
+        record(self.request.user, "flow.created", serializer.instance)
+
+    def perform_update(self, serializer: Any) -> None:
+        super().perform_update(serializer)
+        record(self.request.user, "flow.changed", serializer.instance, version=serializer.instance.version)
+
     def perform_destroy(self, instance: Flow) -> None:
         instance.soft_delete()
+        record(self.request.user, "flow.deleted", instance)
 
     @extend_schema(
         request=inline_serializer("RunRequest", {
@@ -152,6 +162,7 @@ class FlowletViewSet(
         layers.sort(key=lambda layer: layer["index"])
         self._save(flow, [_snake(layer) for layer in layers])
         created = flow.flowlets.get(ref=new["ref"])
+        record(request.user, "flow.changed", flow, version=flow.version, layerAdded=created.ref)
         return Response(FlowletSerializer(created).data, status=status.HTTP_201_CREATED)
 
     @transaction.atomic
@@ -172,6 +183,7 @@ class FlowletViewSet(
         others = [_snake(layer) for layer in layers if layer["id"] != flowlet.id]
         others.insert(min(new_index, len(others)), merged)
         self._save(flow, [dict(layer, index=i) for i, layer in enumerate(others)])
+        record(request.user, "flow.changed", flow, version=flow.version, layerChanged=flowlet.ref)
         return Response(FlowletSerializer(flow.flowlets.get(pk=flowlet.id)).data)
 
     @transaction.atomic
@@ -180,6 +192,7 @@ class FlowletViewSet(
         flowlet = self.get_object()
         layers = [_snake(layer) for layer in self._current(flow) if layer["id"] != flowlet.id]
         self._save(flow, [dict(layer, index=i) for i, layer in enumerate(layers)])
+        record(request.user, "flow.changed", flow, version=flow.version, layerRemoved=flowlet.ref)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -252,10 +265,12 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Destr
         serializer.is_valid(raise_exception=True)
         key, token = ApiKey.issue(request.user, serializer.validated_data["name"], serializer.validated_data.get("scopes"))
         key.token = token
+        record(request.user, "api_key.created", key)
         return Response(ApiKeyCreatedSerializer(key).data, status=status.HTTP_201_CREATED)
 
     def perform_destroy(self, instance: ApiKey) -> None:
         instance.revoke()
+        record(self.request.user, "api_key.revoked", instance)
 
 
 class HealthView(APIView):

@@ -142,6 +142,12 @@ def emit(play: Play, items: Iterable[tuple[str, dict[str, Any]]]) -> list[Event]
     items = list(items)
     if not items:
         return []
+    if not transaction.get_connection().in_atomic_block:
+        # In autocommit the seq reservation would commit (and free the company row lock)
+        # before the rows exist, so a later seq could become visible first and a WebSocket
+        # reader that resumes "after the newest seq it saw" would pass this one over.
+        with transaction.atomic():
+            return emit(play, items)
     last = Company.next_event_seqs(play.company_id, len(items))
     first = last - len(items) + 1
     now = timezone.now()
@@ -485,32 +491,45 @@ class Play(models.Model):
                 raise InvalidState(f"Play {self.id} changed state and cannot be held now")
             emit(self, [self._state_event(current)])
             self._after_end()
+            for child in self._children(HOLDABLE):
+                try:
+                    child.hold(by)
+                except InvalidState:
+                    pass
         return True
 
     def resume(self, by: Any = None) -> bool:
         """ON_HOLD → the state it would have now: WAIT, DEFERRED, NEW or RUN."""
         with transaction.atomic():
-            self.refresh_from_db(fields=["state", "run_at", "started_at"])
-            if self.state != State.ON_HOLD:
-                raise InvalidState(f"Play {self.id} is {self.state}, not ON_HOLD")
-            pending = self.layers.filter(state=LayerState.WAIT).exists()
-            if pending:
-                target = State.WAIT
-            elif self.started_at is None and self.run_at is None and not self._ever_started_request():
-                target = State.NEW
-            else:
-                # Re-enter through start(), which decides between RUN and DEFERRED.
-                if not self._cas([State.ON_HOLD], state=State.DEFERRED):
-                    raise InvalidState(f"Play {self.id} changed state and cannot be resumed now")
-                self.state = State.DEFERRED
-                started = self.start()
-                if not started or self.state == State.DEFERRED:
-                    emit(self, [(EventType.PLAY_STATE, {"state": State.DEFERRED, "previousState": State.ON_HOLD})])
-                return True
-            if not self._cas([State.ON_HOLD], state=target):
-                raise InvalidState(f"Play {self.id} changed state and cannot be resumed now")
-            emit(self, [(EventType.PLAY_STATE, {"state": target, "previousState": State.ON_HOLD})])
+            self._resume()
+            for child in self._children([State.ON_HOLD]):
+                try:
+                    child.resume(by)
+                except InvalidState:
+                    pass
         return True
+
+    def _resume(self) -> None:
+        self.refresh_from_db(fields=["state", "run_at", "started_at"])
+        if self.state != State.ON_HOLD:
+            raise InvalidState(f"Play {self.id} is {self.state}, not ON_HOLD")
+        pending = self.layers.filter(state=LayerState.WAIT).exists()
+        if pending:
+            target = State.WAIT
+        elif self.started_at is None and self.run_at is None and not self._ever_started_request():
+            target = State.NEW
+        else:
+            # Re-enter through start(), which decides between RUN and DEFERRED.
+            if not self._cas([State.ON_HOLD], state=State.DEFERRED):
+                raise InvalidState(f"Play {self.id} changed state and cannot be resumed now")
+            self.state = State.DEFERRED
+            started = self.start()
+            if not started or self.state == State.DEFERRED:
+                emit(self, [(EventType.PLAY_STATE, {"state": State.DEFERRED, "previousState": State.ON_HOLD})])
+            return
+        if not self._cas([State.ON_HOLD], state=target):
+            raise InvalidState(f"Play {self.id} changed state and cannot be resumed now")
+        emit(self, [(EventType.PLAY_STATE, {"state": target, "previousState": State.ON_HOLD})])
 
     def _ever_started_request(self) -> bool:
         # A play held while NEW was never asked to start; one held while DEFERRED was.
@@ -526,6 +545,12 @@ class Play(models.Model):
             message = f"Cancelled by {who}" if who else "Cancelled"
             if not self._fail_now(current, error_body("CANCELLED", message)):
                 raise InvalidState(f"Play {self.id} changed state and cannot be cancelled now")
+            # Subflow plays still running are cancelled with their parent.
+            for child in self._children(NON_TERMINAL):
+                try:
+                    child.cancel(by)
+                except InvalidState:
+                    pass
         return True
 
     def begin(self) -> bool:
@@ -537,12 +562,34 @@ class Play(models.Model):
             return self.start()
 
     def _after_end(self) -> None:
-        """A slot may have freed: let deferred plays of the flow start."""
+        """A slot may have freed: let deferred plays of the flow start; wake a waiting parent."""
         if self.definition.get("execution", {}).get("maxConcurrency"):
             from .tasks import release_flow
 
             flow_id = self.flow_id
             transaction.on_commit(lambda: release_flow.delay(flow_id))
+        if self.parent_layer_id and self.state in TERMINAL:
+            self._wake_parent()
+
+    def _wake_parent(self) -> None:
+        """This subflow play ended: the parent step that waits for it looks again now.
+
+        The parent's row is locked first, so that a parent parking at this very moment
+        either parks before (and is woken here) or sees this play ended when it parks.
+        """
+        parent = Play.objects.select_for_update().filter(pk=self.parent_id).first()
+        if parent is None:
+            return
+        iteration = Layer.objects.filter(pk=self.parent_layer_id).values_list("iteration", flat=True).first()
+        if iteration is None:
+            Play.objects.filter(pk=parent.pk, state=State.DEFERRED).update(run_at=timezone.now())
+            return
+        for waiting in Iteration.objects.filter(play=parent, index=iteration, state=IterationState.RUN, runner=""):
+            waiting.play = parent
+            waiting.enqueue()
+
+    def _children(self, states: Iterable[str]) -> list[Play]:
+        return list(Play.objects.filter(parent_id=self.pk, state__in=list(states)))
 
     # -- approvals ----------------------------------------------------------------------
 
@@ -592,6 +639,10 @@ class Play(models.Model):
             failed = self.layers.exclude(state__in=[LayerState.DONE, LayerState.FILTERED, LayerState.SKIP]).order_by("index", "iteration").first()
             copies = []
             resume_at = failed.index if failed else self.next_index
+            if failed is not None and failed.iteration is not None:
+                # It failed inside a loop: the loop runs again from its iterator.
+                loop = self.layers.filter(app_id="iterator", iteration__isnull=True, index__lt=failed.index).order_by("-index").first()
+                resume_at = loop.index if loop is not None else resume_at
             for layer in self.layers.filter(index__lt=resume_at).order_by("index", "iteration"):
                 copies.append(
                     Layer(play=new, ref=layer.ref, app_id=layer.app_id, index=layer.index, iteration=layer.iteration,
@@ -730,3 +781,131 @@ class Approval(models.Model):
 
     def __str__(self) -> str:
         return f"{self.decision} on {self.layer_id}"
+
+
+# --- Iterations -----------------------------------------------------------------------
+
+
+class IterationState(models.TextChoices):
+    PENDING = "PENDING"
+    RUN = "RUN"
+    DONE = "DONE"
+    FAIL = "FAIL"
+
+
+class Iteration(models.Model):
+    """One item of an ``iterator`` step: the loop body runs once per item.
+
+    An iteration is a small play of its own inside its play: a cursor over the body's steps
+    (``next_index``) and a runner lease, so that iterations run in parallel across the
+    worker fleet and one whose worker dies is reaped and carried on like a play. Its
+    layers are the play's layers with ``iteration`` = ``index``.
+    """
+
+    play = models.ForeignKey(Play, on_delete=models.CASCADE, related_name="iterations")
+    ref = models.CharField(max_length=100, help_text="The iterator step's ref.")
+    index = models.IntegerField()
+    item = models.JSONField(null=True, blank=True)
+    state = models.CharField(max_length=8, choices=IterationState, default=IterationState.PENDING)
+    next_index = models.IntegerField()
+    runner = models.CharField(max_length=64, blank=True, default="")
+    lease_until = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["index"]
+        constraints = [
+            models.UniqueConstraint(fields=["play", "ref", "index"], name="plays_iteration_unique_index"),
+        ]
+        indexes = [
+            models.Index(fields=["play", "ref", "state", "index"], name="plays_iteration_state"),
+            # reap_stuck(): running iterations by lease.
+            models.Index(fields=["lease_until"], condition=Q(state="RUN"), name="plays_iteration_running_lease"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.play_id}/{self.ref}[{self.index}] ({self.state})"
+
+    def enqueue(self) -> None:
+        from .tasks import run_iteration
+
+        queue = self.play.definition.get("execution", {}).get("queue") or "default"
+        pk = self.pk
+        transaction.on_commit(lambda: run_iteration.apply_async((pk,), queue=queue))
+
+    def claim(self, runner: str, lease_seconds: float) -> bool:
+        """Take the lease of a RUN iteration of a RUN play; False if a live runner has it."""
+        now = timezone.now()
+        n = (
+            Iteration.objects.filter(pk=self.pk, state=IterationState.RUN, play__state=State.RUN)
+            .filter(Q(runner="") | Q(lease_until__lt=now) | Q(runner=runner))
+            .update(runner=runner, lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
+        )
+        if n:
+            self.refresh_from_db()
+        return bool(n)
+
+    def release(self, runner: str) -> None:
+        """Give the lease up; the iteration stays RUN and is relaunched when its play runs again."""
+        Iteration.objects.filter(pk=self.pk, runner=runner).update(runner="", lease_until=None, updated_at=timezone.now())
+
+    def end(self, runner: str, state: str) -> bool:
+        """RUN → DONE/FAIL (inside the caller's transaction)."""
+        return bool(
+            Iteration.objects.filter(pk=self.pk, runner=runner, state=IterationState.RUN).update(
+                state=state, runner="", lease_until=None, updated_at=timezone.now()
+            )
+        )
+
+
+def fan_out(play: Play, layer: Layer, items: list[Any], body_start: int) -> None:
+    """Create the iterations of ``layer``'s iterator and launch the first ones.
+
+    Runs inside the runner's transaction; the iterator layer stays RUN until the last
+    iteration ends (see ``dispatch``).
+    """
+    Iteration.objects.bulk_create(
+        Iteration(play=play, ref=layer.ref, index=i, item=item, next_index=body_start) for i, item in enumerate(items)
+    )
+    dispatch(play, layer)
+
+
+def dispatch(play: Play, layer: Layer, relaunch: bool = False) -> bool:
+    """Keep ``concurrency`` iterations of the loop running; close the loop when all ended.
+
+    Called when a loop starts, when an iteration ends and when a play that was held in
+    the middle of a loop runs again (``relaunch``: iterations that lost their runner to
+    the hold are enqueued again; dead workers' ones are found by the reaper). Returns True when the loop is complete and the
+    play may go on after it.
+    """
+    # One dispatcher at a time per play: two iterations ending together must not both
+    # launch the same pending ones or both close the loop.
+    state = Play.objects.select_for_update().filter(pk=play.pk).values_list("state", flat=True).first()
+    if state != State.RUN:
+        return False  # held, waiting or ended: resuming the play dispatches again
+    params = layer.parked_out or {}
+    concurrency = max(1, int(params.get("concurrency") or 10))
+    iterations = Iteration.objects.filter(play=play, ref=layer.ref)
+    counts = dict(iterations.values_list("state").annotate(n=models.Count("id")))
+    running = counts.get(IterationState.RUN, 0)
+    pending = counts.get(IterationState.PENDING, 0)
+    if counts.get(IterationState.FAIL):
+        return False
+    if not running and not pending:
+        done = counts.get(IterationState.DONE, 0)
+        if layer.end(LayerState.DONE, out={"count": done}):
+            Layer.objects.filter(pk=layer.pk).update(parked_out=None)
+        return True
+    stale = timezone.now()
+    if relaunch:
+        for orphan in iterations.filter(state=IterationState.RUN).filter(Q(runner="") | Q(lease_until__lt=stale)):
+            orphan.play = play
+            orphan.enqueue()
+    free = concurrency - running
+    if free > 0 and pending:
+        ids = list(iterations.filter(state=IterationState.PENDING).order_by("index").values_list("pk", flat=True)[:free])
+        Iteration.objects.filter(pk__in=ids, state=IterationState.PENDING).update(state=IterationState.RUN, updated_at=stale)
+        for it in Iteration.objects.filter(pk__in=ids):
+            it.play = play
+            it.enqueue()
+    return False

@@ -36,8 +36,22 @@ from django.utils import timezone
 
 from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, render
 from flows.modules import Park, RunContext, StepError, get_module
+from flows.modules.iterator import loop_end
 
-from .models import LAYER_TERMINAL, TERMINAL, Layer, LayerState, Play, State, error_body
+from .models import (
+    LAYER_TERMINAL,
+    TERMINAL,
+    Iteration,
+    IterationState,
+    Layer,
+    LayerState,
+    Play,
+    State,
+    dispatch,
+    error_body,
+    fan_out,
+)
+from .redaction import redact, redact_text, secrets_of
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +78,28 @@ class Heartbeat:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._owned: dict[str, str] = {}
+        # key → (play id, iteration pk or None, runner)
+        self._owned: dict[str, tuple[str, int | None, str]] = {}
         self._ended: dict[str, threading.Event] = {}
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def track(self, play_id: str, runner: str) -> threading.Event:
+    def track(self, play_id: str, runner: str, iteration: int | None = None) -> threading.Event:
+        key = play_id if iteration is None else f"{play_id}/{iteration}"
         with self._lock:
-            self._owned[play_id] = runner
-            ended = self._ended[play_id] = threading.Event()
+            self._owned[key] = (play_id, iteration, runner)
+            ended = self._ended[key] = threading.Event()
             if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._loop, name="flowplay-heartbeat", daemon=True)
                 self._thread.start()
         return ended
 
-    def untrack(self, play_id: str) -> None:
+    def untrack(self, play_id: str, iteration: int | None = None) -> None:
+        key = play_id if iteration is None else f"{play_id}/{iteration}"
         with self._lock:
-            self._owned.pop(play_id, None)
-            self._ended.pop(play_id, None)
+            self._owned.pop(key, None)
+            self._ended.pop(key, None)
 
     def _loop(self) -> None:
         while True:
@@ -99,13 +116,17 @@ class Heartbeat:
         if not owned:
             return
         until = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
-        for play_id, runner in owned.items():
-            Play.objects.filter(pk=play_id, runner=runner, state__in=[State.RUN, State.ON_HOLD]).update(lease_until=until)
-        gone = Play.objects.filter(pk__in=list(owned), state__in=TERMINAL).values_list("pk", flat=True)
+        for play_id, iteration, runner in owned.values():
+            if iteration is None:
+                Play.objects.filter(pk=play_id, runner=runner, state__in=[State.RUN, State.ON_HOLD]).update(lease_until=until)
+            else:
+                Iteration.objects.filter(pk=iteration, runner=runner, state=IterationState.RUN).update(lease_until=until)
+        plays = {play_id for play_id, _, _ in owned.values()}
+        gone = set(Play.objects.filter(pk__in=plays, state__in=TERMINAL).values_list("pk", flat=True))
         with self._lock:
-            for play_id in gone:
-                if play_id in self._ended:
-                    self._ended[play_id].set()
+            for key, (play_id, _, _) in self._owned.items():
+                if play_id in gone and key in self._ended:
+                    self._ended[key].set()
 
 
 heartbeat = Heartbeat()
@@ -126,8 +147,12 @@ def definition_of(play: Play) -> dict[str, Any]:
     return found
 
 
+def _runner_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 def run(play_id: str) -> None:
-    runner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    runner = _runner_name()
     play = Play.objects.select_related("flow_version").filter(pk=play_id).first()
     if play is None or play.state != State.RUN:
         return
@@ -140,20 +165,63 @@ def run(play_id: str) -> None:
         heartbeat.untrack(play.id)
 
 
+def run_iteration(iteration_id: int) -> None:
+    """Run one iteration of a loop body: the same runner, on a slice of the steps."""
+    runner = _runner_name()
+    iteration = Iteration.objects.select_related("play__flow_version").filter(pk=iteration_id).first()
+    if iteration is None or iteration.state != IterationState.RUN or iteration.play.state != State.RUN:
+        return
+    play = iteration.play
+    if not iteration.claim(runner, config("LEASE_SECONDS")):
+        return
+    iteration.play = play
+    ended = heartbeat.track(play.id, runner, iteration.pk)
+    try:
+        Runner(play, runner, ended, iteration).loop()
+    finally:
+        heartbeat.untrack(play.id, iteration.pk)
+
+
+# Stored in a layer's parked_out while the play waits for something that the module must
+# look at again when the play wakes up (a subflow's child play), as opposed to a sleep,
+# whose result is known when it parks.
+RERUN = {"$rerun": True}
+
+
 class Runner:
-    def __init__(self, play: Play, runner: str, ended: threading.Event):
+    """Runs a play's steps from its cursor; or, for an iteration, the loop body's steps
+    for one item, with the iteration's own cursor and lease."""
+
+    def __init__(self, play: Play, runner: str, ended: threading.Event, iteration: Iteration | None = None):
         self.play = play
         self.runner = runner
         self.ended = ended
+        self.iteration = iteration
         self.definition = definition_of(play)
         self.steps: list[dict[str, Any]] = self.definition["layers"]
+        self.end = len(self.steps)
         self.layers: dict[str, Layer] = {}
         self.outputs: dict[str, Any] = {}
+        self.loop_scope: dict[str, Any] = {}
         for layer in play.layers.filter(iteration__isnull=True):
             layer.play = play
             self.layers[layer.ref] = layer
             self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
+        if iteration is not None:
+            start = next(s["index"] for s in self.steps if s["ref"] == iteration.ref)
+            self.end = loop_end(self.steps, start)
+            total = iteration.play.iterations.filter(ref=iteration.ref).count()
+            self.loop_scope = {iteration.ref: {"item": iteration.item, "index": iteration.index, "total": total,
+                                               "isLast": iteration.index == total - 1}}
+            for layer in play.layers.filter(iteration=iteration.index, index__gt=start, index__lt=self.end):
+                layer.play = play
+                self.layers[layer.ref] = layer
+                self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
         self.slice_ends = time.monotonic() + config("RUNNER_SLICE_SECONDS")
+
+    @property
+    def cursor(self) -> int:
+        return self.iteration.next_index if self.iteration is not None else self.play.next_index
 
     # -- main loop ------------------------------------------------------------------------
 
@@ -162,6 +230,9 @@ class Runner:
             try:
                 self.step()
             except Stop:
+                if self.iteration is not None:
+                    self.iteration.release(self.runner)
+                    return
                 if self.play.release(self.runner):
                     return
                 # Resumed while we were stopping: carry on with the fresh state.
@@ -174,15 +245,25 @@ class Runner:
     def step(self) -> None:
         play = self.play
         if time.monotonic() > self.slice_ends:
-            play.hand_back(self.runner)
+            if self.iteration is not None:
+                self.iteration.release(self.runner)
+                with transaction.atomic():
+                    self.iteration.enqueue()
+            else:
+                play.hand_back(self.runner)
             raise _Done
-        index = play.next_index
-        if index >= len(self.steps):
+        index = self.cursor
+        if index >= self.end:
+            if self.iteration is not None:
+                self.end_iteration(IterationState.DONE)
             with transaction.atomic():
                 self.own(update_lease=False)
                 play.finish(self.runner)
             raise _Done
         step = self.steps[index]
+        if step["appId"] == "iterator":
+            self.iterate(step)
+            return
         if play.deadline_at is not None and timezone.now() >= play.deadline_at:
             self.fail_play(error_body("PLAY_TIMEOUT", f"The play exceeded its timeout of {self.definition['execution']['timeout']} s", step["ref"]))
         layer = self.layers.get(step["ref"])
@@ -200,6 +281,10 @@ class Runner:
                 self.own()
                 play.wait_for_approval(layer)
             raise Stop
+        elif layer.parked_out == RERUN:
+            # Woken up to look again (a subflow's child ended): the same attempt goes on.
+            Layer.objects.filter(pk=layer.pk).update(parked_out=None)
+            layer.parked_out = None
         elif layer.parked_out is not None:
             self.succeed(step, layer, layer.parked_out)
             return
@@ -215,18 +300,122 @@ class Runner:
         changes: dict[str, Any] = {}
         if update_lease:
             changes["lease_until"] = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
-        query = Play.objects.filter(pk=self.play.pk, runner=self.runner, state=State.RUN)
+        if self.iteration is not None:
+            if not Play.objects.filter(pk=self.play.pk, state=State.RUN).exists():
+                raise Stop
+            query = Iteration.objects.filter(pk=self.iteration.pk, runner=self.runner, state=IterationState.RUN)
+        else:
+            query = Play.objects.filter(pk=self.play.pk, runner=self.runner, state=State.RUN)
         if not (query.update(**changes) if changes else query.exists()):
             raise Stop
 
-    def advance(self, index: int) -> None:
-        n = Play.objects.filter(pk=self.play.pk, runner=self.runner).exclude(state__in=TERMINAL).update(next_index=index + 1)
+    def advance(self, index: int, to: int | None = None) -> None:
+        """Move the cursor past step ``index`` (or to ``to``)."""
+        after = index + 1 if to is None else to
+        if self.iteration is not None:
+            n = Iteration.objects.filter(pk=self.iteration.pk, runner=self.runner, state=IterationState.RUN).update(next_index=after)
+            if not n:
+                raise Stop
+            self.iteration.next_index = after
+            return
+        n = Play.objects.filter(pk=self.play.pk, runner=self.runner).exclude(state__in=TERMINAL).update(next_index=after)
         if not n:
             raise Stop
-        self.play.next_index = index + 1
+        self.play.next_index = after
 
     def scope(self) -> Scope:
-        return Scope(prev={"args": self.play.args, **self.outputs}, flow_id=self.play.flow_id, play_id=self.play.id)
+        return Scope(prev={"args": self.play.args, **self.outputs, **self.loop_scope}, flow_id=self.play.flow_id, play_id=self.play.id)
+
+    # -- loops ----------------------------------------------------------------------------
+
+    def iterate(self, step: dict[str, Any]) -> None:
+        """Start the loop of an iterator step, or see to a loop in progress.
+
+        The iterations run as tasks of their own across the worker fleet; this runner
+        gives the play up meanwhile, and the last iteration to end hands the play back
+        to the broker at the step after the loop.
+        """
+        play = self.play
+        if self.iteration is not None:
+            layer = self.open(step)
+            if layer is not None:
+                self.finish_failed(step, layer, error_body("NESTED_LOOP", "An iterator cannot run inside another iterator's loop"))
+            return
+        end = loop_end(self.steps, step["index"])
+        layer = self.layers.get(step["ref"])
+        if layer is None:
+            layer = self.open(step)
+            if layer is None:
+                return
+            try:
+                args = render(step.get("args") or {}, self.scope())
+                if isinstance(args.get("items"), dict) and "items" in args["items"]:
+                    args["items"] = args["items"]["items"]  # an enumeration's or aggregator's out
+                args = get_module("iterator").clean(args)
+            except ExpressionError as exc:
+                self.finish_failed(step, layer, error_body("EXPRESSION_ERROR", str(exc)))
+                return
+            except StepError as exc:
+                self.finish_failed(step, layer, error_body(exc.code, str(exc)))
+                return
+            items, concurrency = args["items"], args["concurrency"]
+            limit = config("MAX_ITERATOR_ITEMS")
+            if len(items) > limit:
+                self.finish_failed(step, layer, error_body("TOO_MANY_ITEMS", f"{len(items)} items exceed the limit of {limit} per iterator"))
+                return
+            with transaction.atomic():
+                self.own()
+                Layer.objects.filter(pk=layer.pk).update(parked_out={"concurrency": concurrency, "total": len(items)})
+                layer.parked_out = {"concurrency": concurrency, "total": len(items)}
+                fan_out(play, layer, items, step["index"] + 1)
+                if not items:
+                    layer.end(LayerState.DONE, out={"count": 0})
+                    self.outputs[step["ref"]] = {"count": 0}
+                    self.advance(step["index"], to=end)
+                    return
+                self.await_loop()
+            raise _Done
+        if layer.state in LAYER_TERMINAL:
+            self.advance(step["index"], to=end if layer.state == LayerState.DONE else step["index"] + 1)
+            return
+        with transaction.atomic():
+            self.own()
+            if dispatch(play, layer, relaunch=True):
+                layer.refresh_from_db()
+                self.outputs[step["ref"]] = layer.out
+                self.advance(step["index"], to=end)
+                return
+            self.await_loop()
+        raise _Done
+
+    def collect(self, ref: str) -> list[Any]:
+        """The outputs of a loop step's finished iterations, in item order."""
+        return list(
+            Layer.objects.filter(play_id=self.play.pk, ref=ref, iteration__isnull=False, state=LayerState.DONE)
+            .order_by("iteration").values_list("out", flat=True)
+        )
+
+    def await_loop(self) -> None:
+        """Give the play up while its loop's iterations run (it stays RUN)."""
+        Play.objects.filter(pk=self.play.pk, runner=self.runner).update(runner="", lease_until=None, updated_at=timezone.now())
+
+    def end_iteration(self, state: str, error: dict[str, Any] | None = None) -> None:
+        """This iteration is over: record it, launch the next ones, close the loop."""
+        iteration = self.iteration
+        assert iteration is not None
+        with transaction.atomic():
+            if not iteration.end(self.runner, state):
+                raise _Done
+            if state == IterationState.FAIL:
+                self.play.fail(error or error_body("STEP_FAILED", "An iteration failed"), from_states=[State.RUN, State.ON_HOLD])
+                raise _Done
+            loop_layer = self.play.layers.filter(ref=iteration.ref, iteration__isnull=True).first()
+            if loop_layer is not None and dispatch(self.play, loop_layer):
+                # The last iteration ended: the play goes on after the loop.
+                if Play.objects.filter(pk=self.play.pk, state=State.RUN, runner="").exists():
+                    Play.objects.filter(pk=self.play.pk).update(next_index=loop_end(self.steps, loop_layer.index))
+                    self.play.enqueue()
+        raise _Done
 
     # -- opening a step -------------------------------------------------------------------
 
@@ -242,18 +431,19 @@ class Runner:
                 verdict = exc
         with transaction.atomic():
             self.own()
+            iteration = self.iteration.index if self.iteration is not None else None
             if isinstance(verdict, FilterError):
-                layer = Layer.open(play, step, LayerState.RUN)
+                layer = Layer.open(play, step, LayerState.RUN, iteration=iteration)
             elif not verdict:
                 self.advance(step["index"])
-                self.layers[step["ref"]] = Layer.open(play, step, LayerState.FILTERED)
+                self.layers[step["ref"]] = Layer.open(play, step, LayerState.FILTERED, iteration=iteration)
                 self.outputs[step["ref"]] = None
                 return None
             elif step.get("needsApproval"):
-                layer = Layer.open(play, step, LayerState.WAIT)
+                layer = Layer.open(play, step, LayerState.WAIT, iteration=iteration)
                 play.wait_for_approval(layer)
             else:
-                layer = Layer.open(play, step, LayerState.RUN)
+                layer = Layer.open(play, step, LayerState.RUN, iteration=iteration)
         self.layers[step["ref"]] = layer
         if layer.state == LayerState.WAIT:
             raise Stop  # after commit: raising inside atomic() would roll the wait back
@@ -304,21 +494,25 @@ class Runner:
         if self.play.deadline_at is not None:
             timeout = min(timeout, max(0.0, (self.play.deadline_at - timezone.now()).total_seconds()))
         ctx = RunContext(play_id=self.play.id, flow_id=self.play.flow_id, company_id=self.play.company_id,
-                         ref=step["ref"], attempt=layer.attempts, timeout=timeout)
-        future = _executor.submit(_call, module, args, ctx)
+                         ref=step["ref"], attempt=layer.attempts, timeout=timeout, layer_id=layer.id,
+                         iteration=layer.iteration, collect=self.collect)
         try:
-            out = self.wait(future, timeout)
+            if module.inline:
+                out = module.run(args, ctx)
+            else:
+                out = self.wait(_executor.submit(_call, module, args, ctx), timeout)
         except FutureTimeout:
             if self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at:
                 self.fail_play(error_body("PLAY_TIMEOUT", "The play exceeded its timeout", step["ref"]))
             return error_body("TIMEOUT", f"Step {step['ref']} timed out after {timeout:g} s")
         except Park as park:
-            with transaction.atomic():
-                self.own()
-                Layer.objects.filter(pk=layer.pk).update(parked_out=park.out)
-                layer.parked_out = park.out
-                self.play.park(self.runner, park.until)
-            raise Stop from None
+            if self.iteration is not None and park.out is not None:
+                # A sleep inside a loop: iterations are not parked one by one, so this one
+                # waits in its worker (bounded by the step's timeout) while others go on.
+                self.sleep(max(0.0, (park.until - timezone.now()).total_seconds()))
+                self.succeed(step, layer, park.out)
+                return None
+            self.park(layer, park)
         except StepError as exc:
             return {**error_body(exc.code, str(exc)), "retryable": exc.retryable}
         except Exception as exc:  # a module bug must not kill the runner
@@ -326,6 +520,25 @@ class Runner:
             return error_body("STEP_ERROR", f"{type(exc).__name__}: {exc}")
         self.succeed(step, layer, out)
         return None
+
+    def park(self, layer: Layer, park: Park) -> None:
+        """Give the worker up until ``park.until``, or until ``park.ready`` says so."""
+        ready = getattr(park, "ready", None)
+        parked = RERUN if park.out is None else park.out
+        with transaction.atomic():
+            self.own()
+            Layer.objects.filter(pk=layer.pk).update(parked_out=parked)
+            layer.parked_out = parked
+            if self.iteration is not None:
+                self.iteration.release(self.runner)
+                # What it waits for may have ended before the release: then go on now.
+                if ready is not None and ready():
+                    self.iteration.enqueue()
+            else:
+                self.play.park(self.runner, park.until)
+                if ready is not None and ready():
+                    Play.objects.filter(pk=self.play.pk, state=State.DEFERRED).update(run_at=timezone.now())
+        raise Stop
 
     def wait(self, future: Future, timeout: float) -> Any:
         """Wait for a step, abandoning it if the play is cancelled meanwhile."""
@@ -380,8 +593,21 @@ class _Done(Exception):
 
 
 def _call(module: Any, args: dict[str, Any], ctx: RunContext) -> Any:
+    # Credentials in the step's args never reach its stored out, error, events or logs.
+    secrets = secrets_of(args)
     try:
-        return module.run(args, ctx)
+        return redact(module.run(args, ctx), secrets)
+    except StepError as exc:
+        exc.message = redact_text(exc.message, secrets)
+        exc.args = (exc.message,)
+        raise
+    except Park as park:
+        park.out = redact(park.out, secrets) if park.out is not None else None
+        raise
+    except Exception as exc:
+        if any(secret in str(exc) for secret in secrets):
+            raise StepError(redact_text(f"{type(exc).__name__}: {exc}", secrets)) from None
+        raise
     finally:
         # Modules that touch the ORM (kv, subflow) open a connection in this thread.
         close_old_connections()

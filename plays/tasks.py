@@ -18,7 +18,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from . import runner
-from .models import ACTIVE, NON_TERMINAL, Play, State, error_body
+from .models import ACTIVE, NON_TERMINAL, Iteration, IterationState, Play, State, error_body
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 def run_play(play_id: str) -> None:
     """Run a RUN play's steps; a duplicate delivery loses the lease race and returns."""
     runner.run(play_id)
+
+
+@shared_task(ignore_result=True, acks_late=True)
+def run_iteration(iteration_id: int) -> None:
+    """Run one iteration of a loop; iterations of one loop run in parallel across workers."""
+    runner.run_iteration(iteration_id)
 
 
 def _drain(one: Callable[[], bool], budget: float = 2.0) -> int:
@@ -112,9 +118,32 @@ def reap_stuck_one(idle_seconds: float = 30.0) -> bool:
     return True
 
 
+def reap_stuck_iteration_one(idle_seconds: float = 30.0) -> bool:
+    """Requeue one running iteration whose runner died or whose task was lost."""
+    now = timezone.now()
+    with transaction.atomic():
+        iteration = (
+            Iteration.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(state=IterationState.RUN, play__state=State.RUN)
+            .filter(Q(lease_until__lt=now) | Q(runner="", updated_at__lt=now - timedelta(seconds=idle_seconds)))
+            .order_by("updated_at")
+            .first()
+        )
+        if iteration is None:
+            return False
+        Iteration.objects.filter(pk=iteration.pk, state=IterationState.RUN).update(runner="", lease_until=None, updated_at=now)
+        if iteration.runner:
+            log.warning("requeueing iteration %s (runner %r lost)", iteration, iteration.runner)
+        iteration.enqueue()
+    return True
+
+
 @shared_task(ignore_result=True)
 def reap_stuck() -> int:
-    return _drain(reap_stuck_one)
+    from django.conf import settings
+
+    idle = settings.FLOWPLAY.get("REAP_IDLE_SECONDS", 30.0)
+    return _drain(lambda: reap_stuck_one(idle)) + _drain(lambda: reap_stuck_iteration_one(idle))
 
 
 def expire_timed_out_one() -> bool:
@@ -138,4 +167,13 @@ def expire_timed_out() -> int:
     return _drain(expire_timed_out_one)
 
 
-__all__ = ["ACTIVE", "run_play", "release_due", "release_flow", "reap_stuck", "expire_timed_out"]
+
+@shared_task(ignore_result=True)
+def prune_old_plays() -> int:
+    """Periodic: delete finished plays past their flow's retention, in small batches."""
+    from .retention import prune
+
+    return prune()
+
+
+__all__ = ["ACTIVE", "run_play", "run_iteration", "release_due", "release_flow", "reap_stuck", "expire_timed_out", "prune_old_plays"]

@@ -97,14 +97,23 @@ def drain(no_enqueue: list[str], monkeypatch: Any) -> Any:
 
     from plays import runner
 
+    from plays import tasks
+
     monkeypatch.setattr(transaction, "on_commit", lambda func, using=None, robust=False: func())
+    iterations: list[int] = []
+    monkeypatch.setattr(tasks.run_iteration, "apply_async", lambda args, **kw: iterations.append(args[0]))
 
     def run_all(limit: int = 1000) -> int:
         n = 0
-        while no_enqueue and n < limit:
-            runner.run(no_enqueue.pop(0))
+        while (no_enqueue or iterations) and n < limit:
+            if iterations:
+                runner.run_iteration(iterations.pop(0))
+            else:
+                runner.run(no_enqueue.pop(0))
             n += 1
         return n
+
+    run_all.iterations = iterations  # type: ignore[attr-defined]
 
     return run_all
 

@@ -228,6 +228,10 @@ class Module:
     # Args the engine passes through unrendered because the module gives their {{ }} its
     # own meaning (the `template` text is rendered over `data` by the module itself).
     raw_args: ClassVar[frozenset[str]] = frozenset()
+    # Modules that only read and write flowplay's own database (subflow, kv) run in the
+    # runner's thread and connection, not in the step thread pool: they are quick, and
+    # they see what the runner has written.
+    inline: ClassVar[bool] = False
 
     def __init__(self) -> None:
         Draft202012Validator.check_schema(self.args_schema)

@@ -56,6 +56,7 @@ class Aggregator(Module):
         ["sourceRef"],
     )
     out_schema = _obj({"items": {"type": "array"}, "count": {"type": "integer"}}, ["items", "count"])
+    inline = True
 
     def execute(self, args: dict, ctx: RunContext) -> Any:
         if ctx.collect is None:

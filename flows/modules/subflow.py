@@ -46,6 +46,7 @@ class Subflow(Module):
         {"state": {"type": "string"}, "playId": {"type": "string"}, "out": {}},
         ["state", "playId", "out"],
     )
+    inline = True
 
     def execute(self, args: dict, ctx: RunContext) -> Any:
         from flows.models import Flow
@@ -56,11 +57,12 @@ class Subflow(Module):
             parent = Play.objects.get(pk=ctx.play_id)
             depth, cursor = 1, parent
             limit = settings.FLOWPLAY["MAX_SUBFLOW_DEPTH"]
-            while cursor.parent_id is not None:
+            while cursor.parent_id is not None and depth <= limit:
                 depth += 1
-                if depth > limit:
-                    raise StepError(f"Subflow depth limit of {limit} reached (a flow calling itself?)", "SUBFLOW_DEPTH", retryable=False)
                 cursor = Play.objects.only("id", "parent_id").get(pk=cursor.parent_id)
+            if depth + 1 > limit:
+                raise StepError(f"Subflow depth limit of {limit} plays reached (a flow calling itself?)",
+                                "SUBFLOW_DEPTH", retryable=False)
             key = args["flowId"]
             flow = (
                 Flow.objects.filter(company_id=ctx.company_id, deleted_at__isnull=True)
