@@ -47,8 +47,8 @@ def test_the_invoice_example_runs_end_to_end(server: Server, alice: httpx.Client
     assert "Invoice #INV-001" in layers[1]["out"]["text"]
 
 
-@pytest.mark.skipif(shutil.which("jq") is None, reason="the seed's loop needs jq")
 def test_the_seed_polling_loop_works_as_written(server: Server, alice: httpx.Client, files: FileServer, tmp_path: Any) -> None:
+    assert shutil.which("jq"), "the seed's polling loop needs jq (apt-get install jq)"
     flow = invoice_flow(alice, files, "Invoice processing (poll)")
     email, password = server.users["alice"]
     base = f"http://localhost:{server.port}"
