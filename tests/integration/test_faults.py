@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ from .processes import (
     EventCollector,
     make_flow,
     pg_and_redis,
+    redis_cli,
     restart_postgres,
     restart_redis,
     run_play,
@@ -42,6 +44,10 @@ pg_only = pytest.mark.skipif(not pg_and_redis(), reason=PG_ONLY_REASON)
 # The broker's visibility timeout in this cluster (Redis): shorter than the long step and the
 # deferral below, so a redelivery would happen if anything relied on the broker alone.
 VISIBILITY = 3
+
+
+def redis_run_id() -> str:
+    return next(line for line in redis_cli("info", "server").stdout.splitlines() if line.startswith("run_id:"))
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +202,9 @@ def test_redis_restart_during_100_running_plays(cluster: Cluster, alice: httpx.C
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             play_ids = list(pool.map(lambda i: run_play(alice, flow["id"], {"i": i}), range(100)))
+        before = redis_run_id()
         restart_redis()
+        assert redis_run_id() != before, "Redis was not restarted"
         plays = wait_terminal(alice, play_ids, timeout=150)
         assert {p["state"] for p in plays.values()} == {"DONE"}, cluster.logs()
         for play_id in play_ids[:10]:
@@ -221,7 +229,9 @@ def test_postgres_restart_workers_and_web_reconnect(cluster: Cluster, counter: C
     ])
     play_ids = [run_play(alice, flow["id"], {"i": i}) for i in range(20)]
     wait_until(lambda: counter.count("/pg/a") >= 2, 60, "steps to be in flight")
+    started = cluster.sql("SELECT pg_postmaster_start_time()")
     restart_postgres()
+    assert cluster.sql("SELECT pg_postmaster_start_time()") != started, "PostgreSQL was not restarted"
     # Web reconnects by itself: health and the same session work again.
     cluster.wait_healthy(timeout=60)
     wait_until(lambda: alice.get("/api/auth/me").status_code == 200, 60, "the API to answer again")
