@@ -90,6 +90,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves /static/ from Daphne too (no separate web server in the embedded mode).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -100,9 +102,10 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "flowplay.urls"
 AUTH_USER_MODEL = "flows.User"
-LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "flow-list"
-LOGOUT_REDIRECT_URL = "login"
+# The pages' names are namespaced: the API router already uses "flow-list", "play-detail".
+LOGIN_URL = "pages:login"
+LOGIN_REDIRECT_URL = "pages:flows"
+LOGOUT_REDIRECT_URL = "pages:login"
 
 TEMPLATES = [
     {
@@ -247,6 +250,11 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
+# WhiteNoise serves from the apps' and STATICFILES_DIRS' folders directly, so `make run`
+# needs no collectstatic; files collected into STATIC_ROOT are served as well.
+WHITENOISE_USE_FINDERS = env_bool("WHITENOISE_USE_FINDERS", True)
+if not DATABASE_URL:
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # or WhiteNoise warns at every start
 
 EMAIL_BACKEND = env_str(
     "EMAIL_BACKEND",

@@ -28,6 +28,7 @@ api = [
 urlpatterns = [
     path("api/", include(api)),
     path("admin/", admin.site.urls),
+    path("", include("plays.page_urls")),
 ]
 
 handler400 = "flows.api.handler400"

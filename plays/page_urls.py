@@ -1,0 +1,21 @@
+"""URLs of the server-rendered pages (``plays.pages``), outside ``/api/`` and ``/admin/``."""
+
+from __future__ import annotations
+
+from django.urls import path, re_path
+
+from . import pages
+
+app_name = "pages"
+
+urlpatterns = [
+    path("", pages.home, name="home"),
+    path("login/", pages.LoginPage.as_view(), name="login"),
+    path("logout/", pages.LogoutPage.as_view(), name="logout"),
+    path("flows/", pages.flow_list, name="flows"),
+    path("flows/<str:flow_key>/plays/", pages.flow_history, name="flow-history"),
+    path("plays/", pages.play_history, name="history"),
+    path("plays/<str:play_id>/", pages.play_detail, name="play-detail"),
+    path("plays/<str:play_id>/decide/", pages.play_decide, name="play-decide"),
+    re_path(r"^plays/(?P<play_id>[^/]+)/(?P<verb>hold|resume|cancel|retry)/$", pages.play_action, name="play-action"),
+]

@@ -1,0 +1,427 @@
+"""Server-rendered pages: flows, play history and play detail, for logged-in people.
+
+The access rule is the API's: a user sees only their company's objects; another company's
+flow or play is a 404. The history pages take their rows from the API's own queryset
+(``PlayViewSet.get_queryset``: company scope, newest first on the history indexes) and
+filterset (``PlayFilter``), so a bookmarked ``?state=FAIL&page=0&size=25`` selects the same
+plays as ``GET /api/plays?state=FAIL&page=0&size=25``. The operator buttons post to views
+that call the same model verbs as the API's actions, and write the same audit entries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import AuthenticationForm
+from django.db.models import Count, OuterRef, Q, Subquery
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from flows.api import ApiError, PagePagination
+from flows.audit import PLAY_VERBS, record
+from flows.models import Company, Flow, User
+from flows.views import LoginThrottle
+
+from .models import (
+    HOLDABLE,
+    NON_TERMINAL,
+    TERMINAL,
+    Decision,
+    InvalidState,
+    Layer,
+    Play,
+    State,
+    duration_ms,
+    iso,
+)
+from .redaction import redact
+from .views import PlayFilter, PlayViewSet
+
+# Query parameters of a history page, in the order of its canonical (bookmarkable) URL.
+HISTORY_PARAMS = ("state", "from", "to", "idempotencyKey", "flowId", "page", "size")
+# What a layer's out or error may show inline; the API has the whole value.
+MAX_JSON_CHARS = 20_000
+
+# Which play states each button is legal in (plays/models.py verbs).
+ACTION_STATES: dict[str, frozenset[str]] = {
+    "hold": HOLDABLE,
+    "resume": frozenset({State.ON_HOLD}),
+    "cancel": NON_TERMINAL,
+    "retry": frozenset({State.FAIL}),
+}
+ACTION_LABELS = {"hold": "Hold", "resume": "Resume", "cancel": "Cancel", "retry": "Retry"}
+
+
+# --- Login ----------------------------------------------------------------------------
+
+
+class EmailAuthenticationForm(AuthenticationForm):
+    """Django's login form, asking for the email the API's login takes (a username works too)."""
+
+    username = forms.CharField(
+        label="Email",
+        max_length=254,
+        widget=forms.EmailInput(attrs={"autofocus": True, "autocomplete": "email"}),
+    )
+    error_messages = {
+        **AuthenticationForm.error_messages,
+        "invalid_login": "Wrong email or password.",
+    }
+
+    def clean(self) -> dict[str, Any]:
+        login = (self.cleaned_data.get("username") or "").strip()
+        # The same lookup as POST /api/auth/login: email first (case-insensitive), then username.
+        user = User.objects.filter(email__iexact=login).first() if login else None
+        if user is None and login:
+            user = User.objects.filter(username=login).first()
+        if user is not None:
+            self.cleaned_data["username"] = user.get_username()
+        return super().clean()
+
+
+class LoginPage(auth_views.LoginView):
+    template_name = "flowplay/login.html"
+    authentication_form = EmailAuthenticationForm
+    redirect_authenticated_user = True
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        # The page shares the API login's attempt budget, so it is no way around its throttle.
+        throttle = LoginThrottle()
+        if not throttle.allow_request(request, self):
+            form = self.get_form_class()(request, initial={"username": request.POST.get("username", "")})
+            context = self.get_context_data(form=form)
+            context["throttled"] = f"Too many login attempts. Try again in {math.ceil(throttle.wait() or 60)} seconds."
+            return self.render_to_response(context, status=429)
+        return super().post(request, *args, **kwargs)
+
+
+class LogoutPage(auth_views.LogoutView):
+    next_page = "pages:login"
+
+
+# --- Helpers --------------------------------------------------------------------------
+
+
+def _head_seq(company_id: str) -> int:
+    """The company's newest event seq.
+
+    Read *before* the page's data: seq order is commit order, so every event up to it is
+    already reflected in what the page renders, and ``/api/ws?since=<it>`` brings the rest.
+    """
+    return Company.objects.filter(pk=company_id).values_list("event_seq", flat=True).first() or 0
+
+
+def _plays(request: HttpRequest) -> Any:
+    return Play.objects.for_company(request.user.company_id)
+
+
+def _flow_or_404(request: HttpRequest, key: str) -> Flow:
+    flow = Flow.objects.alive().for_company(request.user.company_id).filter(Q(pk=key) | Q(permanent_id=key)).first()
+    if flow is None:
+        raise Http404("No such flow")
+    return flow
+
+
+def summarize(args: Any, limit: int = 80) -> str:
+    """``invoiceId=INV-001, amount=1250`` for a history row; cut at ``limit`` characters."""
+    if not args:
+        return ""
+    args = redact(args)
+    if isinstance(args, dict):
+        text = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}" for k, v in args.items())
+    else:
+        text = json.dumps(args, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def fmt_ms(ms: int | None) -> str:
+    """``812 ms``, ``3.2 s``, ``4 min 05 s``, ``2 h 03 min`` (live.js formats the same way)."""
+    if ms is None:
+        return ""
+    if ms < 1000:
+        return f"{ms} ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f} s"
+    seconds = ms // 1000
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def pretty(value: Any) -> str:
+    text = json.dumps(redact(value), indent=2, ensure_ascii=False, sort_keys=False, default=str)
+    if len(text) > MAX_JSON_CHARS:
+        text = text[:MAX_JSON_CHARS] + f"\n… ({len(text) - MAX_JSON_CHARS} more characters; the API returns the whole value)"
+    return text
+
+
+def _may_operate(user: Any) -> bool:
+    # The API's rule: any active member of the play's company may hold, resume, cancel,
+    # retry and decide (the play was already looked up within the user's company).
+    return bool(user.is_authenticated and user.is_active)
+
+
+def _canonical_query(query: Any) -> dict[str, str]:
+    """The history query in the API's form: one comma-separated ``state``, no empty values."""
+    params: dict[str, str] = {}
+    for name in HISTORY_PARAMS:
+        values = [v.strip() for v in query.getlist(name) if v.strip()]
+        if not values:
+            continue
+        params[name] = ",".join(values) if name == "state" else values[-1]
+    return params
+
+
+def _encode(params: dict[str, str]) -> str:
+    # Commas and colons stay readable: state=FAIL,RUN&from=2024-01-15T10:00:00Z.
+    return urlencode(params, safe=",:")
+
+
+class _Query:
+    """What ``PagePagination.parse`` reads from a DRF request."""
+
+    def __init__(self, query: Any):
+        self.query_params = query
+
+
+# --- Flows ----------------------------------------------------------------------------
+
+
+@login_required
+def flow_list(request: HttpRequest) -> HttpResponse:
+    company_id = request.user.company_id
+    last = Play.objects.filter(flow=OuterRef("pk")).order_by("-created_at", "-id")
+    flows = list(
+        Flow.objects.alive()
+        .for_company(company_id)
+        .annotate(
+            last_play_id=Subquery(last.values("id")[:1]),
+            last_play_state=Subquery(last.values("state")[:1]),
+            last_play_at=Subquery(last.values("created_at")[:1]),
+        )
+        .order_by("category", "name")
+    )
+    since = timezone.now() - timedelta(hours=24)
+    # One GROUP BY over the company's last day (plays_play_company_created), not one per flow.
+    counts: dict[str, dict[str, int]] = {}
+    rows = (
+        _plays(request).filter(created_at__gte=since).order_by().values_list("flow_id", "state").annotate(n=Count("id"))
+    )
+    for flow_id, state, n in rows:
+        counts.setdefault(flow_id, {})[state] = n
+    for flow in flows:
+        per_state = counts.get(flow.pk, {})
+        flow.day_counts = [(state, per_state[state]) for state in State.values if per_state.get(state)]
+        flow.day_total = sum(per_state.values())
+    return render(request, "flowplay/flow_list.html", {"flows": flows, "since": since, "nav": "flows"})
+
+
+# --- History --------------------------------------------------------------------------
+
+
+@login_required
+def flow_history(request: HttpRequest, flow_key: str) -> HttpResponse:
+    return _history(request, _flow_or_404(request, flow_key))
+
+
+@login_required
+def play_history(request: HttpRequest) -> HttpResponse:
+    return _history(request, None)
+
+
+def _history(request: HttpRequest, flow: Flow | None) -> HttpResponse:
+    params = _canonical_query(request.GET)
+    query = _encode(params)
+    if query != request.META.get("QUERY_STRING", ""):
+        # The filter form sends state=FAIL&state=RUN and empty fields: redirect to the API's
+        # form of the query (state=FAIL,RUN), which is the URL people bookmark and share.
+        return HttpResponseRedirect(f"{request.path}?{query}" if query else request.path)
+    seq = _head_seq(request.user.company_id)
+    errors: list[str] = []
+    try:
+        page, size = PagePagination.parse(_Query(request.GET))
+    except ApiError as exc:
+        errors += [f"{name}: {'; '.join(msgs)}" for name, msgs in (exc.details or {}).items()]
+        page, size = 0, PagePagination.default_size
+
+    view = PlayViewSet(request=request, kwargs={"flow_id": flow.pk} if flow else {}, format_kwarg=None, action="list")
+    try:
+        queryset = view.get_queryset().select_related("flow")
+    except ApiError:  # the flow was deleted since _flow_or_404
+        raise Http404("No such flow") from None
+    filterset = PlayFilter(request.GET, queryset=queryset, request=request)
+    plays: list[Play] = []
+    total = 0
+    if not filterset.is_valid():
+        for name, msgs in filterset.errors.items():
+            errors.append(f"{'from' if name == 'from_' else name}: {'; '.join(msgs)}")
+    if not errors:
+        qs = filterset.qs
+        total = qs.count()
+        plays = list(qs[page * size : page * size + size])
+    for play in plays:
+        play.args_summary = summarize(play.args)
+        play.duration_text = fmt_ms(play.duration)
+    pages = (total + size - 1) // size
+
+    def page_url(n: int) -> str:
+        return f"{request.path}?{_encode({**params, 'page': str(n), 'size': str(size)})}"
+
+    selected = set(params.get("state", "").upper().split(",")) - {""}
+    context = {
+        "flow": flow,
+        "plays": plays,
+        "total": total,
+        "page": page,
+        "size": size,
+        "pages": pages,
+        "nav": "history" if flow is None else "flows",
+        "first_page_url": page_url(0),
+        "prev_url": page_url(page - 1) if page > 0 else None,
+        "next_url": page_url(page + 1) if page + 1 < pages else None,
+        "first_row": page * size + 1 if plays else 0,
+        "last_row": page * size + len(plays),
+        "states": [(s, s in selected) for s in State.values],
+        "params": params,
+        "filtered": bool(set(params) - {"page", "size"}),
+        "errors": errors,
+        "flows": list(Flow.objects.alive().for_company(request.user.company_id).order_by("name").values("id", "name"))
+        if flow is None
+        else [],
+        "sizes": [10, 25, 50, 100],
+        "live": {"flowId": flow.pk if flow else None, "since": seq, "page": page},
+        "api_url": (f"/api/flows/{flow.pk}/plays" if flow else "/api/plays") + (f"?{query}" if query else ""),
+    }
+    return render(request, "flowplay/play_history.html", context, status=400 if errors else 200)
+
+
+# --- Play detail ----------------------------------------------------------------------
+
+
+def _bar(layer: Layer, start: datetime, span_ms: int, now: datetime) -> tuple[float, float]:
+    if layer.started_at is None:
+        return 0.0, 0.0
+    offset = max(0, duration_ms(start, layer.started_at) or 0)
+    length = duration_ms(layer.started_at, layer.completed_at or now) or 0
+    left = min(100.0, 100.0 * offset / span_ms)
+    return round(left, 2), round(max(0.5, min(100.0 - left, 100.0 * length / span_ms)), 2)
+
+
+@login_required
+def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
+    seq = _head_seq(request.user.company_id)
+    play = get_object_or_404(
+        _plays(request).select_related("flow", "flow_version", "parent", "retry_of", "triggered_by"), pk=play_id
+    )
+    now = timezone.now()
+    layers = list(play.layers.order_by("index", "iteration"))
+    start = play.started_at or play.created_at
+    end = play.completed_at or now
+    span = max(1, duration_ms(start, end) or 0)
+    for layer in layers:
+        layer.bar_left, layer.bar_width = _bar(layer, start, span, now)
+        layer.duration_text = fmt_ms(layer.duration)
+        layer.out_json = pretty(layer.out) if layer.out is not None else None
+        layer.error_json = pretty(layer.error) if layer.error is not None else None
+    pending = play.pending_approval() if play.state == State.WAIT else None
+    may = _may_operate(request.user)
+    actions = [
+        {"verb": verb, "label": ACTION_LABELS[verb], "states": " ".join(sorted(states))}
+        for verb, states in ACTION_STATES.items()
+        if may and play.state in states
+    ]
+    steps = {step["ref"]: step.get("appId", "") for step in (play.definition or {}).get("layers", [])}
+    context = {
+        "play": play,
+        "play_duration_text": fmt_ms(play.duration),
+        "flow": play.flow,
+        "layers": layers,
+        "approvals": list(play.approvals.select_related("layer", "decided_by").order_by("decided_at")),
+        "pending": pending if may else None,
+        "decisions": Decision,
+        "actions": actions,
+        "children": list(play.children.order_by("created_at", "id")[:100]),
+        "retries": list(play.retries.order_by("created_at", "id")),
+        "args_json": pretty(play.args),
+        "error_json": pretty(play.error) if play.error else None,
+        "is_terminal": play.state in TERMINAL,
+        "live": {
+            "playId": play.pk,
+            "since": seq,
+            "state": play.state,
+            "startedAt": iso(play.started_at),
+            "completedAt": iso(play.completed_at),
+            "createdAt": iso(play.created_at),
+            "steps": steps,
+        },
+    }
+    return render(request, "flowplay/play_detail.html", context)
+
+
+# --- Verbs ----------------------------------------------------------------------------
+
+
+@login_required
+@require_POST
+def play_action(request: HttpRequest, play_id: str, verb: str) -> HttpResponse:
+    """POST hold/resume/cancel/retry: the model verb, an audit entry, a message, back to the play."""
+    play = get_object_or_404(_plays(request), pk=play_id)
+    if verb not in ACTION_STATES or not _may_operate(request.user):
+        raise Http404("No such action")
+    try:
+        if verb == "retry":
+            new = play.retry(by=request.user)
+            record(request.user, "play.retried", play, newPlayId=new.id, source="page")
+            messages.success(request, f"Retry {new.id} created ({new.state}).")
+            return redirect("pages:play-detail", play_id=new.pk)
+        getattr(play, verb)(by=request.user)
+        record(request.user, PLAY_VERBS[verb], play, source="page")
+        play.refresh_from_db(fields=["state"])
+        messages.success(request, f"{ACTION_LABELS[verb]}: play is now {play.state}.")
+    except InvalidState as exc:
+        messages.error(request, exc.message)
+    return redirect("pages:play-detail", play_id=play.pk)
+
+
+class DecisionForm(forms.Form):
+    layer_id = forms.CharField(max_length=24)
+    decision = forms.ChoiceField(choices=Decision.choices)
+    note = forms.CharField(max_length=2000, required=False)
+
+
+@login_required
+@require_POST
+def play_decide(request: HttpRequest, play_id: str) -> HttpResponse:
+    play = get_object_or_404(_plays(request), pk=play_id)
+    if not _may_operate(request.user):
+        raise Http404("No such action")
+    form = DecisionForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "The decision was not understood: " + "; ".join(
+            f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+        return redirect("pages:play-detail", play_id=play.pk)
+    data = form.cleaned_data
+    try:
+        play.decide(data["layer_id"], data["decision"], request.user, data["note"])
+    except InvalidState as exc:
+        messages.error(request, exc.message)
+    else:
+        record(request.user, f"play.{data['decision']}", play, layerId=data["layer_id"], source="page")
+        play.refresh_from_db(fields=["state"])
+        messages.success(request, f"Step {data['decision']}: play is now {play.state}.")
+    return redirect("pages:play-detail", play_id=play.pk)
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    return redirect(reverse("pages:flows"))

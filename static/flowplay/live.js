@@ -1,0 +1,348 @@
+/* flowplay live updates for the play history and play detail pages.
+ *
+ * Reads the page's config from <script id="live-config" type="application/json">:
+ *   { since, playId?, flowId?, state?, startedAt?, completedAt?, createdAt?, steps? }
+ * and subscribes to /api/ws?since=<seq>[&playId=|&flowId=] with the session cookie.
+ * `since` is the company's event seq read before the page was rendered, so the server
+ * replays exactly what happened after it. On a dropped connection the script reconnects
+ * (backing off up to 30 s) with the last seq it saw: no event is lost or applied twice.
+ * No dependencies, no build step.
+ */
+(function () {
+  "use strict";
+
+  var configNode = document.getElementById("live-config");
+  if (!configNode) return;
+  var cfg = JSON.parse(configNode.textContent);
+  var statusNode = document.getElementById("live-status");
+  var announceNode = document.getElementById("live-announce");
+  var TERMINAL = { DONE: 1, FAIL: 1, SKIP: 1, FILTERED: 1 };
+
+  var lastSeq = typeof cfg.since === "number" ? cfg.since : null;
+  var attempts = 0;
+  var socket = null;
+
+  // -- formatting (the same as plays/pages.py fmt_ms and the templates' dates) ------------
+
+  function fmtMs(ms) {
+    if (ms === null || ms === undefined || isNaN(ms)) return "—";
+    ms = Math.max(0, Math.round(ms));
+    if (ms < 1000) return ms + " ms";
+    if (ms < 60000) return (ms / 1000).toFixed(1) + " s";
+    var s = Math.floor(ms / 1000);
+    if (s < 3600) return Math.floor(s / 60) + " min " + pad(s % 60) + " s";
+    return Math.floor(s / 3600) + " h " + pad(Math.floor((s % 3600) / 60)) + " min";
+  }
+
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function fmtTime(iso) {
+    var d = new Date(iso);
+    if (isNaN(d)) return iso;
+    return d.toISOString().slice(0, 19).replace("T", " ");
+  }
+
+  function timeHtml(node, iso) {
+    node.textContent = "";
+    if (!iso) { node.textContent = "—"; return; }
+    var t = document.createElement("time");
+    t.setAttribute("datetime", iso);
+    t.textContent = fmtTime(iso);
+    node.appendChild(t);
+  }
+
+  function setBadge(badge, state) {
+    if (!badge || !state) return;
+    badge.className = "badge badge--" + state.toLowerCase();
+    badge.setAttribute("data-state", state);
+    badge.textContent = state;
+  }
+
+  function announce(text) {
+    if (!announceNode) return;
+    // Replace, not append: screen readers read the new text once.
+    announceNode.textContent = text;
+  }
+
+  function setStatus(state, text) {
+    if (!statusNode) return;
+    statusNode.setAttribute("data-state", state);
+    statusNode.textContent = "Live updates: " + text;
+  }
+
+  // -- the connection ------------------------------------------------------------------
+
+  function socketUrl() {
+    var params = [];
+    if (lastSeq !== null) params.push("since=" + encodeURIComponent(lastSeq));
+    if (cfg.playId) params.push("playId=" + encodeURIComponent(cfg.playId));
+    if (cfg.flowId) params.push("flowId=" + encodeURIComponent(cfg.flowId));
+    var scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+    return scheme + "//" + window.location.host + "/api/ws" + (params.length ? "?" + params.join("&") : "");
+  }
+
+  function connect() {
+    if (!("WebSocket" in window)) { setStatus("off", "not supported by this browser"); return; }
+    setStatus("connecting", attempts ? "reconnecting…" : "connecting…");
+    try {
+      socket = new WebSocket(socketUrl());
+    } catch (err) {
+      retry();
+      return;
+    }
+    socket.onopen = function () { attempts = 0; setStatus("on", "on"); };
+    socket.onmessage = function (message) {
+      var event;
+      try { event = JSON.parse(message.data); } catch (err) { return; }
+      if (!event || typeof event.seq !== "number" || event.type === "pong") return;
+      if (lastSeq !== null && event.seq <= lastSeq) return;
+      lastSeq = event.seq;
+      try { handle(event); } catch (err) { if (window.console) console.error("flowplay live:", err); }
+    };
+    socket.onclose = function (close) {
+      socket = null;
+      if (close.code === 4401) { setStatus("off", "off (logged out; reload to log in)"); return; }
+      retry();
+    };
+  }
+
+  function retry() {
+    attempts += 1;
+    var delay = Math.min(30000, 500 * Math.pow(2, Math.min(attempts, 6)));
+    delay = delay * (0.8 + Math.random() * 0.4);
+    setStatus("off", "reconnecting in " + Math.round(delay / 1000) + " s…");
+    window.setTimeout(connect, delay);
+  }
+
+  // -- events -> play state ------------------------------------------------------------
+
+  function playStateOf(event) {
+    switch (event.type) {
+      case "play:started": return "RUN";
+      case "play:completed": return event.state || "DONE";
+      case "play:failed": return "FAIL";
+      case "play:waiting": return "WAIT";
+      case "play:state": return event.state;
+      default: return null;
+    }
+  }
+
+  var handle = cfg.playId ? handleDetail : handleHistory;
+
+  // -- history page ----------------------------------------------------------------------
+
+  var newPlays = {};
+
+  function handleHistory(event) {
+    var state = playStateOf(event);
+    if (!state || !event.playId) return;
+    var row = document.querySelector('tr[data-play-id="' + cssEscape(event.playId) + '"]');
+    if (!row) {
+      if (event.type === "play:started" || (event.type === "play:state" && event.previousState === "NEW")) {
+        newPlays[event.playId] = true;
+        showNewPlays();
+      }
+      return;
+    }
+    setBadge(row.querySelector(".js-state .badge"), state);
+    if (event.type === "play:started") timeHtml(row.querySelector(".js-started"), event.timestamp);
+    if (TERMINAL[state]) {
+      timeHtml(row.querySelector(".js-completed"), event.timestamp);
+      if (typeof event.duration === "number") row.querySelector(".js-duration").textContent = fmtMs(event.duration);
+    }
+    row.classList.add("is-updated");
+    window.setTimeout(function () { row.classList.remove("is-updated"); }, 1500);
+    announce("Play " + event.playId + " is now " + state + ".");
+  }
+
+  function showNewPlays() {
+    var notice = document.getElementById("live-notice");
+    if (!notice) return;
+    var n = Object.keys(newPlays).length;
+    var url = new URL(window.location.href);
+    url.searchParams.set("page", "0");
+    notice.textContent = "";
+    notice.appendChild(document.createTextNode(n + " new play" + (n === 1 ? "" : "s") + " since this page was loaded. "));
+    var link = document.createElement("a");
+    link.href = url.pathname + "?" + url.searchParams.toString().replace(/%2C/gi, ",").replace(/%3A/gi, ":");
+    link.textContent = "Show the newest plays";
+    notice.appendChild(link);
+    notice.hidden = false;
+  }
+
+  function cssEscape(value) {
+    return window.CSS && CSS.escape ? CSS.escape(value) : String(value).replace(/["\\]/g, "\\$&");
+  }
+
+  // -- detail page -----------------------------------------------------------------------
+
+  var play = {
+    state: cfg.state,
+    startedAt: cfg.startedAt ? Date.parse(cfg.startedAt) : null,
+    completedAt: cfg.completedAt ? Date.parse(cfg.completedAt) : null,
+    createdAt: cfg.createdAt ? Date.parse(cfg.createdAt) : Date.now()
+  };
+  var steps = cfg.steps || {};
+  var refreshTimer = null;
+
+  function handleDetail(event) {
+    if (event.playId !== cfg.playId) return;
+    var at = Date.parse(event.timestamp);
+    switch (event.type) {
+      case "play:layer:started":
+        upsertLayer(event, at);
+        announce("Step " + event.ref + " started" + (event.attempt > 1 ? " (attempt " + event.attempt + ")" : "") + ".");
+        break;
+      case "play:layer:completed":
+      case "play:layer:failed":
+        upsertLayer(event, at);
+        announce("Step " + event.ref + ": " + event.state + ".");
+        break;
+      case "play:waiting":
+        upsertLayer({ layerId: event.layerId, ref: event.ref, state: "WAIT", iteration: event.iteration }, at);
+        break;
+    }
+    var state = playStateOf(event);
+    if (state && state !== play.state) {
+      setPlayState(state, event, at);
+      announce("Play is now " + state + ".");
+    }
+    tick();
+  }
+
+  function setPlayState(state, event, at) {
+    play.state = state;
+    setBadge(document.querySelector("#play-state .badge"), state);
+    if (event.type === "play:started" || (state === "RUN" && !play.startedAt)) {
+      play.startedAt = play.startedAt || at;
+      timeHtml(document.getElementById("play-started"), event.timestamp);
+    }
+    if (TERMINAL[state]) {
+      play.completedAt = at;
+      if (!play.startedAt) play.startedAt = at;
+      timeHtml(document.getElementById("play-completed"), event.timestamp);
+      var duration = typeof event.duration === "number" ? event.duration : play.completedAt - play.startedAt;
+      document.getElementById("play-duration").textContent = fmtMs(duration);
+    }
+    // Which buttons are legal, the approval form, the error box and related plays come
+    // from the server: fetch this page again and swap those parts in.
+    if (refreshTimer) window.clearTimeout(refreshTimer);
+    refreshTimer = window.setTimeout(refreshParts, 250);
+  }
+
+  function refreshParts() {
+    refreshTimer = null;
+    fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+      .then(function (response) { return response.ok ? response.text() : null; })
+      .then(function (html) {
+        if (!html) return;
+        var doc = new DOMParser().parseFromString(html, "text/html");
+        ["play-actions", "play-error", "play-relations", "play-approvals"].forEach(function (id) {
+          var fresh = doc.getElementById(id);
+          var current = document.getElementById(id);
+          if (!fresh || !current) return;
+          // Keep a note someone is typing into the approval form.
+          if (current.contains(document.activeElement) && document.activeElement.tagName === "TEXTAREA") return;
+          current.innerHTML = fresh.innerHTML;
+        });
+        bindConfirms();
+      })
+      .catch(function () { /* the next event tries again */ });
+  }
+
+  function upsertLayer(event, at) {
+    if (!event.layerId) return;
+    var timeline = document.getElementById("timeline");
+    var node = document.getElementById("layer-" + event.layerId);
+    if (!node) {
+      var template = document.getElementById("layer-template");
+      node = template.content.firstElementChild.cloneNode(true);
+      node.id = "layer-" + event.layerId;
+      node.setAttribute("data-layer-id", event.layerId);
+      node.querySelector(".layer__ref code").textContent = event.ref || "";
+      node.querySelector(".js-iteration").textContent =
+        event.iteration !== undefined && event.iteration !== null ? "[" + event.iteration + "]" : "";
+      node.querySelector(".layer__app").textContent = steps[event.ref] || "";
+      node.setAttribute("data-started", new Date(at).toISOString());
+      node.classList.add("is-new");
+      timeline.appendChild(node);
+      var empty = document.getElementById("timeline-empty");
+      if (empty) empty.hidden = true;
+    }
+    if (event.state) {
+      setBadge(node.querySelector(".layer__state .badge"), event.state);
+      node.querySelector(".bar__fill").className = "bar__fill bar__fill--" + event.state.toLowerCase();
+    }
+    if (typeof event.attempt === "number") {
+      node.querySelector(".js-attempts").textContent = event.attempt;
+      var label = node.querySelector(".layer__attempts");
+      if (label && label.lastChild && label.lastChild.nodeType === 3) label.lastChild.textContent = event.attempt === 1 ? " attempt" : " attempts";
+    }
+    if (event.type === "play:layer:started") {
+      node.setAttribute("data-completed", "");
+    }
+    if (event.type === "play:layer:completed" || event.type === "play:layer:failed") {
+      node.setAttribute("data-completed", new Date(at).toISOString());
+      if (event.type === "play:layer:completed" && event.out !== undefined && event.out !== null) {
+        var out = node.querySelector(".js-out");
+        out.querySelector("pre").textContent = JSON.stringify(event.out, null, 2);
+        out.hidden = false;
+      }
+      if (event.error) {
+        var error = node.querySelector(".js-error");
+        error.querySelector("pre").textContent = JSON.stringify(event.error, null, 2);
+        error.hidden = false;
+      }
+    }
+  }
+
+  // Durations and bars of what is still running grow once a second.
+  function tick() {
+    if (!cfg.playId) return;
+    var now = Date.now();
+    var start = play.startedAt || play.createdAt;
+    var end = play.completedAt || now;
+    var span = Math.max(1, end - start);
+    if (!play.completedAt && play.startedAt) {
+      document.getElementById("play-duration").textContent = fmtMs(now - play.startedAt) + " so far";
+    }
+    var layers = document.querySelectorAll("#timeline .layer");
+    for (var i = 0; i < layers.length; i++) {
+      var node = layers[i];
+      var began = Date.parse(node.getAttribute("data-started"));
+      if (isNaN(began)) continue;
+      var endedAttr = node.getAttribute("data-completed");
+      var ended = endedAttr ? Date.parse(endedAttr) : NaN;
+      var running = isNaN(ended);
+      var stop = running ? (play.completedAt || now) : ended;
+      var length = Math.max(0, stop - began);
+      var left = Math.min(100, Math.max(0, (100 * (began - start)) / span));
+      var width = Math.max(0.5, Math.min(100 - left, (100 * length) / span));
+      var fill = node.querySelector(".bar__fill");
+      fill.style.marginLeft = left.toFixed(2) + "%";
+      fill.style.width = width.toFixed(2) + "%";
+      var state = node.querySelector(".layer__state .badge").getAttribute("data-state");
+      if (!running || state === "RUN" || state === "WAIT") {
+        node.querySelector(".js-duration").textContent = fmtMs(length) + (running && !play.completedAt ? "…" : "");
+      }
+    }
+  }
+
+  function bindConfirms() {
+    var forms = document.querySelectorAll("form[data-confirm]");
+    for (var i = 0; i < forms.length; i++) {
+      if (forms[i].getAttribute("data-bound")) continue;
+      forms[i].setAttribute("data-bound", "1");
+      forms[i].addEventListener("submit", function (e) {
+        if (!window.confirm(this.getAttribute("data-confirm"))) e.preventDefault();
+      });
+    }
+  }
+
+  bindConfirms();
+  if (cfg.playId) {
+    tick();
+    window.setInterval(function () { if (!play.completedAt) tick(); }, 1000);
+  }
+  connect();
+})();
