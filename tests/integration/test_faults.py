@@ -241,3 +241,81 @@ def test_postgres_restart_workers_and_web_reconnect(cluster: Cluster, counter: C
     for play_id in play_ids:
         layers = layers_of(alice, play_id)
         assert [layers[r]["state"] for r in ("a", "nap", "b")] == ["DONE"] * 3
+
+
+# --- Hostile concurrency over HTTP -----------------------------------------------------------
+
+
+def test_100_concurrent_identical_runs_with_one_idempotency_key_make_one_play(cluster: Cluster,
+                                                                             alice: httpx.Client) -> None:
+    flow = make_flow(alice, "Idempotent x100", [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}])
+    body = {"args": {"order": "ORD-100"}, "idempotencyKey": "order-ORD-100"}
+    clients = [cluster.client("alice") for _ in range(4)]
+
+    def post(i: int) -> tuple[int, str]:
+        r = clients[i % len(clients)].post(f"/api/flows/{flow['id']}/run", json=body)
+        return r.status_code, r.json().get("playId", r.text)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(post, range(100)))
+    for c in clients:
+        c.close()
+    statuses = [s for s, _ in results]
+    assert statuses.count(201) == 1 and statuses.count(200) == 99, results
+    assert len({play for _, play in results}) == 1
+    listing = alice.get(f"/api/flows/{flow['id']}/plays?idempotencyKey=order-ORD-100").json()
+    assert listing["total"] == 1
+
+
+def play_state_chain(events: list[dict[str, Any]]) -> list[str]:
+    """The play's states as its events tell them; each change must start where the last ended."""
+    chain: list[str] = []
+    for e in events:
+        if e["type"] not in ("play:started", "play:state", "play:waiting", "play:completed", "play:failed"):
+            continue
+        if "previousState" in e:
+            assert chain and e["previousState"] == chain[-1], (e, chain)
+        chain.append(e["state"])
+    return chain
+
+
+def test_100_concurrent_hold_resume_cancel_calls_leave_one_consistent_story(cluster: Cluster, counter: CountingServer,
+                                                                            alice: httpx.Client) -> None:
+    cluster.start("worker-c", "worker")
+    flow = make_flow(alice, "Hammered", [curl("slow", counter.url + "/hammer/slow?s=2"),
+                                         {"ref": "nap", "appId": "sleep", "args": {"ms": 3000}},
+                                         curl("end", counter.url + "/hammer/end")])
+    play_id = run_play(alice, flow["id"])
+    clients = [cluster.client("alice") for _ in range(4)]
+    verbs = ["hold", "resume"] * 45 + ["cancel"] * 10
+
+    def call(i: int) -> tuple[str, int]:
+        verb = verbs[i]
+        r = clients[i % len(clients)].post(f"/api/plays/{play_id}/{verb}")
+        return verb, r.status_code
+
+    import random
+
+    random.Random(8).shuffle(verbs)
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(call, range(len(verbs))))
+    for c in clients:
+        c.close()
+    assert {status for _, status in results} <= {200, 409}, results
+    # Exactly one cancel won; every verb after it was refused.
+    assert [v for v, s in results if v == "cancel" and s == 200] == ["cancel"], results
+    play = alice.get(f"/api/plays/{play_id}").json()
+    assert play["state"] == "FAIL" and play["error"]["code"] == "CANCELLED"
+    events = events_of(alice, play_id)
+    chain = play_state_chain(events)
+    assert chain[-1] == "FAIL" and chain.count("FAIL") == 1
+    assert [e["type"] for e in events].count("play:failed") == 1
+    holds = sum(1 for v, s in results if v == "hold" and s == 200)
+    resumes = sum(1 for v, s in results if v == "resume" and s == 200)
+    assert chain.count("ON_HOLD") == holds
+    assert resumes in (holds, holds - 1)  # the cancel may have come while held
+    # A cancelled play stays cancelled: nothing runs after it.
+    time.sleep(4)
+    assert alice.get(f"/api/plays/{play_id}").json()["state"] == "FAIL"
+    assert counter.count("/hammer/end") == 0
+    assert all(e["seq"] < f["seq"] for e, f in zip(events, events[1:]))
