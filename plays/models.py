@@ -553,7 +553,7 @@ class Play(models.Model):
                     pass
         return True
 
-    def begin(self) -> bool:
+    def begin(self, by: Any = None) -> bool:
         """NEW → started (the API's /start for a play created with start=false)."""
         with transaction.atomic():
             self.refresh_from_db(fields=["state"])

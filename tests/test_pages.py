@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from django.core.cache import cache
@@ -232,7 +233,7 @@ def test_history_filters_by_dates_and_key(flow: Flow, alice: User) -> None:
     day = (timezone.now() - timedelta(days=5, minutes=1)).date().isoformat()
     one_day = row_ids(client.get(f"/flows/{flow.pk}/plays/?from={day}&to={day}").content.decode())
     assert [Play.objects.get(pk=i).args for i in one_day] == [{"i": 5}]
-    keyed = row_ids(client.get(f"/plays/?idempotencyKey=key-7").content.decode())
+    keyed = row_ids(client.get("/plays/?idempotencyKey=key-7").content.decode())
     assert [Play.objects.get(pk=i).args for i in keyed] == [{"i": 7}]
 
 
