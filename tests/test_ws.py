@@ -26,6 +26,15 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+@pytest.fixture(autouse=True)
+def _short_lived_connections(monkeypatch: Any) -> None:
+    # The consumer reads on pool threads; with CONN_MAX_AGE (PostgreSQL) their connections
+    # would outlive the test and keep the test database from being dropped.
+    from django.db import connections
+
+    monkeypatch.setitem(connections["default"].settings_dict, "CONN_MAX_AGE", 0)
+
+
 @pytest.fixture
 def token(alice: User) -> str:
     return ApiKey.issue(alice, "ws")[1]
