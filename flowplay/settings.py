@@ -194,7 +194,10 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+            # redis-py 8 times socket reads out after 5 s by default, exactly as long as
+            # channels-redis blocks in BZPOPMIN waiting for a message: an idle WebSocket
+            # consumer then dies with "Timeout reading from redis". Give reads more room.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}], "capacity": 1000, "expiry": 30},
         }
     }
 else:
