@@ -225,6 +225,8 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # The spec: every endpoint but login and health needs authentication, the schema too.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "ENUM_NAME_OVERRIDES": {"PlayStateEnum": "plays.models.State", "LayerStateEnum": "plays.models.LayerState"},
 }
 

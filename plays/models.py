@@ -327,10 +327,12 @@ class Play(models.Model):
 
     # -- transitions --------------------------------------------------------------------
 
-    def start(self) -> bool:
+    def start(self, reported_from: str | None = None) -> bool:
         """NEW/DEFERRED → RUN (or DEFERRED when not due or no slot; SKIP when flow filters fail).
 
         Runs inside the caller's transaction; the runner task is enqueued after commit.
+        ``reported_from`` is the previousState its event names when the caller passed the play
+        through DEFERRED without an event of its own (a resume from ON_HOLD).
         """
         from flows.expr import FilterError, Scope, evaluate_filters
 
@@ -347,7 +349,7 @@ class Play(models.Model):
             if not passed:
                 if not self._cas([previous], state=State.SKIP, started_at=now, completed_at=now, run_at=None):
                     return False
-                emit(self, [self._state_event(previous)])
+                emit(self, [self._state_event(reported_from or previous)])
                 return True
         not_due = self.run_at is not None and self.run_at > now
         if not_due or not self._slot_free():
@@ -370,7 +372,7 @@ class Play(models.Model):
                 changes["deadline_at"] = now + timedelta(seconds=timeout)
             events.append((EventType.PLAY_STARTED, {"state": State.RUN}))
         else:
-            events.append((EventType.PLAY_STATE, {"state": State.RUN, "previousState": previous}))
+            events.append((EventType.PLAY_STATE, {"state": State.RUN, "previousState": reported_from or previous}))
         if not self._cas([previous], **changes):
             return False
         emit(self, events)
@@ -523,7 +525,7 @@ class Play(models.Model):
             if not self._cas([State.ON_HOLD], state=State.DEFERRED):
                 raise InvalidState(f"Play {self.id} changed state and cannot be resumed now")
             self.state = State.DEFERRED
-            started = self.start()
+            started = self.start(reported_from=State.ON_HOLD)
             if not started or self.state == State.DEFERRED:
                 emit(self, [(EventType.PLAY_STATE, {"state": State.DEFERRED, "previousState": State.ON_HOLD})])
             return

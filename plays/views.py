@@ -18,6 +18,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from flows.api import ApiError, invalid_state, not_found
+from flows.audit import PLAY_VERBS, record
 from flows.models import Flow
 from flows.views import get_flow
 
@@ -54,6 +55,8 @@ def trigger(request: Any, flow: Flow) -> Response:
             f"Idempotency key {values.get('idempotencyKey')!r} was used by play {exc.play.id} with different args",
             409,
         ) from None
+    if created:
+        record(request.user, "play.triggered", play, flowId=flow.id)
     body = {
         "playId": play.id,
         "state": play.state,
@@ -220,6 +223,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             getattr(play, verb)(by=request.user)
         except InvalidState as exc:
             raise invalid_state(exc.message) from None
+        record(request.user, PLAY_VERBS[verb], play)
         play.refresh_from_db()
         return Response(PlayDetailSerializer(play).data)
 
@@ -254,6 +258,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
                         data.validated_data.get("note", ""))
         except InvalidState as exc:
             raise invalid_state(exc.message) from None
+        record(request.user, f"play.{data.validated_data['decision']}", play, layerId=data.validated_data["layerId"])
         play.refresh_from_db()
         return Response(PlayDetailSerializer(play).data)
 
@@ -269,6 +274,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             new = play.retry(by=request.user)
         except InvalidState as exc:
             raise invalid_state(exc.message) from None
+        record(request.user, "play.retried", play, newPlayId=new.id)
         return Response({"playId": new.id, "state": new.state, "retryOf": play.id, "startedAt": iso(new.started_at)},
                         status=status.HTTP_201_CREATED)
 
