@@ -66,6 +66,7 @@ SEND_LOW_WATER = 256 * 1024
 STALL_SECONDS = 15.0
 MAX_LAG = 20000
 
+
 # DB reads of the stream run on the default thread pool, not on the single thread that
 # Django's sync views share, so that a burst of catch-ups does not queue API requests.
 def db_read(func: Any) -> Any:
@@ -337,7 +338,8 @@ class Relay:
                         self.published[company_id] = last
                         for start in range(0, len(payloads), 100):
                             await layer.group_send(
-                                company_group(company_id), {"type": "play.events", "events": payloads[start:start + 100]}
+                                company_group(company_id),
+                                {"type": "play.events", "events": payloads[start : start + 100]},
                             )
                     if any(len(p) == self.BATCH for _, _, p in batches):
                         continue
@@ -361,7 +363,8 @@ class Relay:
                 continue
             rows = list(
                 Event.objects.filter(company_id=company_id, seq__gt=last, seq__lte=head)
-                .order_by("seq").values_list("seq", "payload")[: self.BATCH]
+                .order_by("seq")
+                .values_list("seq", "payload")[: self.BATCH]
             )
             newest = rows[-1][0] if len(rows) == self.BATCH else head
             out.append((company_id, newest, [payload for _, payload in rows]))

@@ -12,7 +12,8 @@ logged-in user's events (cross-site WebSocket hijacking). Non-browser clients se
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from channels.auth import AuthMiddlewareStack
@@ -41,8 +42,11 @@ class TokenMiddleware:
         token = (query.get("token") or [""])[0]
         if token:
             key = await _key_for_token(token)
-            scope = dict(scope, user=key.user if key is not None else AnonymousUser(),
-                         **{API_KEY_ID: key.pk if key is not None else None})
+            scope = dict(
+                scope,
+                user=key.user if key is not None else AnonymousUser(),
+                **{API_KEY_ID: key.pk if key is not None else None},
+            )
         return await self.inner(scope, receive, send)
 
 

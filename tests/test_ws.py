@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async as sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
@@ -122,7 +122,9 @@ def test_it_reads_from_the_table_what_the_channel_layer_dropped(token: str, play
         # Events stored but never published, then a payload that shows the gap.
         consumers.relay.listeners.clear()
         events = await sync_to_async(lambda: [e for _ in range(3) for e in step(play, "x")])()
-        await get_channel_layer().group_send(company_group(play.company_id), {"type": "play.events", "events": [events[-1].payload]})
+        await get_channel_layer().group_send(
+            company_group(play.company_id), {"type": "play.events", "events": [events[-1].payload]}
+        )
         seqs = await receive_seqs(comm, 3)
         await comm.disconnect()
         return seqs, [e.seq for e in events]

@@ -16,8 +16,9 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -52,8 +53,11 @@ def ws_url(server: Server, **params: Any) -> str:
 
 def cookie_ws(server: Server, client: httpx.Client, **params: Any) -> ClientConnection:
     """A connection authenticated by the logged-in client's session cookie."""
-    return connect(ws_url(server, **params), additional_headers={"Cookie": f"sessionid={client.cookies['sessionid']}"},
-                   open_timeout=30)
+    return connect(
+        ws_url(server, **params),
+        additional_headers={"Cookie": f"sessionid={client.cookies['sessionid']}"},
+        open_timeout=30,
+    )
 
 
 def api_key(client: httpx.Client, name: str = "ws") -> dict[str, Any]:
@@ -63,7 +67,9 @@ def api_key(client: httpx.Client, name: str = "ws") -> dict[str, Any]:
 
 
 def make_flow(client: httpx.Client, layers: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-    r = client.post("/api/flows", json={"name": fields.pop("name", f"ws-{secrets.token_hex(4)}"), "layers": layers, **fields})
+    r = client.post(
+        "/api/flows", json={"name": fields.pop("name", f"ws-{secrets.token_hex(4)}"), "layers": layers, **fields}
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -80,14 +86,18 @@ def stored(client: httpx.Client, play_id: str) -> list[dict[str, Any]]:
     return r.json()
 
 
-def collect(ws: ClientConnection, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 60) -> list[dict[str, Any]]:
+def collect(
+    ws: ClientConnection, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 60
+) -> list[dict[str, Any]]:
     """Messages until ``until(messages)`` holds; fails after ``timeout`` seconds."""
     got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while not until(got):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"timed out after {timeout} s with {len(got)} messages: {[m.get('type') for m in got]}")
+            raise AssertionError(
+                f"timed out after {timeout} s with {len(got)} messages: {[m.get('type') for m in got]}"
+            )
         try:
             got.append(json.loads(ws.recv(timeout=left)))
         except TimeoutError:
@@ -96,8 +106,12 @@ def collect(ws: ClientConnection, until: Callable[[list[dict[str, Any]]], bool],
 
 
 def ended(play_id: str) -> Callable[[list[dict[str, Any]]], bool]:
-    return lambda got: any(m["playId"] == play_id and m["type"] in TERMINAL_EVENTS | {"play:state"}
-                           and m.get("state") in ("DONE", "FAIL", "SKIP", "FILTERED") for m in got)
+    return lambda got: any(
+        m["playId"] == play_id
+        and m["type"] in TERMINAL_EVENTS | {"play:state"}
+        and m.get("state") in ("DONE", "FAIL", "SKIP", "FILTERED")
+        for m in got
+    )
 
 
 def quiet(ws: ClientConnection, seconds: float = 1.5) -> list[dict[str, Any]]:
@@ -120,15 +134,23 @@ def assert_shape(events: list[dict[str, Any]]) -> None:
 
 @pytest.fixture
 def three_steps(alice: httpx.Client) -> dict[str, Any]:
-    return make_flow(alice, [
-        {"ref": "first", "appId": "var", "args": {"values": {"n": "{{ $prev.args.n }}"}}},
-        {"ref": "second", "appId": "var", "args": {"values": {"double": "{{ $prev.first.n * 2 }}"}}},
-        {"ref": "third", "appId": "template", "args": {"template": "n={{ n }}", "data": {"n": "{{ $prev.second.double }}"}}},
-    ])
+    return make_flow(
+        alice,
+        [
+            {"ref": "first", "appId": "var", "args": {"values": {"n": "{{ $prev.args.n }}"}}},
+            {"ref": "second", "appId": "var", "args": {"values": {"double": "{{ $prev.first.n * 2 }}"}}},
+            {
+                "ref": "third",
+                "appId": "template",
+                "args": {"template": "n={{ n }}", "data": {"n": "{{ $prev.second.double }}"}},
+            },
+        ],
+    )
 
 
-def test_a_three_step_play_streams_its_exact_event_sequence(server: Server, alice: httpx.Client,
-                                                            three_steps: dict[str, Any]) -> None:
+def test_a_three_step_play_streams_its_exact_event_sequence(
+    server: Server, alice: httpx.Client, three_steps: dict[str, Any]
+) -> None:
     with cookie_ws(server, alice, flowId=three_steps["id"]) as ws:
         play_id = run_play(alice, three_steps, {"n": 21})
         got = collect(ws, ended(play_id))
@@ -144,7 +166,11 @@ def test_a_three_step_play_streams_its_exact_event_sequence(server: Server, alic
         ("play:completed", None, "DONE"),
     ]
     assert_shape(got)
-    assert [m["out"] for m in got if m["type"] == "play:layer:completed"] == [{"n": 21}, {"double": 42}, {"result": "n=42"}]
+    assert [m["out"] for m in got if m["type"] == "play:layer:completed"] == [
+        {"n": 21},
+        {"double": 42},
+        {"result": "n=42"},
+    ]
     assert {m["playId"] for m in got} == {play_id} and {m["flowId"] for m in got} == {three_steps["id"]}
     seqs = [m["seq"] for m in got]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
@@ -153,11 +179,14 @@ def test_a_three_step_play_streams_its_exact_event_sequence(server: Server, alic
 
 
 def test_a_failing_play_streams_the_failed_layer_and_the_play_error(server: Server, alice: httpx.Client) -> None:
-    flow = make_flow(alice, [
-        {"ref": "ok", "appId": "var", "args": {"values": {"x": 1}}},
-        {"ref": "boom", "appId": "var", "args": {"values": {"y": "{{ 1 / 0 }}"}}},
-        {"ref": "never", "appId": "var", "args": {"values": {"z": 1}}},
-    ])
+    flow = make_flow(
+        alice,
+        [
+            {"ref": "ok", "appId": "var", "args": {"values": {"x": 1}}},
+            {"ref": "boom", "appId": "var", "args": {"values": {"y": "{{ 1 / 0 }}"}}},
+            {"ref": "never", "appId": "var", "args": {"values": {"z": 1}}},
+        ],
+    )
     with cookie_ws(server, alice, flowId=flow["permanentId"]) as ws:
         play_id = run_play(alice, flow)
         got = collect(ws, ended(play_id))
@@ -175,11 +204,20 @@ def test_a_failing_play_streams_the_failed_layer_and_the_play_error(server: Serv
 
 
 def test_a_filtered_step_is_a_completed_layer_in_state_filtered(server: Server, alice: httpx.Client) -> None:
-    flow = make_flow(alice, [
-        {"ref": "big", "appId": "var", "args": {"values": {"x": 1}},
-         "filters": [{"leftValue": "{{ $prev.args.amount }}", "operator": "gte", "rightValue": "1000", "cast": "number"}]},
-        {"ref": "always", "appId": "var", "args": {"values": {"y": 2}}},
-    ])
+    flow = make_flow(
+        alice,
+        [
+            {
+                "ref": "big",
+                "appId": "var",
+                "args": {"values": {"x": 1}},
+                "filters": [
+                    {"leftValue": "{{ $prev.args.amount }}", "operator": "gte", "rightValue": "1000", "cast": "number"}
+                ],
+            },
+            {"ref": "always", "appId": "var", "args": {"values": {"y": 2}}},
+        ],
+    )
     with cookie_ws(server, alice, flowId=flow["id"]) as ws:
         play_id = run_play(alice, flow, {"amount": 5})
         got = collect(ws, ended(play_id))
@@ -191,8 +229,11 @@ def test_a_filtered_step_is_a_completed_layer_in_state_filtered(server: Server, 
 
 
 def test_a_skipped_play_streams_one_state_event(server: Server, alice: httpx.Client) -> None:
-    flow = make_flow(alice, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}],
-                     filters=[{"leftValue": "{{ $prev.args.go }}", "operator": "eq", "rightValue": "yes"}])
+    flow = make_flow(
+        alice,
+        [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}],
+        filters=[{"leftValue": "{{ $prev.args.go }}", "operator": "eq", "rightValue": "yes"}],
+    )
     with cookie_ws(server, alice, flowId=flow["id"]) as ws:
         play_id = run_play(alice, flow, {"go": "no"})
         got = collect(ws, ended(play_id))
@@ -202,23 +243,34 @@ def test_a_skipped_play_streams_one_state_event(server: Server, alice: httpx.Cli
     assert got == stored(alice, play_id)
 
 
-def test_a_connection_sees_only_its_company_and_its_filters(server: Server, alice: httpx.Client,
-                                                            three_steps: dict[str, Any]) -> None:
+def test_a_connection_sees_only_its_company_and_its_filters(
+    server: Server, alice: httpx.Client, three_steps: dict[str, Any]
+) -> None:
     tag = secrets.token_hex(3)
-    charlie_token = server.manage("shell", "-c", (
-        "from flows.models import ApiKey, Company, User; "
-        f"c = Company.objects.create(name='Globex {tag}', slug='globex-{tag}'); "
-        f"u = User.objects.create_user('charlie-{tag}', 'charlie-{tag}@globex.test', 'integration-pass-123', company=c); "
-        "print(ApiKey.issue(u, 'ws')[1])"
-    )).strip().splitlines()[-1]
+    charlie_token = (
+        server.manage(
+            "shell",
+            "-c",
+            (
+                "from flows.models import ApiKey, Company, User; "
+                f"c = Company.objects.create(name='Globex {tag}', slug='globex-{tag}'); "
+                f"u = User.objects.create_user('charlie-{tag}', 'charlie-{tag}@globex.test', 'integration-pass-123', company=c); "
+                "print(ApiKey.issue(u, 'ws')[1])"
+            ),
+        )
+        .strip()
+        .splitlines()[-1]
+    )
     charlie = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {charlie_token}"}, timeout=30)
     charlie_flow = make_flow(charlie, [{"ref": "c", "appId": "var", "args": {"values": {"secret": "globex"}}}])
     other = make_flow(alice, [{"ref": "o", "appId": "var", "args": {"values": {}}}])
 
-    with (connect(ws_url(server, token=charlie_token)) as charlie_all,
-          connect(ws_url(server, token=charlie_token, flowId=three_steps["id"])) as charlie_peeking,
-          cookie_ws(server, alice) as alice_all,
-          cookie_ws(server, alice, flowId=three_steps["id"]) as alice_flow):
+    with (
+        connect(ws_url(server, token=charlie_token)) as charlie_all,
+        connect(ws_url(server, token=charlie_token, flowId=three_steps["id"])) as charlie_peeking,
+        cookie_ws(server, alice) as alice_all,
+        cookie_ws(server, alice, flowId=three_steps["id"]) as alice_flow,
+    ):
         alice_play = run_play(alice, three_steps, {"n": 1})
         with cookie_ws(server, alice, playId=alice_play) as alice_play_only:
             other_play = run_play(alice, other)
@@ -241,7 +293,7 @@ def test_a_connection_sees_only_its_company_and_its_filters(server: Server, alic
     # Opened after the play started: a suffix of its events, and only its own.
     assert {m["playId"] for m in by_play} <= {alice_play}
     full = stored(alice, alice_play)
-    assert by_play == full[len(full) - len(by_play):]
+    assert by_play == full[len(full) - len(by_play) :]
 
 
 def test_handshakes_without_valid_credentials_are_refused(server: Server, alice: httpx.Client) -> None:
@@ -291,8 +343,9 @@ def test_reconnecting_with_since_loses_nothing_while_the_play_runs(server: Serve
     assert union[-1]["type"] == "play:completed"
 
 
-def test_the_seed_javascript_client_sees_layer_events(server: Server, alice: httpx.Client, three_steps: dict[str, Any],
-                                                      tmp_path: Path) -> None:
+def test_the_seed_javascript_client_sees_layer_events(
+    server: Server, alice: httpx.Client, three_steps: dict[str, Any], tmp_path: Path
+) -> None:
     node = shutil.which("node")
     assert node, "Node.js is required for this test (apt-get install nodejs)"
     flags = []
@@ -301,9 +354,12 @@ def test_the_seed_javascript_client_sees_layer_events(server: Server, alice: htt
     token = api_key(alice, "seed js")["token"]
     source = (JS_DIR / "seed_client.js").read_text()
     script = tmp_path / "seed_client.js"
-    script.write_text(source.replace("ws://localhost:4454/api/ws", f"ws://127.0.0.1:{server.port}/api/ws?token={token}"))
-    proc = subprocess.Popen([node, *flags, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    script.write_text(
+        source.replace("ws://localhost:4454/api/ws", f"ws://127.0.0.1:{server.port}/api/ws?token={token}")
+    )
+    proc = subprocess.Popen(
+        [node, *flags, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "OPEN", proc.stderr.read()
         # Deferred a little, so that the script knows the id before the first step starts.
@@ -328,12 +384,10 @@ def test_the_seed_javascript_client_sees_layer_events(server: Server, alice: htt
 def test_wsbench_delivers_every_event_to_every_client(server: Server, alice: httpx.Client) -> None:
     token = api_key(alice, "wsbench")["token"]
     out = server.manage("wsbench", "--url", server.url, "--token", token, "--clients", "10", "--plays", "30")
-    assert "| clients |" in out, out
-    row = [line for line in out.splitlines() if line.startswith("| 10 |")]
-    assert row, out
-    cells = [c.strip() for c in row[0].strip("|").split("|")]
-    header = [c.strip() for c in out.splitlines()[out.splitlines().index(next(x for x in out.splitlines() if x.startswith("| clients |")))].strip("|").split("|")]
-    figures = dict(zip(header, cells, strict=True))
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| clients |"))
+    cells = [[c.strip() for c in lines[i].strip("|").split("|")] for i in (header, header + 2)]
+    figures = dict(zip(*cells, strict=True))
     assert figures["plays"] == "30"
     assert int(figures["lost"]) == 0 and int(figures["duplicates"]) == 0 and int(figures["out of order"]) == 0
     assert int(figures["events delivered"]) == 10 * int(figures["events stored"]) > 0
@@ -348,9 +402,13 @@ def raw_handshake(server: Server, token: str, query: str = "", rcvbuf: int | Non
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", server.port))
     key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /api/ws?token={token}{query} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-                  f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"GET /api/ws?token={token}{query} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     response = b""
     sock.settimeout(30)
     while b"\r\n\r\n" not in response:
@@ -363,6 +421,7 @@ def raw_handshake(server: Server, token: str, query: str = "", rcvbuf: int | Non
 
 def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
     """One frame (opcode, payload), or None when the server closed the TCP connection."""
+
     def exactly(n: int) -> bytes | None:
         buf = b""
         while len(buf) < n:
@@ -437,4 +496,3 @@ def test_a_client_that_stops_reading_is_closed_without_holding_up_others(server:
     seqs = [json.loads(payload)["seq"] for opcode, payload in frames if opcode == 0x1]
     assert seqs == [m["seq"] for m in got][: len(seqs)]
     assert len(seqs) < len(got), "the stalled client was cut off before it had everything"
-

@@ -40,8 +40,16 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["clients"] < 1 or options["plays"] < 1 or options["steps"] < 1:
             raise CommandError("--clients, --plays and --steps must be at least 1")
-        result = asyncio.run(bench(options["url"].rstrip("/"), options["token"], options["clients"], options["plays"],
-                                   options["steps"], options["timeout"]))
+        result = asyncio.run(
+            bench(
+                options["url"].rstrip("/"),
+                options["token"],
+                options["clients"],
+                options["plays"],
+                options["steps"],
+                options["timeout"],
+            )
+        )
         self.stdout.write(table(result))
         problems = result["lost"] + result["duplicates"] + result["out of order"] + result["unexpected"]
         if problems:
@@ -64,13 +72,20 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
     from websockets.asyncio.client import connect
 
     headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60,
-                                 limits=httpx.Limits(max_connections=20)) as http:
-        r = await http.post("/api/flows", json={
-            "name": f"wsbench {secrets.token_hex(4)}", "category": "wsbench",
-            "layers": [{"ref": f"step{i}", "appId": "var", "args": {"values": {"i": i, "play": "{{ $playId }}"}}}
-                       for i in range(steps)],
-        })
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=60, limits=httpx.Limits(max_connections=20)
+    ) as http:
+        r = await http.post(
+            "/api/flows",
+            json={
+                "name": f"wsbench {secrets.token_hex(4)}",
+                "category": "wsbench",
+                "layers": [
+                    {"ref": f"step{i}", "appId": "var", "args": {"values": {"i": i, "play": "{{ $playId }}"}}}
+                    for i in range(steps)
+                ],
+            },
+        )
         if r.status_code != 201:
             raise CommandError(f"could not create the bench flow: {r.status_code} {r.text[:300]}")
         flow_id = r.json()["id"]
@@ -162,17 +177,40 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
     elapsed = max(finished - started, 1e-9)
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [latencies[0] if latencies else 0.0] * 99
     return {
-        "clients": n_clients, "plays": n_plays, "steps": steps, "events stored": stored, "events delivered": delivered,
-        "seconds": round(elapsed, 2), "events/s": round(delivered / elapsed), "p50 ms": round(q[49], 1),
-        "p99 ms": round(q[98], 1), "max ms": round(max(latencies, default=0.0), 1),
-        "lost": lost, "duplicates": duplicates, "out of order": out_of_order, "unexpected": unexpected,
+        "clients": n_clients,
+        "plays": n_plays,
+        "steps": steps,
+        "events stored": stored,
+        "events delivered": delivered,
+        "seconds": round(elapsed, 2),
+        "events/s": round(delivered / elapsed),
+        "p50 ms": round(q[49], 1),
+        "p99 ms": round(q[98], 1),
+        "max ms": round(max(latencies, default=0.0), 1),
+        "lost": lost,
+        "duplicates": duplicates,
+        "out of order": out_of_order,
+        "unexpected": unexpected,
         "details": details,
     }
 
 
 def table(result: dict[str, Any]) -> str:
-    columns = ["clients", "plays", "steps", "events stored", "events delivered", "seconds", "events/s",
-               "p50 ms", "p99 ms", "max ms", "lost", "duplicates", "out of order"]
+    columns = [
+        "clients",
+        "plays",
+        "steps",
+        "events stored",
+        "events delivered",
+        "seconds",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "lost",
+        "duplicates",
+        "out of order",
+    ]
     head = "| " + " | ".join(columns) + " |"
     rule = "|" + "|".join("---:" for _ in columns) + "|"
     row = "| " + " | ".join(str(result[c]) for c in columns) + " |"
