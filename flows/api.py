@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.pagination import BasePagination
+from rest_framework.parsers import JSONParser as DRFJSONParser
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -86,10 +87,45 @@ def flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
     return out
 
 
+# Deeper JSON than this is refused at parse time: it is no real document, and recursive code
+# further on (serializers, the expression renderer, json.dumps) would hit Python's limit.
+MAX_JSON_DEPTH = 100
+
+
+def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+class JSONParser(DRFJSONParser):
+    """DRF's JSON parser, refusing absurdly nested documents with a 400 instead of a 500."""
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
+        if json_depth_exceeds(data):
+            raise exceptions.ParseError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        return data
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Shape every API error as ``{error, message, statusCode, details?}``."""
     if isinstance(exc, ApiError):
         return Response(body(exc.error_code, exc.message, exc.status_code, exc.details), status=exc.status_code)
+    if isinstance(exc, RequestDataTooBig):
+        return Response(body("PAYLOAD_TOO_LARGE", "The request body is too large", 413), status=413)
+    if isinstance(exc, exceptions.UnsupportedMediaType):
+        # The API speaks JSON only; anything else is a bad request like malformed JSON.
+        return Response(body("VALIDATION_ERROR", f"{exc.detail} Send JSON with Content-Type: application/json.", 400,
+                             {"Content-Type": ["must be application/json"]}), status=400)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):

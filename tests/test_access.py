@@ -36,7 +36,9 @@ from .conftest import PASSWORD, client_for, make_flow
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PUBLIC = {"api-login", "health", "admin:login"}
+PUBLIC = {"api-login", "health", "admin:login", "pages:login"}
+# Logging out needs no protection, and following it would end the session under test.
+LOGOUT = {"api-logout", "admin:logout", "pages:logout"}
 # Sample values for path parameters that do not name one of alice's objects.
 SAMPLES = {"app_label": "flows", "model_name": "flow", "object_id": "1", "content_type_id": "1", "url": "x",
            "uidb64": "x", "token": "x", "path": "x"}
@@ -83,7 +85,7 @@ def concrete(regex: str, values: dict[str, str]) -> str:
 def methods_of(callback: Any) -> list[str]:
     actions = getattr(callback, "actions", None)
     if actions:
-        return sorted(m.upper() for m in actions)
+        return sorted(m.upper() for m in actions if m not in ("options", "head"))
     cls = getattr(callback, "view_class", None) or getattr(callback, "cls", None)
     if cls is not None:
         return sorted(m.upper() for m in cls.http_method_names if m not in ("options", "head") and hasattr(cls, m))
@@ -110,8 +112,8 @@ def world(api: APIClient, alice: User, bob: User, charlie: User, drain: Any) -> 
     drain()
     assert Play.objects.get(pk=play_id).state == "WAIT"
     key = api.post("/api/auth/api-keys", {"name": "alice's script"}, format="json").json()
-    return {"flow_id": flow["id"], "layer_id": flow["layers"][0]["id"], "play_id": play_id, "key_id": key["id"],
-            "pk": flow["id"], "object_id": flow["id"]}
+    return {"flow_id": flow["id"], "flow_key": flow["id"], "layer_id": flow["layers"][0]["id"], "play_id": play_id,
+            "key_id": key["id"], "pk": flow["id"], "object_id": flow["id"]}
 
 
 def test_the_route_enumeration_sees_the_api_admin_and_websocket() -> None:
@@ -126,7 +128,7 @@ def test_every_route_refuses_anonymous_callers(db: Any, world: dict[str, str]) -
     anon = Client()
     checked = 0
     for regex, name, callback in all_patterns():
-        if name in PUBLIC:
+        if name in PUBLIC or name in LOGOUT:
             continue
         path = concrete(regex, world)
         for method in methods_of(callback):
@@ -134,12 +136,18 @@ def test_every_route_refuses_anonymous_callers(db: Any, world: dict[str, str]) -
             checked += 1
             if path.startswith("/api/"):
                 assert response.status_code in (401, 403), (method, path, response.status_code)
-                assert response.json()["error"] in ("UNAUTHORIZED", "FORBIDDEN"), (method, path)
+                if response["Content-Type"].startswith("application/json"):
+                    assert response.json()["error"] in ("UNAUTHORIZED", "FORBIDDEN"), (method, path)
             else:
                 # Pages and the admin send a browser to the login page (or refuse outright).
                 assert response.status_code in (302, 401, 403, 404, 405), (method, path, response.status_code)
+                hops = 0
+                while response.status_code == 302 and "login" not in response["Location"] and hops < 3:
+                    response, hops = anon.get(response["Location"]), hops + 1  # e.g. / → /flows/ → login
                 if response.status_code == 302:
                     assert "login" in response["Location"], (method, path, response["Location"])
+                else:
+                    assert response.status_code in (401, 403, 404, 405), (method, path, response.status_code)
                 assert b"Alice" not in response.content
     assert checked >= 20
 
@@ -252,15 +260,26 @@ def test_pages_and_admin_refuse_another_company(db: Any, world: dict[str, str], 
         if regex.startswith("api/"):
             continue
         path = concrete(regex, world)
-        response = browser.get(path)
-        if regex.startswith("admin/"):
-            # charlie is not staff: every admin view sends him to the admin login.
-            if name != "admin:login":
-                assert response.status_code in (302, 403, 404), (path, response.status_code)
+        if name in LOGOUT:
             continue
-        if any(k in regex for k in ("flow_id", "play_id", "layer_id", "pk", "object_id")):
-            assert response.status_code in (302, 403, 404), (path, response.status_code)
-        assert b"alice-only" not in response.content and b"Alice's flow" not in response.content, path
+        names_object = any(f"<{k}>" in regex for k in ("flow_id", "flow_key", "play_id", "layer_id", "pk", "object_id"))
+        for method in methods_of(callback):
+            response = browser.generic(method, path)
+            if regex.startswith("admin/"):
+                # charlie is not staff: every admin view sends him to the admin login.
+                if name not in ("admin:login", "admin:logout"):
+                    assert response.status_code in (302, 403, 404, 405), (method, path, response.status_code)
+                    if response.status_code == 302:
+                        assert "/admin/login/" in response["Location"], (method, path)
+                continue
+            if names_object:
+                # An action on alice's play or flow: refused, never carried out.
+                assert response.status_code in (403, 404, 405), (method, path, response.status_code)
+                if response.status_code == 302:
+                    assert "login" in response["Location"], (method, path)
+            assert b"alice-only" not in response.content and b"Alice&#x27;s flow" not in response.content, path
+            assert b"Alice's flow" not in response.content, path
+    assert Play.objects.get(pk=world["play_id"]).state == "WAIT"
 
 
 # --- Credentials --------------------------------------------------------------------------
@@ -284,7 +303,7 @@ def test_a_logged_out_session_stops_working_at_once(db: Any, alice: User) -> Non
     session = browser.cookies["sessionid"].value
     csrf = browser.cookies["csrftoken"].value
     assert browser.get("/api/auth/me").status_code == 200
-    assert browser.post("/api/auth/logout", HTTP_X_CSRFTOKEN=csrf).status_code == 204
+    assert browser.post("/api/auth/logout", content_type="application/json", HTTP_X_CSRFTOKEN=csrf).status_code == 204
     assert browser.get("/api/auth/me").status_code in (401, 403)
     # The old cookie, replayed by someone who copied it, is dead too.
     replay = Client()
