@@ -363,6 +363,7 @@ def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
             "startedAt": iso(play.started_at),
             "completedAt": iso(play.completed_at),
             "createdAt": iso(play.created_at),
+            "serverNow": iso(now),
             "steps": steps,
         },
     }

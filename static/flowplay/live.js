@@ -19,6 +19,9 @@
   var TERMINAL = { DONE: 1, FAIL: 1, SKIP: 1, FILTERED: 1 };
 
   var lastSeq = typeof cfg.since === "number" ? cfg.since : null;
+  // Server clock minus this browser's: durations of running steps are measured against the
+  // server's timestamps, so a browser whose clock is off must not stretch or shrink them.
+  var skew = cfg.serverNow ? Date.parse(cfg.serverNow) - Date.now() : 0;
   var attempts = 0;
   var socket = null;
 
@@ -97,6 +100,8 @@
       if (!event || typeof event.seq !== "number" || event.type === "pong") return;
       if (lastSeq !== null && event.seq <= lastSeq) return;
       lastSeq = event.seq;
+      var at = Date.parse(event.timestamp);
+      if (!isNaN(at)) skew = Math.max(skew, at - Date.now());
       try { handle(event); } catch (err) { if (window.console) console.error("flowplay live:", err); }
     };
     socket.onclose = function (close) {
@@ -299,7 +304,7 @@
   // Durations and bars of what is still running grow once a second.
   function tick() {
     if (!cfg.playId) return;
-    var now = Date.now();
+    var now = Date.now() + skew;
     var start = play.startedAt || play.createdAt;
     var end = play.completedAt || now;
     var span = Math.max(1, end - start);
