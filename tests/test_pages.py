@@ -134,7 +134,8 @@ def test_another_companys_flows_and_plays_are_404(flow: Flow, alice: User, charl
     outsider = browser(charlie)
     assert outsider.get(f"/flows/{flow.pk}/plays/").status_code == 404
     assert outsider.get(f"/flows/{flow.permanent_id}/plays/").status_code == 404
-    assert outsider.get(f"/plays/{play.pk}/").status_code == 404
+    missing = outsider.get(f"/plays/{play.pk}/")
+    assert missing.status_code == 404 and "belongs to another company" in missing.content.decode()
     for verb in ["hold", "cancel", "resume", "retry"]:
         assert outsider.post(f"/plays/{play.pk}/{verb}/").status_code == 404
     assert outsider.post(f"/plays/{play.pk}/decide/", {"layer_id": "x", "decision": "approved"}).status_code == 404
@@ -224,6 +225,24 @@ def test_history_is_newest_first_with_state_badges_and_pages(flow: Flow, alice: 
     everything = browser(alice).get(f"/flows/{flow.pk}/plays/").content.decode()
     assert row_ids(everything)[0] == newest.pk
     assert "invoiceId=INV-001" in everything
+
+
+def test_history_queries_do_not_grow_with_the_rows(api: Any, flow: Flow, alice: User) -> None:
+    other = Flow.objects.get(pk=make_flow(api, ONE_STEP, name="Payroll")["id"])
+    run(flow, alice)
+    run(other, alice)
+
+    def count(url: str) -> int:
+        with CaptureQueriesContext(connection) as queries:
+            response = browser(alice).get(url)
+        assert response.status_code == 200
+        assert row_ids(response.content.decode())
+        return len(queries)
+
+    few = (count("/plays/"), count(f"/flows/{flow.pk}/plays/"))
+    seed_history(flow, 20)
+    seed_history(other, 20)
+    assert (count("/plays/"), count(f"/flows/{flow.pk}/plays/")) == few
 
 
 def test_history_filters_by_dates_and_key(flow: Flow, alice: User) -> None:

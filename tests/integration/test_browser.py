@@ -145,6 +145,9 @@ def test_watch_filter_hold_and_resume_in_the_browser(server: Server, alice: http
     assert page.locator("#timeline .layer").count() == 3
     page.locator("#timeline .layer:has(code:text-is('prepare')) details.js-out summary").click()
     shot(page, "detail", docs=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    shot(page, "detail-phone")
+    page.set_viewport_size({"width": 1280, "height": 860})
 
     # 2. History filtered to FAIL with the filter form.
     docs = ['{"invoice": "INV-101"}', "{not json", '{"invoice": "INV-102"}', "INV-103: <xml/>", "{'single': 1}"]
