@@ -6,9 +6,10 @@ been delivered or filtered out. Events reach it two ways:
 1. as payloads on its company's channel-layer group (the fast path): published by the
    workers after commit when Redis is configured (``fanout.py``), or by the web process's
    own relay reading new ``Event`` rows otherwise (``Relay`` below);
-2. by reading the ``Event`` table: on connect (``?since=``), whenever a payload's seq is
-   not ``last_seq + 1`` (a message was dropped by a full channel, or two workers'
-   messages crossed), and once a second in case the last message of a burst was dropped.
+2. by reading the ``Event`` table: on connect (``?since=``), when a payload ahead of
+   ``last_seq + 1`` has waited ``GAP_GRACE_SECONDS`` for its predecessors in vain (two
+   workers' messages usually just cross; a full channel drops them for good), and once a
+   second in case the last message of a burst was dropped.
 
 ``seq`` is allocated under a per-company row lock held until commit, so sequence order is
 commit order: once seq N is visible, every event before it is. "Every event after
@@ -54,6 +55,10 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_ERROR = 1011
 
 CATCH_UP_BATCH = 500
+# How long a payload that arrived ahead of its predecessor waits for it before the gap is
+# filled from the table, and how many may wait.
+GAP_GRACE_SECONDS = 0.2
+MAX_HELD = 1000
 POLL_SECONDS = 1.0
 AUTH_CHECK_SECONDS = 10.0
 # channels-redis forgets group members after a day (group_expiry): join again well before.
@@ -84,6 +89,7 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
     last_seq = 0
     group: str | None = None
     poller: asyncio.Task | None = None
+    gap_timer: asyncio.Task | None = None
     closing = False
 
     async def connect(self) -> None:
@@ -108,6 +114,7 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         flow = (query.get("flowId") or [None])[0] or None
         self.flow_id = await self._resolve_flow(flow) if flow else None
         self.lock = asyncio.Lock()
+        self.held: dict[int, dict[str, Any]] = {}
         self.last_seq = since if since is not None else await self._head()
         self.group = company_group(self.company_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -119,8 +126,9 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
-        if self.poller is not None:
-            self.poller.cancel()
+        for task in (self.poller, self.gap_timer):
+            if task is not None:
+                task.cancel()
         if self.group:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             if not settings.REDIS_URL:
@@ -139,27 +147,48 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
     # -- delivery -------------------------------------------------------------------------
 
     async def play_events(self, message: dict[str, Any]) -> None:
-        """Channel-layer handler: stored events of this company, in seq order."""
+        """Channel-layer handler: stored events of this company, in seq order per sender."""
         if self.closing:
             return
         async with self.lock:
             try:
                 for payload in message["events"]:
-                    if self.closing:
-                        return
                     seq = payload["seq"]
                     if seq <= self.last_seq:
                         continue
-                    if seq != self.last_seq + 1:
-                        # Something before it was dropped or is still on its way: the table
-                        # has it (this payload was published after its commit).
-                        await self._catch_up_locked()
+                    if seq == self.last_seq + 1:
+                        await self._deliver(payload)
+                        await self._deliver_held()
                         continue
-                    self.last_seq = seq
-                    if self._wanted(payload):
-                        await self._send_event(payload)
+                    # Something before it is missing: still on its way from another worker
+                    # (their messages cross), or dropped by a full channel. Hold this one
+                    # briefly; if the gap does not close, read the table, which has it all
+                    # (this payload was published after its commit).
+                    self.held[seq] = payload
+                    if len(self.held) > MAX_HELD:
+                        await self._catch_up_locked()
+                    elif self.gap_timer is None or self.gap_timer.done():
+                        self.gap_timer = asyncio.create_task(self._close_gap())
             except TooSlow as exc:
                 await self._close_too_slow(str(exc))
+
+    async def _deliver(self, payload: dict[str, Any]) -> None:
+        self.last_seq = payload["seq"]
+        if self._wanted(payload):
+            await self._send_event(payload)
+
+    async def _deliver_held(self) -> None:
+        while (payload := self.held.pop(self.last_seq + 1, None)) is not None:
+            await self._deliver(payload)
+
+    async def _close_gap(self) -> None:
+        await asyncio.sleep(GAP_GRACE_SECONDS)
+        try:
+            async with self.lock:
+                if self.held and not self.closing:
+                    await self._catch_up_locked()
+        except TooSlow as exc:
+            await self._close_too_slow(str(exc))
 
     def _wanted(self, payload: dict[str, Any]) -> bool:
         if self.play_id and payload.get("playId") != self.play_id:
@@ -205,11 +234,13 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
                     return
                 self.last_seq = seq
                 await self._send_event(payload)
-            if newest <= self.last_seq:
-                return
-            self.last_seq = newest
-            if len(rows) < CATCH_UP_BATCH:
-                return
+            done = newest <= self.last_seq or len(rows) < CATCH_UP_BATCH
+            self.last_seq = max(self.last_seq, newest)
+            if done:
+                break
+        # Held payloads were committed before they were published, so the table had them.
+        self.held = {seq: payload for seq, payload in self.held.items() if seq > self.last_seq}
+        await self._deliver_held()
 
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()

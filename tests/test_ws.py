@@ -27,12 +27,28 @@ def run(coro: Any) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _short_lived_connections(monkeypatch: Any) -> None:
-    # The consumer reads on pool threads; with CONN_MAX_AGE (PostgreSQL) their connections
-    # would outlive the test and keep the test database from being dropped.
+def _one_database_thread(monkeypatch: Any) -> None:
+    """Run the consumer's reads on the one thread the tests write from.
+
+    The consumer reads on pool threads; SQLite's in-memory test database is shared between
+    threads in shared-cache mode, which locks whole tables ("database table is locked")
+    where the real file database in WAL mode lets readers run beside the writer.
+    """
+    for owner, name in [
+        (consumers.PlayEventsConsumer, n) for n in ("_read", "_head", "_resolve_flow", "_still_authorized")
+    ] + [(consumers.Relay, "_read")]:
+        monkeypatch.setattr(owner, name, sync_to_async(owner.__dict__[name].func))
+
+
+@pytest.fixture(autouse=True)
+def _short_lived_connections(monkeypatch: Any) -> Any:
     from django.db import connections
 
     monkeypatch.setitem(connections["default"].settings_dict, "CONN_MAX_AGE", 0)
+    yield
+    # The thread that ran the consumer's queries keeps its connection otherwise, and an
+    # open session keeps PostgreSQL from dropping the test database.
+    run(sync_to_async(connections.close_all)())
 
 
 @pytest.fixture
@@ -131,6 +147,36 @@ def test_it_reads_from_the_table_what_the_channel_layer_dropped(token: str, play
 
     got, stored = run(go())
     assert got == stored
+
+
+def test_crossed_messages_are_put_in_order_without_reading_the_table(token: str, play: Play, monkeypatch: Any) -> None:
+    monkeypatch.setattr(consumers.Relay, "RELAY_SECONDS", 3600)
+    monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
+    reads = []
+    real_read = consumers.PlayEventsConsumer.__dict__["_read"].func
+
+    def counting_read(self: Any, after: int) -> Any:
+        reads.append(after)
+        return real_read(self, after)
+
+    monkeypatch.setattr(consumers.PlayEventsConsumer, "_read", sync_to_async(counting_read))
+
+    async def go() -> tuple[list[int], list[int]]:
+        comm = communicator(f"/api/ws?token={token}")
+        assert (await comm.connect())[0]
+        await asyncio.sleep(0.3)  # the poller's first round (the replay) is done
+        first_reads = len(reads)
+        events = await sync_to_async(lambda: step(play, "one") + step(play, "two") + step(play, "three"))()
+        group = company_group(play.company_id)
+        for i in (1, 2, 0):  # two workers' messages crossing
+            await get_channel_layer().group_send(group, {"type": "play.events", "events": [events[i].payload]})
+        seqs = await receive_seqs(comm, 3)
+        await comm.disconnect()
+        return seqs, [e.seq for e in events], len(reads) - first_reads
+
+    got, stored, extra_reads = run(go())
+    assert got == stored
+    assert extra_reads == 0
 
 
 def test_the_poll_delivers_events_whose_message_never_came(token: str, play: Play, monkeypatch: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import statistics
 import time
@@ -38,6 +39,8 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # One INFO line per HTTP request would bury the table.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         if options["clients"] < 1 or options["plays"] < 1 or options["steps"] < 1:
             raise CommandError("--clients, --plays and --steps must be at least 1")
         result = asyncio.run(
