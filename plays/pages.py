@@ -52,6 +52,8 @@ from .views import PlayFilter, PlayViewSet
 HISTORY_PARAMS = ("state", "from", "to", "idempotencyKey", "flowId", "page", "size")
 # What a layer's out or error may show inline; the API has the whole value.
 MAX_JSON_CHARS = 20_000
+# A loop over thousands of items leaves as many layers: the page shows the first ones.
+MAX_LAYERS = 500
 
 # Which play states each button is legal in (plays/models.py verbs).
 ACTION_STATES: dict[str, frozenset[str]] = {
@@ -325,7 +327,11 @@ def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
         _plays(request).select_related("flow", "flow_version", "parent", "retry_of", "triggered_by"), pk=play_id
     )
     now = timezone.now()
-    layers = list(play.layers.order_by("index", "iteration"))
+    layers = list(play.layers.order_by("index", "iteration")[: MAX_LAYERS + 1])
+    layer_count = len(layers)
+    if layer_count > MAX_LAYERS:
+        layers = layers[:MAX_LAYERS]
+        layer_count = play.layers.count()
     start = play.started_at or play.created_at
     end = play.completed_at or now
     span = max(1, duration_ms(start, end) or 0)
@@ -347,6 +353,8 @@ def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
         "play_duration_text": fmt_ms(play.duration),
         "flow": play.flow,
         "layers": layers,
+        "layer_count": layer_count,
+        "layers_truncated": layer_count > len(layers),
         "approvals": list(play.approvals.select_related("layer", "decided_by").order_by("decided_at")),
         "pending": pending if may else None,
         "decisions": Decision,
@@ -364,6 +372,7 @@ def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
             "completedAt": iso(play.completed_at),
             "createdAt": iso(play.created_at),
             "serverNow": iso(now),
+            "layersTruncated": layer_count > len(layers),
             "steps": steps,
         },
     }

@@ -315,6 +315,21 @@ def test_detail_shows_header_timeline_and_live_config(api: Any, alice: User, dra
     assert '/static/flowplay/live.js' in html and 'aria-live="polite"' in html
 
 
+def test_a_long_loop_shows_its_first_layers(flow: Flow, alice: User, monkeypatch: Any) -> None:
+    from plays import pages
+
+    monkeypatch.setattr(pages, "MAX_LAYERS", 3)
+    play = run(flow, alice)
+    Layer.objects.bulk_create(
+        Layer(play=play, ref="a", app_id="var", index=0, iteration=i, state="DONE", started_at=timezone.now())
+        for i in range(5)
+    )
+    html = browser(alice).get(f"/plays/{play.pk}/").content.decode()
+    assert html.count('class="layer" id="layer-') == 3
+    assert "Showing the first 3 of 5 layers" in html
+    assert '"layersTruncated": true' in html
+
+
 @pytest.mark.parametrize(
     ("arrange", "legal"),
     [

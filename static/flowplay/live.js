@@ -260,6 +260,7 @@
     var timeline = document.getElementById("timeline");
     var node = document.getElementById("layer-" + event.layerId);
     if (!node) {
+      if (cfg.layersTruncated) return;  // the page lists only the first layers
       var template = document.getElementById("layer-template");
       node = template.content.firstElementChild.cloneNode(true);
       node.id = "layer-" + event.layerId;
