@@ -258,8 +258,10 @@ STATIC_ROOT = VAR_DIR / "staticfiles"
 # WhiteNoise serves from the apps' and STATICFILES_DIRS' folders directly, so `make run`
 # needs no collectstatic; files collected into STATIC_ROOT are served as well.
 WHITENOISE_USE_FINDERS = env_bool("WHITENOISE_USE_FINDERS", True)
-if not DATABASE_URL:
+try:
     STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # or WhiteNoise warns at every start
+except OSError:  # a read-only deployment that serves collected files from elsewhere
+    pass
 
 EMAIL_BACKEND = env_str(
     "EMAIL_BACKEND",
