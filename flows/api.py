@@ -149,6 +149,42 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     return response
 
 
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "message", "statusCode"],
+    "properties": {
+        "error": {"type": "string", "example": "FLOW_NOT_FOUND"},
+        "message": {"type": "string"},
+        "statusCode": {"type": "integer"},
+        "details": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}},
+    },
+}
+_ERROR_STATUSES = {
+    "400": "Malformed JSON, wrong types, invalid values (VALIDATION_ERROR, with details per field)",
+    "401": "Not logged in, or an unknown or revoked API key (UNAUTHORIZED)",
+    "403": "Refused, e.g. a cookie request without its CSRF token (FORBIDDEN)",
+    "404": "No such object in the caller's company (<ENTITY>_NOT_FOUND)",
+    "405": "Method not allowed on this path (METHOD_NOT_ALLOWED)",
+    "409": "INVALID_STATE, FLOW_DISABLED or IDEMPOTENCY_KEY_REUSED",
+    "413": "The body or the args are larger than the limit (PAYLOAD_TOO_LARGE)",
+    "429": "Too many requests, e.g. login attempts (TOO_MANY_REQUESTS)",
+}
+
+
+def add_error_responses(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
+    """drf-spectacular postprocessing hook: document the error body on every operation."""
+    result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    ref = {"$ref": "#/components/schemas/Error"}
+    for methods in result.get("paths", {}).values():
+        for operation in methods.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            for code, description in _ERROR_STATUSES.items():
+                operation["responses"].setdefault(code, {"description": description,
+                                                         "content": {"application/json": {"schema": ref}}})
+    return result
+
+
 class PagePagination(BasePagination):
     """Zero-based ``page`` and ``size`` (default 25, at most 100) with the spec's envelope."""
 

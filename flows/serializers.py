@@ -31,7 +31,7 @@ class FlowletSerializer(serializers.ModelSerializer):
     args = serializers.JSONField(required=False, default=dict)
     filters = serializers.JSONField(required=False, default=list)
     timeout = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=7 * 24 * 3600)
-    retry = RetrySerializer(required=False)
+    retry = RetrySerializer(required=False, allow_null=True)  # shown as null when the step has none
     onError = serializers.ChoiceField(source="on_error", choices=OnError.choices, required=False, default=OnError.FAIL)
     needsApproval = serializers.BooleanField(source="needs_approval", required=False, default=False)
     id = serializers.CharField(required=False, max_length=24)
