@@ -131,6 +131,32 @@ def test_it_replays_after_since_then_goes_live_without_duplicates(token: str, pl
     assert seqs == stored and len(seqs) == 5
 
 
+def test_a_long_replay_meets_the_live_stream_without_gap_or_duplicate(token: str, play: Play) -> None:
+    backlog = emit(
+        play, [(EventType.LAYER_STARTED, {"layerId": "L", "ref": f"r{i}", "state": "RUN"}) for i in range(1200)]
+    )
+    since = backlog[0].seq - 1
+
+    async def go() -> list[int]:
+        comm = communicator(f"/api/ws?token={token}&since={since}")
+        assert (await comm.connect())[0]
+        received: list[int] = []
+        for i in range(20):  # written while the replay is under way
+            await sync_to_async(step)(play, f"live{i}")
+            received += await receive_seqs(comm, 50)
+        total = await sync_to_async(Event.objects.filter(seq__gt=since, company_id=play.company_id).count)()
+        received += await receive_seqs(comm, total - len(received))
+        assert await comm.receive_nothing(timeout=0.5)
+        await comm.disconnect()
+        return received
+
+    got = run(go())
+    stored = list(
+        Event.objects.filter(company_id=play.company_id, seq__gt=since).order_by("seq").values_list("seq", flat=True)
+    )
+    assert got == stored and len(got) == 1220
+
+
 def test_it_reads_from_the_table_what_the_channel_layer_dropped(token: str, play: Play, settings: Any) -> None:
     async def go() -> list[int]:
         comm = communicator(f"/api/ws?token={token}")
