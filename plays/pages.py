@@ -161,6 +161,13 @@ def fmt_ms(ms: int | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def _moment(moment: datetime | None, day: Any) -> str:
+    if moment is None:
+        return ""
+    moment = timezone.localtime(moment)
+    return moment.strftime("%H:%M:%S" if moment.date() == day else "%Y-%m-%d %H:%M:%S")
+
+
 def pretty(value: Any) -> str:
     text = json.dumps(redact(value), indent=2, ensure_ascii=False, sort_keys=False, default=str)
     if len(text) > MAX_JSON_CHARS:
@@ -275,6 +282,10 @@ def _history(request: HttpRequest, flow: Flow | None) -> HttpResponse:
     for play in plays:
         play.args_summary = summarize(play.args)
         play.duration_text = fmt_ms(play.duration)
+        # Started and completed show the time only when it is the day the play was created.
+        day = play.created_at.date()
+        play.started_text = _moment(play.started_at, day)
+        play.completed_text = _moment(play.completed_at, day)
     pages = (total + size - 1) // size
 
     def page_url(n: int) -> str:

@@ -45,12 +45,16 @@
     return d.toISOString().slice(0, 19).replace("T", " ");
   }
 
-  function timeHtml(node, iso) {
+  // sameDay: "YYYY-MM-DD" of the play's creation; a time on that day is shown without it.
+  function timeHtml(node, iso, sameDay) {
+    if (!node) return;
     node.textContent = "";
     if (!iso) { node.textContent = "—"; return; }
     var t = document.createElement("time");
+    var text = fmtTime(iso);
     t.setAttribute("datetime", iso);
-    t.textContent = fmtTime(iso);
+    t.setAttribute("title", text + " UTC");
+    t.textContent = sameDay && text.slice(0, 10) === sameDay ? text.slice(11) : text;
     node.appendChild(t);
   }
 
@@ -149,10 +153,11 @@
       }
       return;
     }
+    var day = row.getAttribute("data-created-day");
     setBadge(row.querySelector(".js-state .badge"), state);
-    if (event.type === "play:started") timeHtml(row.querySelector(".js-started"), event.timestamp);
+    if (event.type === "play:started") timeHtml(row.querySelector(".js-started"), event.timestamp, day);
     if (TERMINAL[state]) {
-      timeHtml(row.querySelector(".js-completed"), event.timestamp);
+      timeHtml(row.querySelector(".js-completed"), event.timestamp, day);
       if (typeof event.duration === "number") row.querySelector(".js-duration").textContent = fmtMs(event.duration);
     }
     row.classList.add("is-updated");

@@ -3,7 +3,9 @@
 The server is the one `make run` starts (tests/integration/conftest.py). The scenario logs
 in through the login page, watches a play's layers arrive over the WebSocket on a page
 opened before the play ran, filters the history to FAIL, and holds and resumes a play with
-the buttons. Screenshots land in tests/artifacts/screenshots/.
+the buttons. Screenshots land in tests/artifacts/screenshots/; with
+FLOWPLAY_DOCS_SCREENSHOTS=1 the flows, history and detail ones also replace the README's
+copies in docs/screenshots/.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def shot(page: Any, name: str, docs: bool = False) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
-    if docs:
+    # The README's copies change only on request, so that a test run leaves the tree clean.
+    if docs and (os.environ.get("FLOWPLAY_DOCS_SCREENSHOTS") or not (DOCS_SHOTS / f"{name}.png").exists()):
         DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, DOCS_SHOTS / f"{name}.png")
 
