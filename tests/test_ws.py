@@ -273,3 +273,21 @@ def test_a_cookie_handshake_from_another_origin_is_refused(alice: User, client: 
 
     assert run(go(b"http://testserver")) is True
     assert run(go(b"http://evil.example:3000")) is False
+
+
+def test_it_closes_when_the_session_is_logged_out(alice: User, client: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(consumers, "AUTH_CHECK_SECONDS", 0.1)
+    monkeypatch.setattr(consumers, "POLL_SECONDS", 0.1)
+    client.force_login(alice)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+
+    async def go() -> Any:
+        comm = communicator("/api/ws", [(b"cookie", cookie)])
+        assert (await comm.connect())[0]
+        assert await comm.receive_nothing(timeout=0.4)
+        await sync_to_async(client.logout)()
+        closed = await comm.receive_output(timeout=5)
+        await comm.wait()
+        return closed
+
+    assert run(go())["code"] == 4401
