@@ -17,5 +17,5 @@ urlpatterns = [
     path("plays/", pages.play_history, name="history"),
     path("plays/<str:play_id>/", pages.play_detail, name="play-detail"),
     path("plays/<str:play_id>/decide/", pages.play_decide, name="play-decide"),
-    re_path(r"^plays/(?P<play_id>[^/]+)/(?P<verb>hold|resume|cancel|retry)/$", pages.play_action, name="play-action"),
+    re_path(r"^plays/(?P<play_id>[^/]+)/(?P<verb>start|hold|resume|cancel|retry)/$", pages.play_action, name="play-action"),
 ]

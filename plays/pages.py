@@ -57,12 +57,15 @@ MAX_LAYERS = 500
 
 # Which play states each button is legal in (plays/models.py verbs).
 ACTION_STATES: dict[str, frozenset[str]] = {
+    "start": frozenset({State.NEW}),
     "hold": HOLDABLE,
     "resume": frozenset({State.ON_HOLD}),
     "cancel": NON_TERMINAL,
     "retry": frozenset({State.FAIL}),
 }
-ACTION_LABELS = {"hold": "Hold", "resume": "Resume", "cancel": "Cancel", "retry": "Retry"}
+ACTION_LABELS = {"start": "Start", "hold": "Hold", "resume": "Resume", "cancel": "Cancel", "retry": "Retry"}
+# The model verb behind each button (a play created with start=false is begun, as by /start).
+VERBS = {"start": "begin", "hold": "hold", "resume": "resume", "cancel": "cancel"}
 
 
 # --- Login ----------------------------------------------------------------------------
@@ -396,7 +399,7 @@ def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
 @login_required
 @require_POST
 def play_action(request: HttpRequest, play_id: str, verb: str) -> HttpResponse:
-    """POST hold/resume/cancel/retry: the model verb, an audit entry, a message, back to the play."""
+    """POST start/hold/resume/cancel/retry: the model verb, an audit entry, a message, back to the play."""
     play = get_object_or_404(_plays(request), pk=play_id)
     if verb not in ACTION_STATES or not _may_operate(request.user):
         raise Http404("No such action")
@@ -406,8 +409,8 @@ def play_action(request: HttpRequest, play_id: str, verb: str) -> HttpResponse:
             record(request.user, "play.retried", play, newPlayId=new.id, source="page")
             messages.success(request, f"Retry {new.id} created ({new.state}).")
             return redirect("pages:play-detail", play_id=new.pk)
-        getattr(play, verb)(by=request.user)
-        record(request.user, PLAY_VERBS[verb], play, source="page")
+        getattr(play, VERBS[verb])(by=request.user)
+        record(request.user, PLAY_VERBS[VERBS[verb]], play, source="page")
         play.refresh_from_db(fields=["state"])
         messages.success(request, f"{ACTION_LABELS[verb]}: play is now {play.state}.")
     except InvalidState as exc:

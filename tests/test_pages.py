@@ -333,6 +333,7 @@ def test_a_long_loop_shows_its_first_layers(flow: Flow, alice: User, monkeypatch
 @pytest.mark.parametrize(
     ("arrange", "legal"),
     [
+        ("new", {"start", "hold", "cancel"}),
         ("run", {"hold", "cancel"}),
         ("hold", {"resume", "cancel"}),
         ("cancel", {"retry"}),
@@ -341,8 +342,10 @@ def test_a_long_loop_shows_its_first_layers(flow: Flow, alice: User, monkeypatch
 )
 def test_buttons_appear_only_when_the_action_is_legal(flow: Flow, alice: User, drain: Any, arrange: str,
                                                       legal: set[str]) -> None:
-    play, _ = Play.trigger(flow, {}, user=alice)
-    if arrange == "hold":
+    play, _ = Play.trigger(flow, {}, user=alice, start=arrange != "new")
+    if arrange == "new":
+        assert play.state == State.NEW
+    elif arrange == "hold":
         play.hold(alice)
     elif arrange == "cancel":
         play.cancel(alice)
@@ -407,6 +410,16 @@ def test_hold_and_resume_buttons_call_the_model_verbs(flow: Flow, alice: User) -
     assert "Resume: play is now RUN." in resumed.content.decode()
     assert list(AuditEntry.objects.filter(object_id=play.pk).order_by("id").values_list("action", flat=True)) == [
         "play.held", "play.resumed"]
+
+
+def test_start_begins_a_play_created_without_starting(flow: Flow, alice: User) -> None:
+    play, _ = Play.trigger(flow, {}, user=alice, start=False)
+    response = browser(alice).post(f"/plays/{play.pk}/start/", follow=True)
+    assert "Start: play is now RUN." in response.content.decode()
+    assert Play.objects.get(pk=play.pk).state == State.RUN
+    assert AuditEntry.objects.filter(action="play.started", object_id=play.pk).exists()
+    again = browser(alice).post(f"/plays/{play.pk}/start/", follow=True)
+    assert f"Play {play.pk} is RUN, not NEW" in again.content.decode()
 
 
 def test_an_illegal_verb_shows_a_message_and_changes_nothing(flow: Flow, alice: User) -> None:
