@@ -243,6 +243,38 @@ def test_a_skipped_play_streams_one_state_event(server: Server, alice: httpx.Cli
     assert got == stored(alice, play_id)
 
 
+def test_deferral_and_approval_stream_state_and_waiting_events(server: Server, alice: httpx.Client) -> None:
+    flow = make_flow(
+        alice,
+        [
+            {"ref": "prepare", "appId": "var", "args": {"values": {"x": 1}}},
+            {"ref": "pay", "appId": "var", "args": {"values": {"paid": True}}, "needsApproval": True},
+        ],
+    )
+    with cookie_ws(server, alice, flowId=flow["id"]) as ws:
+        r = alice.post(f"/api/flows/{flow['id']}/run", json={"args": {}, "delayMs": 300})
+        assert r.status_code == 201, r.text
+        play_id = r.json()["playId"]
+        got = collect(ws, lambda g: any(m["type"] == "play:waiting" for m in g))
+        waiting = got[-1]
+        r = alice.post(f"/api/plays/{play_id}/approve", json={"layerId": waiting["layerId"], "decision": "approved"})
+        assert r.status_code == 200, r.text
+        got += collect(ws, ended(play_id))
+    assert_shape(got)
+    assert [(m["type"], m.get("ref"), m.get("state"), m.get("previousState")) for m in got] == [
+        ("play:state", None, "DEFERRED", "NEW"),
+        ("play:started", None, "RUN", None),
+        ("play:layer:started", "prepare", "RUN", None),
+        ("play:layer:completed", "prepare", "DONE", None),
+        ("play:waiting", "pay", "WAIT", None),
+        ("play:state", None, "RUN", "WAIT"),
+        ("play:layer:started", "pay", "RUN", None),
+        ("play:layer:completed", "pay", "DONE", None),
+        ("play:completed", None, "DONE", None),
+    ]
+    assert got == stored(alice, play_id)
+
+
 def test_a_connection_sees_only_its_company_and_its_filters(
     server: Server, alice: httpx.Client, three_steps: dict[str, Any]
 ) -> None:
@@ -320,7 +352,7 @@ def test_reconnecting_with_since_loses_nothing_while_the_play_runs(server: Serve
     layers = []
     for i in range(5):
         layers.append({"ref": f"work{i}", "appId": "var", "args": {"values": {"i": i}}})
-        layers.append({"ref": f"nap{i}", "appId": "sleep", "args": {"ms": 400}})
+        layers.append({"ref": f"nap{i}", "appId": "sleep", "args": {"ms": 600}})
     flow = make_flow(alice, layers)
     token = api_key(alice)["token"]
 
