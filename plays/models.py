@@ -334,7 +334,7 @@ class Play(models.Model):
         ``reported_from`` is the previousState its event names when the caller passed the play
         through DEFERRED without an event of its own (a resume from ON_HOLD).
         """
-        from flows.expr import FilterError, Scope, evaluate_filters
+        from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters
 
         now = timezone.now()
         previous = self.state
@@ -346,6 +346,8 @@ class Play(models.Model):
                 passed = evaluate_filters(self.definition["filters"], Scope(prev={"args": self.args}, flow_id=self.flow_id, play_id=self.id))
             except FilterError as exc:
                 return self._fail_now(previous, error_body("FILTER_ERROR", str(exc)))
+            except ExpressionError as exc:  # a filter value's expression failed (e.g. 1 / 0)
+                return self._fail_now(previous, error_body("EXPRESSION_ERROR", str(exc)))
             if not passed:
                 if not self._cas([previous], state=State.SKIP, started_at=now, completed_at=now, run_at=None):
                     return False

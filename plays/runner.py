@@ -423,16 +423,16 @@ class Runner:
         """Create the step's layer; return it if the step must run now."""
         play = self.play
         filters = step.get("filters") or []
-        verdict: bool | FilterError = True
+        verdict: bool | FilterError | ExpressionError = True
         if filters:
             try:
                 verdict = evaluate_filters(filters, self.scope())
-            except FilterError as exc:
+            except (FilterError, ExpressionError) as exc:  # a value's expression can fail too
                 verdict = exc
         with transaction.atomic():
             self.own()
             iteration = self.iteration.index if self.iteration is not None else None
-            if isinstance(verdict, FilterError):
+            if isinstance(verdict, (FilterError, ExpressionError)):
                 layer = Layer.open(play, step, LayerState.RUN, iteration=iteration)
             elif not verdict:
                 self.advance(step["index"])
@@ -447,8 +447,9 @@ class Runner:
         self.layers[step["ref"]] = layer
         if layer.state == LayerState.WAIT:
             raise Stop  # after commit: raising inside atomic() would roll the wait back
-        if isinstance(verdict, FilterError):
-            self.finish_failed(step, layer, error_body("FILTER_ERROR", str(verdict)))
+        if isinstance(verdict, (FilterError, ExpressionError)):
+            code = "FILTER_ERROR" if isinstance(verdict, FilterError) else "EXPRESSION_ERROR"
+            self.finish_failed(step, layer, error_body(code, str(verdict)))
             return None
         return layer
 

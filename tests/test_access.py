@@ -188,7 +188,7 @@ def test_charlie_gets_404_for_every_one_of_alices_objects_on_every_route(db: Any
     """Every route with an object in its path, every method: another company's object is 404."""
     outsider = client_for(charlie)
     checked = 0
-    for regex, name, callback in all_patterns():
+    for regex, _name, callback in all_patterns():
         if not regex.startswith("api/") or "(?P<" not in regex:
             continue
         path = concrete(regex, world)
@@ -215,7 +215,7 @@ def test_charlie_sees_none_of_alices_objects_in_lists(db: Any, world: dict[str, 
 
 def test_bob_shares_alices_company_and_sees_her_flows_and_plays(db: Any, world: dict[str, str], bob: User) -> None:
     colleague = client_for(bob)
-    for regex, name, callback in all_patterns():
+    for regex, _name, callback in all_patterns():
         if not regex.startswith("api/") or "(?P<" not in regex or "GET" not in methods_of(callback):
             continue
         if "key_id" in regex:

@@ -4,9 +4,10 @@ goes on while plays keep running (integration test at the end, real processes)."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from django.db import connection
