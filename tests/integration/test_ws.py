@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import secrets
+import select
 import shutil
 import socket
 import struct
@@ -393,6 +394,8 @@ def test_the_seed_javascript_client_sees_layer_events(
         [node, *flags, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the script did not connect within 60 s"
         assert proc.stdout.readline().strip() == "OPEN", proc.stderr.read()
         # Deferred a little, so that the script knows the id before the first step starts.
         r = alice.post(f"/api/flows/{three_steps['id']}/run", json={"args": {"n": 5}, "delayMs": 1500})
