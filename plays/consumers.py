@@ -234,9 +234,8 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
                     return
                 self.last_seq = seq
                 await self._send_event(payload)
-            done = newest <= self.last_seq or len(rows) < CATCH_UP_BATCH
             self.last_seq = max(self.last_seq, newest)
-            if done:
+            if len(rows) < CATCH_UP_BATCH:
                 break
         # Held payloads were committed before they were published, so the table had them.
         self.held = {seq: payload for seq, payload in self.held.items() if seq > self.last_seq}

@@ -131,6 +131,22 @@ def test_it_replays_after_since_then_goes_live_without_duplicates(token: str, pl
     assert seqs == stored and len(seqs) == 5
 
 
+def test_a_replay_longer_than_one_batch_arrives_whole_at_once(token: str, play: Play, monkeypatch: Any) -> None:
+    monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
+    backlog = emit(
+        play, [(EventType.LAYER_STARTED, {"layerId": "L", "ref": f"r{i}", "state": "RUN"}) for i in range(1100)]
+    )
+
+    async def go() -> list[int]:
+        comm = communicator(f"/api/ws?token={token}&since={backlog[0].seq - 1}&playId={play.id}")
+        assert (await comm.connect())[0]
+        seqs = await receive_seqs(comm, 1100)
+        await comm.disconnect()
+        return seqs
+
+    assert run(go()) == [e.seq for e in backlog]
+
+
 def test_a_long_replay_meets_the_live_stream_without_gap_or_duplicate(token: str, play: Play) -> None:
     backlog = emit(
         play, [(EventType.LAYER_STARTED, {"layerId": "L", "ref": f"r{i}", "state": "RUN"}) for i in range(1200)]
