@@ -3,9 +3,9 @@
 Each connection remembers ``last_seq``: every event of its company up to that number has
 been delivered or filtered out. Events reach it two ways:
 
-1. as payloads on its company's channel-layer group (the fast path): published by the
-   workers after commit when Redis is configured (``fanout.py``), or by the web process's
-   own relay reading new ``Event`` rows otherwise (``Relay`` below);
+1. as payloads on its company's group in the process-local channel layer (the fast path),
+   fed by this process's ``Hub``: from Redis, where the workers publish after commit
+   (``fanout.py``), or, without Redis, from new ``Event`` rows it reads itself;
 2. by reading the ``Event`` table: on connect (``?since=``), when a payload ahead of
    ``last_seq + 1`` has waited ``GAP_GRACE_SECONDS`` for its predecessors in vain (two
    workers' messages usually just cross; a full channel drops them for good), and once a
@@ -54,6 +54,8 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOO_SLOW = 4008
 CLOSE_ERROR = 1011
 
+# The process-local channel layer the consumers listen on (see Hub).
+LOCAL_LAYER = "local"
 CATCH_UP_BATCH = 500
 # How long a payload that arrived ahead of its predecessor waits for it before the gap is
 # filled from the table, and how many may wait.
@@ -61,7 +63,7 @@ GAP_GRACE_SECONDS = 0.2
 MAX_HELD = 1000
 POLL_SECONDS = 1.0
 AUTH_CHECK_SECONDS = 10.0
-# channels-redis forgets group members after a day (group_expiry): join again well before.
+# Channel layers forget group members after a day (group_expiry): join again well before.
 REJOIN_SECONDS = 3600.0
 
 # Back-pressure. Past the high-water mark of unsent bytes the consumer stops sending (and
@@ -83,6 +85,7 @@ class TooSlow(Exception):
 
 
 class PlayEventsConsumer(AsyncWebsocketConsumer):
+    channel_layer_alias = LOCAL_LAYER
     company_id: str
     play_id: str | None = None
     flow_id: str | None = None
@@ -118,8 +121,7 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         self.last_seq = since if since is not None else await self._head()
         self.group = company_group(self.company_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
-        if not settings.REDIS_URL:
-            relay.subscribe(self.company_id)
+        await hub.subscribe(self.company_id)
         await self.accept()
         # The poller's first round replays ?since= before anything else is sent.
         self.poller = asyncio.create_task(self._poll())
@@ -130,10 +132,9 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
             if task is not None:
                 task.cancel()
         if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-            if not settings.REDIS_URL:
-                relay.unsubscribe(self.company_id)
             self.group = None
+            await self.channel_layer.group_discard(company_group(self.company_id), self.channel_name)
+            await hub.unsubscribe(self.company_id)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         # Clients only listen; {"type": "ping"} gets a pong with the last seq looked at.
@@ -319,17 +320,26 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         return True
 
 
-# --- Embedded relay -------------------------------------------------------------------
+# --- The hub: one subscription per process --------------------------------------------
 
 
-class Relay:
-    """Publish new ``Event`` rows to this process's channel-layer groups.
+class Hub:
+    """Bring each company's events into this process once, for all its consumers here.
 
-    Without Redis the channel layer lives in the web process's memory, out of the workers'
-    reach, so the web process reads what they committed instead: every ``RELAY_SECONDS``
-    one query over the heads of the companies that have listeners here, and for each head
-    that moved, the rows after the last one published (by ``seq``, which is commit order,
-    so none is passed over).
+    Consumers join groups of the process-local channel layer (``"local"``). The hub feeds
+    those groups from one of two sources:
+
+    - with Redis: one channel of this process in each listened-to company's Redis group,
+      so a worker's ``group_send`` costs one Redis message per web process instead of one
+      per WebSocket, and one receive loop here hands it to every local consumer;
+    - without Redis (embedded), the workers cannot reach this process's memory at all: the
+      hub reads what they committed instead, every ``RELAY_SECONDS``: one query over the
+      heads of the companies that have listeners here, and for each head that moved, the
+      rows after the last one published (by ``seq``, which is commit order, so none is
+      passed over).
+
+    Either way a message the hub misses (a full channel, Redis down) only costs latency:
+    consumers notice the hole in ``seq`` and read the table.
     """
 
     RELAY_SECONDS = 0.05
@@ -340,23 +350,66 @@ class Relay:
         self.published: dict[str, int] = {}
         self.task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.lock: asyncio.Lock | None = None
+        self.channel: str | None = None
 
-    def subscribe(self, company_id: str) -> None:
-        self.listeners[company_id] += 1
+    async def subscribe(self, company_id: str) -> None:
         loop = asyncio.get_running_loop()
-        if self.task is None or self.task.done() or self.loop is not loop:
-            self.loop = loop
+        if self.loop is not loop:
+            # A new event loop (tests run one per case): what belonged to the old one is gone.
+            self.loop, self.lock, self.task, self.channel = loop, asyncio.Lock(), None, None
+            self.listeners.clear()
             self.published.clear()
-            self.task = loop.create_task(self._run())
+        assert self.lock is not None
+        async with self.lock:
+            if self.task is None or self.task.done():
+                if settings.REDIS_URL:
+                    self.channel = await get_channel_layer().new_channel("flowplay-hub")
+                    for company in self.listeners:
+                        await get_channel_layer().group_add(company_group(company), self.channel)
+                    self.task = loop.create_task(self._bridge())
+                else:
+                    self.task = loop.create_task(self._relay())
+            self.listeners[company_id] += 1
+            if self.listeners[company_id] == 1 and self.channel:
+                await get_channel_layer().group_add(company_group(company_id), self.channel)
 
-    def unsubscribe(self, company_id: str) -> None:
-        self.listeners[company_id] -= 1
-        if self.listeners[company_id] <= 0:
-            del self.listeners[company_id]
-            self.published.pop(company_id, None)
+    async def unsubscribe(self, company_id: str) -> None:
+        if self.lock is None or self.loop is not asyncio.get_running_loop():
+            return
+        async with self.lock:
+            if company_id not in self.listeners:
+                return
+            self.listeners[company_id] -= 1
+            if self.listeners[company_id] <= 0:
+                del self.listeners[company_id]
+                self.published.pop(company_id, None)
+                if self.channel:
+                    await get_channel_layer().group_discard(company_group(company_id), self.channel)
 
-    async def _run(self) -> None:
-        layer = get_channel_layer()
+    async def _bridge(self) -> None:
+        redis_layer, local = get_channel_layer(), get_channel_layer(LOCAL_LAYER)
+        loop = asyncio.get_running_loop()
+        next_join = loop.time() + REJOIN_SECONDS
+        while True:
+            try:
+                message = await redis_layer.receive(self.channel)
+                company = message.get("company")
+                if company in self.listeners:
+                    await local.group_send(company_group(company), message)
+                if loop.time() >= next_join:
+                    # channels-redis forgets group members after a day (group_expiry).
+                    next_join = loop.time() + REJOIN_SECONDS
+                    for company in list(self.listeners):
+                        await redis_layer.group_add(company_group(company), self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event hub lost Redis; consumers read the event table meanwhile")
+                await asyncio.sleep(1)
+
+    async def _relay(self) -> None:
+        local = get_channel_layer(LOCAL_LAYER)
         while True:
             try:
                 companies = list(self.listeners)
@@ -367,9 +420,9 @@ class Relay:
                             continue
                         self.published[company_id] = last
                         for start in range(0, len(payloads), 100):
-                            await layer.group_send(
+                            await local.group_send(
                                 company_group(company_id),
-                                {"type": "play.events", "events": payloads[start : start + 100]},
+                                {"type": "play.events", "company": company_id, "events": payloads[start : start + 100]},
                             )
                     if any(len(p) == self.BATCH for _, _, p in batches):
                         continue
@@ -401,4 +454,4 @@ class Relay:
         return out
 
 
-relay = Relay()
+hub = Hub()

@@ -61,7 +61,9 @@ class Publisher:
             company_id, payloads = self._queue.get()
             try:
                 loop.run_until_complete(
-                    layer.group_send(company_group(company_id), {"type": "play.events", "events": payloads})
+                    layer.group_send(
+                        company_group(company_id), {"type": "play.events", "company": company_id, "events": payloads}
+                    )
                 )
             except Exception:  # Redis down: consumers catch up from the database
                 log.warning("could not publish %d events to the channel layer", len(payloads), exc_info=True)

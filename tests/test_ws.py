@@ -1,5 +1,5 @@
 """The WebSocket consumer in-process (channels' WebsocketCommunicator), on the embedded
-channel layer and relay. The real server and clients are in tests/integration/test_ws.py."""
+channel layer and hub (embedded mode). The real server and clients are in tests/integration/test_ws.py."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _one_database_thread(monkeypatch: Any) -> None:
     """
     for owner, name in [
         (consumers.PlayEventsConsumer, n) for n in ("_read", "_head", "_resolve_flow", "_still_authorized")
-    ] + [(consumers.Relay, "_read")]:
+    ] + [(consumers.Hub, "_read")]:
         monkeypatch.setattr(owner, name, sync_to_async(owner.__dict__[name].func))
 
 
@@ -178,9 +178,9 @@ def test_it_reads_from_the_table_what_the_channel_layer_dropped(token: str, play
         comm = communicator(f"/api/ws?token={token}")
         assert (await comm.connect())[0]
         # Events stored but never published, then a payload that shows the gap.
-        consumers.relay.listeners.clear()
+        consumers.hub.listeners.clear()
         events = await sync_to_async(lambda: [e for _ in range(3) for e in step(play, "x")])()
-        await get_channel_layer().group_send(
+        await get_channel_layer(consumers.LOCAL_LAYER).group_send(
             company_group(play.company_id), {"type": "play.events", "events": [events[-1].payload]}
         )
         seqs = await receive_seqs(comm, 3)
@@ -192,7 +192,7 @@ def test_it_reads_from_the_table_what_the_channel_layer_dropped(token: str, play
 
 
 def test_crossed_messages_are_put_in_order_without_reading_the_table(token: str, play: Play, monkeypatch: Any) -> None:
-    monkeypatch.setattr(consumers.Relay, "RELAY_SECONDS", 3600)
+    monkeypatch.setattr(consumers.Hub, "RELAY_SECONDS", 3600)
     monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
     reads = []
     real_read = consumers.PlayEventsConsumer.__dict__["_read"].func
@@ -211,7 +211,9 @@ def test_crossed_messages_are_put_in_order_without_reading_the_table(token: str,
         events = await sync_to_async(lambda: step(play, "one") + step(play, "two") + step(play, "three"))()
         group = company_group(play.company_id)
         for i in (1, 2, 0):  # two workers' messages crossing
-            await get_channel_layer().group_send(group, {"type": "play.events", "events": [events[i].payload]})
+            await get_channel_layer(consumers.LOCAL_LAYER).group_send(
+                group, {"type": "play.events", "events": [events[i].payload]}
+            )
         seqs = await receive_seqs(comm, 3)
         await comm.disconnect()
         return seqs, [e.seq for e in events], len(reads) - first_reads
@@ -222,7 +224,7 @@ def test_crossed_messages_are_put_in_order_without_reading_the_table(token: str,
 
 
 def test_the_poll_delivers_events_whose_message_never_came(token: str, play: Play, monkeypatch: Any) -> None:
-    monkeypatch.setattr(consumers.Relay, "RELAY_SECONDS", 3600)
+    monkeypatch.setattr(consumers.Hub, "RELAY_SECONDS", 3600)
 
     async def go() -> tuple[list[int], list[int]]:
         comm = communicator(f"/api/ws?token={token}")
