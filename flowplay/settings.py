@@ -202,6 +202,9 @@ if REDIS_URL:
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# WebSocket consumers join groups of this process only; one hub per web process takes each
+# event from Redis (or the event table) once and hands it to them (plays/consumers.py).
+CHANNEL_LAYERS["local"] = {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000}}
 
 # --- REST framework -------------------------------------------------------------------
 REST_FRAMEWORK = {
