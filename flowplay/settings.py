@@ -204,7 +204,8 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 # WebSocket consumers join groups of this process only; one hub per web process takes each
 # event from Redis (or the event table) once and hands it to them (plays/consumers.py).
-CHANNEL_LAYERS["local"] = {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000}}
+# A consumer that falls 100 messages behind loses the newest ones and reads the table.
+CHANNEL_LAYERS["local"] = {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100}}
 
 # --- REST framework -------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -419,10 +419,10 @@ class Hub:
                         if company_id not in self.listeners:
                             continue
                         self.published[company_id] = last
-                        for start in range(0, len(payloads), 100):
+                        for start in range(0, len(payloads), 50):
                             await local.group_send(
                                 company_group(company_id),
-                                {"type": "play.events", "company": company_id, "events": payloads[start : start + 100]},
+                                {"type": "play.events", "company": company_id, "events": payloads[start : start + 50]},
                             )
                     if any(len(p) == self.BATCH for _, _, p in batches):
                         continue
