@@ -190,6 +190,8 @@ class PagePagination(BasePagination):
 
     default_size = 25
     max_size = 100
+    # Deeper pages are refused (400) instead of overflowing the database's OFFSET.
+    max_page = 10_000_000
 
     def paginate_queryset(self, queryset: Any, request: Any, view: Any = None) -> list[Any]:
         self.page, self.size = self.parse(request)
@@ -206,6 +208,8 @@ class PagePagination(BasePagination):
         size = cls._int(request.query_params.get("size"), cls.default_size, "size", errors)
         if "page" not in errors and page < 0:
             errors["page"] = ["page must be 0 or more"]
+        elif "page" not in errors and page > cls.max_page:
+            errors["page"] = [f"page must be at most {cls.max_page}"]
         if "size" not in errors and not 1 <= size <= cls.max_size:
             errors["size"] = [f"size must be between 1 and {cls.max_size}"]
         if errors:
@@ -241,7 +245,8 @@ class PagePagination(BasePagination):
 
     def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
         return [
-            {"name": "page", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+            {"name": "page", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 0, "maximum": self.max_page}},
             {"name": "size", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
         ]
 

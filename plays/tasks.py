@@ -48,7 +48,7 @@ def release_due_one() -> bool:
     with transaction.atomic():
         # skip_locked: several schedulers (or a slow previous run) never claim the same row.
         play = (
-            Play.objects.select_for_update(skip_locked=True)
+            Play.objects.select_for_update(skip_locked=True, of=("self",))  # not the joined flow version
             .select_related("flow_version")
             .filter(state=State.DEFERRED, run_at__lte=timezone.now())
             .order_by("run_at", "created_at")
@@ -82,7 +82,7 @@ def release_flow_slots(flow_id: str) -> int:
     while True:
         with transaction.atomic():
             play = (
-                Play.objects.select_for_update(skip_locked=True)
+                Play.objects.select_for_update(skip_locked=True, of=("self",))  # not the joined flow version
                 .select_related("flow_version")
                 .filter(flow_id=flow_id, state=State.DEFERRED, run_at__isnull=True)
                 .order_by("created_at")
@@ -103,7 +103,7 @@ def reap_stuck_one(idle_seconds: float = 30.0) -> bool:
     now = timezone.now()
     with transaction.atomic():
         play = (
-            Play.objects.select_for_update(skip_locked=True)
+            Play.objects.select_for_update(skip_locked=True, of=("self",))  # not the joined flow version
             .select_related("flow_version")
             .filter(state=State.RUN)
             .filter(Q(lease_until__lt=now) | Q(runner="", updated_at__lt=now - timedelta(seconds=idle_seconds)))

@@ -212,7 +212,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     @action(detail=True, methods=["get"], pagination_class=None, filterset_class=None)
     def events(self, request: Any, play_id: str) -> Response:
         play = self.get_object()
-        since = _int_param(request, "since", 0, minimum=0)
+        since = _int_param(request, "since", 0, minimum=0, maximum=2**63 - 1)  # a bigint column
         limit = _int_param(request, "limit", 1000, minimum=1, maximum=10000)
         events = Event.objects.filter(play=play, seq__gt=since).order_by("seq")[:limit]
         return Response([e.payload for e in events])

@@ -162,7 +162,7 @@ def test_public_routes_are_only_login_and_health(db: Any) -> None:
         assert anon.get(path).status_code in (401, 403), path
 
 
-def test_every_websocket_route_refuses_anonymous_connections(db: Any) -> None:
+def test_every_websocket_route_refuses_anonymous_connections(transactional_db: Any) -> None:
     from channels.testing import WebsocketCommunicator
 
     from flowplay.asgi import application

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -57,6 +59,22 @@ def _no_broker(no_enqueue: list[str]) -> None:
     """Runs triggered by generated requests are captured instead of sent to a broker."""
 
 
+@contextmanager
+def test_transaction_kept() -> Iterator[None]:
+    """schemathesis calls the WSGI app directly: like Django's test client, keep the request
+    signals from closing the test's database connection (it holds the test transaction)."""
+    from django.core.signals import request_finished, request_started
+    from django.db import close_old_connections
+
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    try:
+        yield
+    finally:
+        request_started.connect(close_old_connections)
+        request_finished.connect(close_old_connections)
+
+
 def test_the_schema_covers_every_api_route() -> None:
     paths = set(SCHEMA["paths"])
     for expected in ("/api/flows", "/api/flows/{flow_id}", "/api/flows/{flow_id}/run", "/api/flows/{flow_id}/layers",
@@ -78,7 +96,8 @@ def test_the_schema_covers_every_api_route() -> None:
 def test_every_operation_answers_as_documented_and_never_500(case: Any, token: str) -> None:
     if case.path == "/api/auth/logout":
         return  # logging out would end the session the other examples use; covered in test_access
-    case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
+    with test_transaction_kept():
+        case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
 
 
 # --- Broken bodies ---------------------------------------------------------------------------
