@@ -282,8 +282,10 @@ def play_state_chain(events: list[dict[str, Any]]) -> list[str]:
 def test_100_concurrent_hold_resume_cancel_calls_leave_one_consistent_story(cluster: Cluster, counter: CountingServer,
                                                                             alice: httpx.Client) -> None:
     cluster.start("worker-c", "worker")
+    # Long enough that the play cannot finish before the calls are over, however slow they are:
+    # the cancel among them always finds it unfinished.
     flow = make_flow(alice, "Hammered", [curl("slow", counter.url + "/hammer/slow?s=2"),
-                                         {"ref": "nap", "appId": "sleep", "args": {"ms": 3000}},
+                                         {"ref": "nap", "appId": "sleep", "args": {"ms": 120000}},
                                          curl("end", counter.url + "/hammer/end")])
     play_id = run_play(alice, flow["id"])
     clients = [cluster.client("alice") for _ in range(4)]
