@@ -57,6 +57,7 @@ CLOSE_ERROR = 1011
 # The process-local channel layer the consumers listen on (see Hub).
 LOCAL_LAYER = "local"
 CATCH_UP_BATCH = 500
+FULL_CHECK_ROUNDS = 30
 # How long a payload that arrived ahead of its predecessor waits for it before the gap is
 # filled from the table, and how many may wait.
 GAP_GRACE_SECONDS = 0.2
@@ -246,10 +247,18 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         loop = asyncio.get_running_loop()
         next_auth = loop.time() + AUTH_CHECK_SECONDS
         next_join = loop.time() + REJOIN_SECONDS
+        rounds = 0
+        seen_head: int | None = None
         try:
             while not self.closing:
-                async with self.lock:
-                    await self._catch_up_locked()
+                # The table is read when the hub knew of events a round ago that have not
+                # arrived here since (their message was dropped), when the hub knows nothing,
+                # on the first round (the ?since= replay), and every FULL_CHECK_ROUNDS anyway.
+                if seen_head is None or seen_head > self.last_seq or rounds % FULL_CHECK_ROUNDS == 0:
+                    async with self.lock:
+                        await self._catch_up_locked()
+                rounds += 1
+                seen_head = hub.heads.get(self.company_id)
                 now = loop.time()
                 if now >= next_auth:
                     next_auth = now + AUTH_CHECK_SECONDS
@@ -339,7 +348,9 @@ class Hub:
       passed over).
 
     Either way a message the hub misses (a full channel, Redis down) only costs latency:
-    consumers notice the hole in ``seq`` and read the table.
+    consumers notice the hole in ``seq`` and read the table. The hub also knows each
+    company's newest seq (``heads``: from the table every second, or every relay round), so
+    a consumer can tell that it missed the end of a burst without a query of its own.
     """
 
     RELAY_SECONDS = 0.05
@@ -352,14 +363,18 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lock: asyncio.Lock | None = None
         self.channel: str | None = None
+        self.heads: dict[str, int] = {}
+        self.watcher: asyncio.Task | None = None
 
     async def subscribe(self, company_id: str) -> None:
         loop = asyncio.get_running_loop()
         if self.loop is not loop:
             # A new event loop (tests run one per case): what belonged to the old one is gone.
             self.loop, self.lock, self.task, self.channel = loop, asyncio.Lock(), None, None
+            self.watcher = None
             self.listeners.clear()
             self.published.clear()
+            self.heads.clear()
         assert self.lock is not None
         async with self.lock:
             if self.task is None or self.task.done():
@@ -368,6 +383,7 @@ class Hub:
                     for company in self.listeners:
                         await get_channel_layer().group_add(company_group(company), self.channel)
                     self.task = loop.create_task(self._bridge())
+                    self.watcher = loop.create_task(self._watch())
                 else:
                     self.task = loop.create_task(self._relay())
             self.listeners[company_id] += 1
@@ -384,6 +400,7 @@ class Hub:
             if self.listeners[company_id] <= 0:
                 del self.listeners[company_id]
                 self.published.pop(company_id, None)
+                self.heads.pop(company_id, None)
                 if self.channel:
                     await get_channel_layer().group_discard(company_group(company_id), self.channel)
 
@@ -396,6 +413,8 @@ class Hub:
                 message = await redis_layer.receive(self.channel)
                 company = message.get("company")
                 if company in self.listeners:
+                    newest = max((p["seq"] for p in message.get("events", [])), default=0)
+                    self.heads[company] = max(self.heads.get(company, 0), newest)
                     await local.group_send(company_group(company), message)
                 if loop.time() >= next_join:
                     # channels-redis forgets group members after a day (group_expiry).
@@ -408,6 +427,25 @@ class Hub:
                 log.exception("event hub lost Redis; consumers read the event table meanwhile")
                 await asyncio.sleep(1)
 
+    async def _watch(self) -> None:
+        """With Redis: the heads from the table once a second, for messages Redis dropped."""
+        while True:
+            try:
+                companies = list(self.listeners)
+                if companies:
+                    for company_id, head in (await self._heads(companies)).items():
+                        if company_id in self.listeners:
+                            self.heads[company_id] = max(self.heads.get(company_id, 0), head)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event hub could not read the heads")
+            await asyncio.sleep(POLL_SECONDS)
+
+    @db_read
+    def _heads(self, companies: list[str]) -> dict[str, int]:
+        return dict(Company.objects.filter(pk__in=companies).values_list("pk", "event_seq"))
+
     async def _relay(self) -> None:
         local = get_channel_layer(LOCAL_LAYER)
         while True:
@@ -419,6 +457,7 @@ class Hub:
                         if company_id not in self.listeners:
                             continue
                         self.published[company_id] = last
+                        self.heads[company_id] = max(self.heads.get(company_id, 0), last)
                         for start in range(0, len(payloads), 50):
                             await local.group_send(
                                 company_group(company_id),

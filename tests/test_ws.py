@@ -223,16 +223,26 @@ def test_crossed_messages_are_put_in_order_without_reading_the_table(token: str,
     assert extra_reads == 0
 
 
-def test_the_poll_delivers_events_whose_message_never_came(token: str, play: Play, monkeypatch: Any) -> None:
-    monkeypatch.setattr(consumers.Hub, "RELAY_SECONDS", 3600)
+def test_the_poll_delivers_the_end_of_a_burst_whose_messages_were_dropped(
+    token: str, play: Play, monkeypatch: Any
+) -> None:
+    from channels.layers import InMemoryChannelLayer
 
-    async def go() -> tuple[list[int], list[int]]:
+    async def full_channel(self: Any, group: str, message: dict) -> None:
+        pass  # every consumer channel is full: the group_send reaches nobody
+
+    async def go() -> tuple[list[int], list[int], list[int]]:
         comm = communicator(f"/api/ws?token={token}")
         assert (await comm.connect())[0]
-        events = await sync_to_async(lambda: step(play, "quiet") + step(play, "quiet"))()
-        seqs = await receive_seqs(comm, 2, timeout=consumers.POLL_SECONDS * 5)
+        first = await sync_to_async(step)(play, "delivered")
+        got = await receive_seqs(comm, 1)
+        with monkeypatch.context() as m:
+            m.setattr(InMemoryChannelLayer, "group_send", full_channel)
+            events = await sync_to_async(lambda: step(play, "dropped") + step(play, "dropped"))()
+            # Nothing comes after them to show the gap: the hub's head does.
+            got += await receive_seqs(comm, 2, timeout=consumers.POLL_SECONDS * 5)
         await comm.disconnect()
-        return seqs, [e.seq for e in events]
+        return got, [first[0].seq] + [e.seq for e in events]
 
     got, stored = run(go())
     assert got == stored
