@@ -128,7 +128,10 @@ ASGI_APPLICATION = "flowplay.asgi.application"
 # --- Database -------------------------------------------------------------------------
 DATABASE_URL = env_str("DATABASE_URL", "")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))}
+    # Under ASGI (Daphne) every request runs in a thread of its own, so persistent connections
+    # pile up until PostgreSQL refuses clients ("too many clients"): Django's advice is 0 there.
+    # Health checks make a connection that a database restart broke reconnect on next use.
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))}
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
