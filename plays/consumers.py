@@ -200,6 +200,8 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         return True
 
     async def _send_event(self, payload: dict[str, Any]) -> None:
+        if self.closing:
+            return  # closed by us (too slow, revoked) while this task was on its way here
         await self.send(text_data=json.dumps(payload))
         backlog = self.scope.get(SEND_BACKLOG)
         if backlog is not None and backlog() > SEND_HIGH_WATER:
