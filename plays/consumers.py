@@ -107,7 +107,7 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
             since = int(since_raw) if since_raw != "" else None
         except ValueError:
             since = -1
-        if since is not None and since < 0:
+        if since is not None and not 0 <= since < 2**63:  # seq is a bigint column
             await self.close(code=CLOSE_BAD_REQUEST)
             return
         self.company_id = user.company_id

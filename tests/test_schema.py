@@ -160,3 +160,24 @@ def test_wrong_content_types_are_400(api: APIClient, run_url: str, content_type:
     for url in (run_url, "/api/flows"):
         body = error_of(api.generic("POST", url, b"args=1", content_type=content_type), 400, "VALIDATION_ERROR")
         assert "application/json" in body["message"]
+
+
+@pytest.mark.parametrize("since", ["-1", str(2**63), "9" * 40, "abc"])
+def test_websocket_since_out_of_range_is_refused_not_a_crash(transactional_db: Any, alice: User, since: str) -> None:
+    from asgiref.sync import async_to_sync
+    from channels.testing import WebsocketCommunicator
+
+    from flowplay.asgi import application
+
+    _, secret = ApiKey.issue(alice, "ws")
+
+    async def attempt() -> tuple[bool, Any]:
+        communicator = WebsocketCommunicator(application, f"/api/ws?token={secret}&since={since}")
+        connected, code = await communicator.connect(timeout=5)
+        if connected:
+            code = (await communicator.receive_output(timeout=5)).get("code")
+        await communicator.disconnect()
+        return connected, code
+
+    connected, code = async_to_sync(attempt)()
+    assert code == 4400, (connected, code)
