@@ -188,3 +188,18 @@ def test_old_plays_are_pruned_while_new_plays_keep_running(cluster: Any) -> None
     assert listed == set(new)
     assert alice.get(f"/api/plays/{old[0]}").status_code == 404
     alice.close()
+
+
+def test_the_prune_command_reports_what_it_deleted(api: Any, drain: Any, policy: Any) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}])
+    Flow.objects.filter(pk=flow["id"]).update(retention_days=1, retention_keep=1)
+    ids = finished(api, flow, 6, drain)
+    age(ids, 3)
+    out = StringIO()
+    call_command("prune_plays", "--batch", "2", stdout=out)
+    assert out.getvalue().startswith("deleted 5 plays in ")
+    assert list(Play.objects.filter(flow_id=flow["id"]).values_list("id", flat=True)) == [ids[-1]]
