@@ -119,7 +119,11 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         self.flow_id = await self._resolve_flow(flow) if flow else None
         self.lock = asyncio.Lock()
         self.held: dict[int, dict[str, Any]] = {}
-        self.last_seq = since if since is not None else await self._head()
+        head = await self._head()
+        # A since beyond the newest event cannot be a seq of this company's stream (a
+        # database restored from a backup, another server): start at the head instead of
+        # silently skipping the events still to come up to it.
+        self.last_seq = head if since is None else min(since, head)
         self.group = company_group(self.company_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await hub.subscribe(self.company_id)

@@ -173,6 +173,20 @@ def test_a_long_replay_meets_the_live_stream_without_gap_or_duplicate(token: str
     assert got == stored and len(got) == 1220
 
 
+def test_a_since_beyond_the_newest_event_starts_at_the_newest(token: str, play: Play) -> None:
+    newest = step(play, "before")[0].seq
+
+    async def go() -> int:
+        comm = communicator(f"/api/ws?token={token}&since={newest + 1000}")
+        assert (await comm.connect())[0]
+        await sync_to_async(step)(play, "after")
+        seq = (await comm.receive_json_from(timeout=10))["seq"]
+        await comm.disconnect()
+        return seq
+
+    assert run(go()) == newest + 1
+
+
 def test_it_reads_from_the_table_what_the_channel_layer_dropped(token: str, play: Play, settings: Any) -> None:
     async def go() -> list[int]:
         comm = communicator(f"/api/ws?token={token}")
