@@ -8,8 +8,9 @@ been delivered or filtered out. Events reach it two ways:
    (``fanout.py``), or, without Redis, from new ``Event`` rows it reads itself;
 2. by reading the ``Event`` table: on connect (``?since=``), when a payload ahead of
    ``last_seq + 1`` has waited ``GAP_GRACE_SECONDS`` for its predecessors in vain (two
-   workers' messages usually just cross; a full channel drops them for good), and once a
-   second in case the last message of a burst was dropped.
+   workers' messages usually just cross; a full channel drops them for good), and when
+   the hub already knew a second ago of events that have not arrived here since (the
+   end of a burst was dropped; ``Hub.heads``), besides every ``FULL_CHECK_ROUNDS`` s.
 
 ``seq`` is allocated under a per-company row lock held until commit, so sequence order is
 commit order: once seq N is visible, every event before it is. "Every event after
