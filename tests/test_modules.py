@@ -149,23 +149,26 @@ def no_connect(monkeypatch: pytest.MonkeyPatch) -> list:
 
 
 def flowplay_settings(monkeypatch: pytest.MonkeyPatch, **conf: Any) -> None:
-    monkeypatch.setattr(modules, "_flowplay_settings", lambda: conf)
+    monkeypatch.setattr(modules.curl, "_flowplay_settings", lambda: conf)
 
 
 # --- Registry and describe() ----------------------------------------------------------
 
 ALL_APP_IDS = [
+    "aggregator",
     "base64-decode",
     "base64-encode",
     "csv-parse",
     "curl",
     "enumeration",
+    "iterator",
     "json-parse",
     "json-stringify",
     "pdf-extract",
     "regex",
     "router",
     "sleep",
+    "subflow",
     "template",
     "url-decode",
     "url-encode",
@@ -594,7 +597,7 @@ def test_curl_unresolvable_host_is_http_error() -> None:
 
 
 def test_curl_response_size_cap(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(modules, "MAX_RESPONSE_BYTES", 1000)
+    monkeypatch.setattr(modules.curl, "MAX_RESPONSE_BYTES", 1000)
     err = step_error("curl", {"url": f"{server}/big"})
     assert (err.code, err.retryable) == ("RESPONSE_TOO_LARGE", False)
     assert run("curl", {"url": f"{server}/json"})["statusCode"] == 200
@@ -748,7 +751,7 @@ def test_regex_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     err = step_error("regex", {"input": "a" * (modules.MAX_REGEX_INPUT + 1), "pattern": "a"})
     assert (err.code, err.retryable) == ("INVALID_INPUT", False)
     assert step_error("regex", {"input": "x", "pattern": "("}).code == "INVALID_INPUT"
-    monkeypatch.setattr(modules, "MAX_REGEX_MATCHES", 3)
+    monkeypatch.setattr(modules.regex, "MAX_REGEX_MATCHES", 3)
     assert step_error("regex", {"input": "aaaa", "pattern": "a", "operation": "findAll"}).code == "INVALID_INPUT"
 
 
@@ -900,5 +903,5 @@ def test_csv_parse_ragged_rows_and_odd_headers() -> None:
 def test_csv_parse_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     err = step_error("csv-parse", {"input": 'a,b\n1,"2"x\n'})
     assert (err.code, err.retryable) == ("INVALID_INPUT", False)
-    monkeypatch.setattr(modules, "MAX_CSV_ROWS", 2)
+    monkeypatch.setattr(modules.csv_parse, "MAX_CSV_ROWS", 2)
     assert step_error("csv-parse", {"input": "h\n1\n2\n3\n"}).code == "INVALID_INPUT"

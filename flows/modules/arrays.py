@@ -1,0 +1,1 @@
+"""`array-filter` and `array-map`."""

@@ -1,0 +1,384 @@
+"""`curl`: an HTTP request, through a transport that refuses denied addresses (``OutboundPolicy``)."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import ipaddress
+import json
+import re
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+
+from .base import (
+    _SCALAR,
+    Module,
+    RunContext,
+    StepError,
+    _deferred,
+    _format_path,
+    _invalid,
+    _obj,
+    _reject_constant,
+    register,
+)
+
+MAX_RESPONSE_BYTES = 10 * 1024 * 1024
+MAX_REDIRECTS = 10
+
+DEFAULT_CURL_DENY = ["169.254.0.0/16", "fd00:ec2::254/128", "100.100.100.200/32"]
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _flowplay_settings() -> Mapping[str, Any]:
+    # Read on every call, not at import: this module must import without Django
+    # configured, and tests override settings.
+    try:
+        from django.conf import settings
+        from django.core.exceptions import ImproperlyConfigured
+    except ImportError:
+        return {}
+    try:
+        return getattr(settings, "FLOWPLAY", None) or {}
+    except ImproperlyConfigured:
+        return {}
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class OutboundPolicy:
+    deny: tuple[IPNetwork, ...]
+    allow_networks: tuple[IPNetwork, ...]
+    allow_hosts: frozenset[str]
+
+    @classmethod
+    def from_settings(cls) -> OutboundPolicy:
+        conf = _flowplay_settings()
+        deny_conf = conf.get("CURL_DENY")
+        deny_conf = DEFAULT_CURL_DENY if deny_conf is None else deny_conf
+        deny = []
+        for entry in deny_conf:
+            try:
+                deny.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+            except ValueError as exc:
+                # Fail closed: a typo in the deny list must not open it.
+                raise StepError(f"FLOWPLAY CURL_DENY entry {entry!r} is not a network", "CONFIG_ERROR") from exc
+        allow_networks, allow_hosts = [], set()
+        for entry in conf.get("CURL_ALLOW") or []:
+            text = str(entry).strip()
+            try:
+                allow_networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                allow_hosts.add(text.lower().rstrip("."))
+        return cls(tuple(deny), tuple(allow_networks), frozenset(allow_hosts))
+
+    def host_allowed(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.allow_hosts
+
+    def address_denied(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        # ::ffff:169.254.169.254 reaches the same host as 169.254.169.254.
+        candidates = [ip]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            candidates.append(ip.ipv4_mapped)
+        for candidate in candidates:
+            if any(candidate in net for net in self.allow_networks if net.version == candidate.version):
+                return False
+        return any(c in net for c in candidates for net in self.deny if net.version == c.version)
+
+
+class _GuardedBackend(httpcore.NetworkBackend):
+    """Resolves the host itself and connects to a checked address.
+
+    Checking at connect time (rather than once per URL) covers every redirect hop and
+    leaves no window for DNS to answer differently between the check and the connect.
+    """
+
+    def __init__(self, policy: OutboundPolicy):
+        self.policy = policy
+        self.inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        if not self.policy.host_allowed(host):
+            denied = [a for a in addresses if self.policy.address_denied(a)]
+            if denied:
+                raise StepError(
+                    f"Outbound connections to {host} ({denied[0]}) are not allowed",
+                    "HOST_DENIED",
+                    retryable=False,
+                )
+        last_error: Exception = httpcore.ConnectError(f"no address for {host}")
+        for address in addresses:
+            try:
+                return self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                last_error = exc
+        raise last_error
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
+        raise httpcore.ConnectError("unix sockets are not allowed")
+
+
+class _CoreStream(httpx.SyncByteStream):
+    def __init__(self, stream: Iterable[bytes]):
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._stream
+
+    def close(self) -> None:
+        if hasattr(self._stream, "close"):
+            self._stream.close()
+
+
+class _GuardedTransport(httpx.BaseTransport):
+    """httpx transport on an httpcore pool with our network backend.
+
+    Built from public httpcore API rather than patching HTTPTransport's private pool, so
+    an httpx upgrade cannot silently drop the outbound check.
+    """
+
+    def __init__(self, policy: OutboundPolicy):
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=_ssl_context(),
+            max_connections=4,
+            network_backend=_GuardedBackend(policy),
+        )
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.SyncByteStream)
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        response = self._pool.handle_request(core_request)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_CoreStream(response.stream),
+            extensions=response.extensions,
+        )
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> Any:
+    # Loading the CA bundle costs milliseconds; contexts are safe to share.
+    return httpx.create_ssl_context()
+
+
+def _is_json_type(content_type: str) -> bool:
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime in ("application/json", "text/json") or mime.endswith("+json")
+
+
+@register
+class Curl(Module):
+    app_id = "curl"
+    summary = "Make an HTTP request; a non-2xx status is an ordinary result, not a failure."
+    args_schema = _obj(
+        {
+            "method": {
+                "type": "string",
+                "enum": ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                "default": "GET",
+            },
+            "url": {"type": "string", "minLength": 1},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "query": {
+                "type": "object",
+                "additionalProperties": {"type": [*_SCALAR, "array"], "items": {"type": _SCALAR}},
+            },
+            "body": {
+                "type": ["object", "array", "string"],
+                "description": "an object or array is sent as JSON, a string as is",
+            },
+            "bodyForm": {
+                "type": "object",
+                "additionalProperties": {"type": [*_SCALAR, "array"], "items": {"type": _SCALAR}},
+            },
+            "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 30},
+            "followRedirects": {"type": "boolean", "default": True},
+            "responseType": {
+                "type": "string",
+                "enum": ["json", "text", "binary"],
+                "description": "binary = base64 body; default: json for a JSON content type that parses, else text",
+            },
+            "basicAuth": _obj(
+                {"username": {"type": "string"}, "password": {"type": "string"}}, ["username", "password"]
+            ),
+            "bearerToken": {"type": "string", "minLength": 1},
+        },
+        ["url"],
+    )
+    out_schema = _obj(
+        {
+            "statusCode": {"type": "integer"},
+            "body": {},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+            "duration": {"type": "integer", "description": "milliseconds"},
+        },
+        ["statusCode", "body", "headers", "duration"],
+    )
+
+    def extra_checks(self, args: dict, lenient: bool) -> Iterable[tuple[str, str]]:
+        url = args.get("url")
+        if isinstance(url, str) and url and not _deferred(url, lenient):
+            try:
+                parts = urlsplit(url)
+                ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+            except ValueError:
+                ok = False
+            if not ok:
+                yield "url", "must be an http:// or https:// URL with a host"
+        headers = args.get("headers")
+        if isinstance(headers, dict):
+            for name, value in headers.items():
+                path = _format_path(["headers", name])
+                if not _HEADER_NAME.match(name):
+                    yield path, "is not a valid header name"
+                elif isinstance(value, str) and not _deferred(value, lenient) and ("\r" in value or "\n" in value):
+                    yield path, "must not contain line breaks"
+        if args.get("body") is not None and args.get("bodyForm") is not None:
+            yield "bodyForm", "cannot be combined with body"
+        if args.get("basicAuth") is not None and args.get("bearerToken") is not None:
+            yield "bearerToken", "cannot be combined with basicAuth"
+
+    def execute(self, args: dict, ctx: RunContext) -> Any:
+        budget = min(float(args["timeout"]), ctx.timeout)
+        if budget <= 0:
+            raise StepError("No time left for the request", "TIMEOUT")
+        headers = dict(args.get("headers", {}))
+        if not any(name.lower() == "user-agent" for name in headers):
+            headers["User-Agent"] = "flowplay"
+        if "bearerToken" in args:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            headers["Authorization"] = f"Bearer {args['bearerToken']}"
+        auth = None
+        if "basicAuth" in args:
+            auth = (args["basicAuth"]["username"], args["basicAuth"]["password"])
+        body, form = args.get("body"), args.get("bodyForm")
+
+        started = time.monotonic()
+        deadline = started + budget
+        transport = _GuardedTransport(OutboundPolicy.from_settings())
+        # trust_env=False: an environment proxy would make us connect to the proxy and
+        # check its address instead of the target's.
+        with httpx.Client(
+            transport=transport,
+            timeout=httpx.Timeout(budget),
+            follow_redirects=args["followRedirects"],
+            max_redirects=MAX_REDIRECTS,
+            trust_env=False,
+        ) as client:
+            try:
+                url = httpx.URL(args["url"])
+                if args.get("query"):
+                    # httpx's params= would replace a query already in the URL.
+                    url = url.copy_merge_params(args["query"])
+                request = client.build_request(
+                    args["method"],
+                    url,
+                    headers=headers,
+                    json=body if isinstance(body, (dict, list)) else None,
+                    content=body.encode() if isinstance(body, str) else None,
+                    data=form,
+                )
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError, ValueError, TypeError) as exc:
+                raise _invalid(f"Cannot build the request: {exc}") from exc
+            try:
+                response = client.send(request, stream=True, auth=auth)
+                try:
+                    content = self._read(response, deadline)
+                finally:
+                    response.close()
+            except StepError:
+                raise
+            except (httpx.TimeoutException, httpcore.TimeoutException) as exc:
+                raise StepError(f"Request timed out after {budget:g}s", "TIMEOUT") from exc
+            except httpx.TooManyRedirects as exc:
+                raise StepError(f"More than {MAX_REDIRECTS} redirects", "HTTP_ERROR") from exc
+            except (httpx.UnsupportedProtocol, httpcore.UnsupportedProtocol) as exc:
+                raise _invalid(f"Unsupported URL: {exc}") from exc
+            except (httpx.HTTPError, httpcore.NetworkError, httpcore.ProtocolError) as exc:
+                raise StepError(f"HTTP request failed: {exc or type(exc).__name__}", "HTTP_ERROR") from exc
+
+        return {
+            "statusCode": response.status_code,
+            "body": self._decode(response, content, args.get("responseType")),
+            "headers": {k.lower(): v for k, v in response.headers.items()},
+            "duration": int((time.monotonic() - started) * 1000),
+        }
+
+    @staticmethod
+    def _read(response: httpx.Response, deadline: float) -> bytes:
+        declared = response.headers.get("content-length", "")
+        # A HEAD answer declares the size of a body it does not send.
+        if response.request.method != "HEAD" and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            raise StepError(
+                f"Response body is {declared} bytes, more than {MAX_RESPONSE_BYTES}", "RESPONSE_TOO_LARGE", False
+            )
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise StepError(f"Response body is larger than {MAX_RESPONSE_BYTES} bytes", "RESPONSE_TOO_LARGE", False)
+            chunks.append(chunk)
+            # httpx's timeout is per read; a server trickling bytes must still not
+            # outlast the step's budget.
+            if time.monotonic() > deadline:
+                raise StepError("Request timed out while reading the response", "TIMEOUT")
+        return b"".join(chunks)
+
+    @staticmethod
+    def _decode(response: httpx.Response, content: bytes, response_type: str | None) -> Any:
+        if response_type == "binary":
+            return base64.b64encode(content).decode("ascii")
+        if response_type == "json" or (
+            response_type is None and _is_json_type(response.headers.get("content-type", ""))
+        ):
+            if response_type == "json" and not content.strip():
+                return None
+            try:
+                # NaN/Infinity would make an out the engine cannot store as JSON.
+                return json.loads(content, parse_constant=_reject_constant)
+            except (ValueError, RecursionError) as exc:
+                if response_type == "json":
+                    raise StepError(f"Response body is not JSON: {exc}", "INVALID_RESPONSE") from exc
+        encoding = response.charset_encoding or "utf-8"
+        try:
+            return content.decode(encoding, errors="replace")
+        except LookupError:
+            return content.decode("utf-8", errors="replace")

@@ -1,0 +1,1 @@
+"""`kv-set`, `kv-get`, `kv-append`."""

@@ -1,0 +1,23 @@
+"""`var`: set values; out is the evaluated `values` object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import (
+    Module,
+    RunContext,
+    _obj,
+    register,
+)
+
+
+@register
+class Var(Module):
+    app_id = "var"
+    summary = "Set values: out is the evaluated `values` object."
+    args_schema = _obj({"values": {"type": "object"}}, ["values"])
+    out_schema = {"type": "object"}
+
+    def execute(self, args: dict, ctx: RunContext) -> Any:
+        return args["values"]
