@@ -5,6 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from flows import module_views
 from flows import views as flow_views
 from plays import views as play_views
 
@@ -19,6 +20,7 @@ api = [
     path("auth/logout", flow_views.LogoutView.as_view(), name="api-logout"),
     path("auth/me", flow_views.MeView.as_view(), name="api-me"),
     path("health", flow_views.HealthView.as_view(), name="health"),
+    path("modules", module_views.ModuleListView.as_view(), name="module-list"),
     path("schema", SpectacularAPIView.as_view(), name="schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("flows/<str:flow_id>/plays", play_views.FlowPlaysViewSet.as_view({"get": "list"}), name="flow-plays"),

@@ -156,6 +156,8 @@ def flowplay_settings(monkeypatch: pytest.MonkeyPatch, **conf: Any) -> None:
 
 ALL_APP_IDS = [
     "aggregator",
+    "array-filter",
+    "array-map",
     "base64-decode",
     "base64-encode",
     "csv-parse",
@@ -164,9 +166,13 @@ ALL_APP_IDS = [
     "iterator",
     "json-parse",
     "json-stringify",
+    "kv-append",
+    "kv-get",
+    "kv-set",
     "pdf-extract",
     "regex",
     "router",
+    "send-mail",
     "sleep",
     "subflow",
     "template",
@@ -189,8 +195,8 @@ def test_describe_lists_valid_schemas_sorted_by_app_id() -> None:
     described = describe()
     assert [d["appId"] for d in described] == ALL_APP_IDS
     for entry in described:
-        assert set(entry) == {"appId", "summary", "args", "out"}
-        assert entry["summary"] and "\n" not in entry["summary"]
+        assert set(entry) == {"appId", "name", "description", "args", "out"}
+        assert entry["name"] and entry["description"] and "\n" not in entry["description"]
         Draft202012Validator.check_schema(entry["args"])
         Draft202012Validator.check_schema(entry["out"])
         assert entry["args"]["type"] == "object"

@@ -48,7 +48,20 @@ from .regex import MAX_REGEX_INPUT, MAX_REGEX_PATTERN
 from .sleep import MAX_SLEEP_MS
 
 __all__ = [
-    "DEFAULT_CURL_DENY", "MAX_ENUM_ITEMS", "MAX_REGEX_INPUT", "MAX_REGEX_PATTERN", "MAX_SLEEP_MS", "REGISTRY",
-    "Module", "OutboundPolicy", "Park", "RunContext", "StepError", "base", "describe", "get_module",
-    "is_expression", "register",
+    "DEFAULT_CURL_DENY",
+    "MAX_ENUM_ITEMS",
+    "MAX_REGEX_INPUT",
+    "MAX_REGEX_PATTERN",
+    "MAX_SLEEP_MS",
+    "REGISTRY",
+    "Module",
+    "OutboundPolicy",
+    "Park",
+    "RunContext",
+    "StepError",
+    "base",
+    "describe",
+    "get_module",
+    "is_expression",
+    "register",
 ]

@@ -198,6 +198,8 @@ class Module:
     """
 
     app_id: ClassVar[str]
+    # A display name for lists and docs; default: the appId in words ("kv set").
+    name: ClassVar[str] = ""
     summary: ClassVar[str]
     args_schema: ClassVar[dict]
     out_schema: ClassVar[dict]
@@ -286,11 +288,13 @@ def get_module(app_id: str) -> Module | None:
 
 
 def describe() -> list[dict]:
+    """Every module's appId, name, description and args/out JSON Schemas, by appId."""
     # Copies, so a caller decorating the answer cannot change what check() validates.
     return [
         {
             "appId": m.app_id,
-            "summary": m.summary,
+            "name": m.name or m.app_id.replace("-", " ").capitalize(),
+            "description": m.summary,
             "args": copy.deepcopy(m.args_schema),
             "out": copy.deepcopy(m.out_schema),
         }

@@ -70,6 +70,7 @@ def _query_value(value: Any) -> str:
 @register
 class UrlEncode(Module):
     app_id = "url-encode"
+    name = "URL encode"
     summary = "Percent-encode a string, or turn an object into a query string."
     args_schema = _obj(
         {
@@ -96,6 +97,7 @@ class UrlEncode(Module):
 @register
 class UrlDecode(Module):
     app_id = "url-decode"
+    name = "URL decode"
     summary = "Decode percent-encoding (and + as space)."
     args_schema = _obj({"input": {"type": "string"}}, ["input"])
     out_schema = _RESULT_STRING

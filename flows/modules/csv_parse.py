@@ -22,6 +22,7 @@ MAX_CSV_ROWS = 100_000
 @register
 class CsvParse(Module):
     app_id = "csv-parse"
+    name = "CSV parse"
     summary = "Parse CSV text into rows (objects keyed by the header row, or lists)."
     args_schema = _obj(
         {

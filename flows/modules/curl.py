@@ -207,6 +207,7 @@ def _is_json_type(content_type: str) -> bool:
 @register
 class Curl(Module):
     app_id = "curl"
+    name = "HTTP request (curl)"
     summary = "Make an HTTP request; a non-2xx status is an ordinary result, not a failure."
     args_schema = _obj(
         {

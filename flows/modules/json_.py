@@ -21,6 +21,7 @@ from .base import (
 @register
 class JsonParse(Module):
     app_id = "json-parse"
+    name = "JSON parse"
     summary = "Parse JSON text."
     args_schema = _obj({"input": {"type": "string"}}, ["input"])
     out_schema = _obj({"result": {}}, ["result"])
@@ -50,6 +51,7 @@ class JsonParse(Module):
 @register
 class JsonStringify(Module):
     app_id = "json-stringify"
+    name = "JSON stringify"
     summary = "Serialize a value as JSON text."
     args_schema = _obj({"input": {}, "pretty": {"type": "boolean", "default": False}}, ["input"])
     out_schema = _RESULT_STRING

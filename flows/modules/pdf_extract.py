@@ -38,6 +38,7 @@ def _pdf_bytes(content: Any) -> bytes:
 @register
 class PdfExtract(Module):
     app_id = "pdf-extract"
+    name = "PDF extract"
     summary = "Extract the text of a PDF given as base64, a data: URL or a curl binary download."
     args_schema = _obj(
         {
