@@ -101,7 +101,7 @@ class SendMail(Module):
             content = content.get("body")
         if not isinstance(content, str):
             raise _invalid(f"attachments[{index}].content must be text or base64 text")
-        if item["encoding"] == "text":
+        if item.get("encoding", "base64") == "text":
             data = content.encode("utf-8")
         else:
             if content.startswith("data:") and "," in content:
@@ -112,7 +112,7 @@ class SendMail(Module):
                 raise _invalid(f"attachments[{index}].content is not valid base64: {exc}") from exc
         if len(data) > MAX_ATTACHMENT_BYTES:
             raise _invalid(f"attachments[{index}] is larger than {MAX_ATTACHMENT_BYTES} bytes")
-        return item["filename"], data, item["contentType"]
+        return item["filename"], data, item.get("contentType", "application/octet-stream")
 
     def execute(self, args: dict, ctx: RunContext) -> Any:
         from django.conf import settings
