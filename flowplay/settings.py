@@ -281,6 +281,26 @@ EMAIL_PORT = env_int("EMAIL_PORT", 25)
 EMAIL_HOST_USER = env_str("EMAIL_HOST_USER")
 EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD")
 EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 30)
+# One variable for SMTP: smtp://user:password@host:port, smtp+tls:// (STARTTLS), smtps:// (TLS).
+if EMAIL_URL := env_str("EMAIL_URL"):
+    from urllib.parse import unquote, urlsplit
+
+    _email = urlsplit(EMAIL_URL)
+    try:
+        _email_port = _email.port
+    except ValueError:
+        _email_port = -1
+    if _email.scheme not in ("smtp", "smtp+tls", "smtps") or not _email.hostname or _email_port == -1:
+        raise ImproperlyConfigured("EMAIL_URL must look like smtp://user:password@host:port (or smtp+tls://, smtps://)")
+    EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+    EMAIL_HOST = _email.hostname
+    EMAIL_PORT = _email_port or {"smtps": 465, "smtp+tls": 587}.get(_email.scheme, 25)
+    EMAIL_HOST_USER = unquote(_email.username or "")
+    EMAIL_HOST_PASSWORD = unquote(_email.password or "")
+    EMAIL_USE_TLS = _email.scheme == "smtp+tls"
+    EMAIL_USE_SSL = _email.scheme == "smtps"
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "flowplay@localhost")
 
 # --- flowplay -------------------------------------------------------------------------

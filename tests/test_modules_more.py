@@ -364,3 +364,21 @@ def test_modules_doc_check_fails_on_a_stale_file(tmp_path: Any) -> None:
     for app_id in modules.REGISTRY:
         assert f"## {app_id}\n" in text
     call_command("modules_doc", "--check", "--output", str(stale))
+
+
+def test_email_url_configures_smtp() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "print(s.EMAIL_BACKEND, s.EMAIL_HOST, s.EMAIL_PORT, s.EMAIL_HOST_USER, s.EMAIL_HOST_PASSWORD, s.EMAIL_USE_SSL)"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "flowplay.settings", "EMAIL_URL": "smtps://me%40x.test:p%3Ass@mail.test"}
+    env.pop("EMAIL_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["django.core.mail.backends.smtp.EmailBackend", "mail.test", "465", "me@x.test", "p:ss", "True"]
+    env["EMAIL_URL"] = "http://mail.test"
+    failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "EMAIL_URL must look like" in failed.stderr
