@@ -44,6 +44,19 @@ def fails(app_id: str, args: Any, ctx: RunContext | None = None) -> StepError:
 INVOICES = [{"id": "a", "amount": 50}, {"id": "b", "amount": 1500}, {"id": "c", "amount": 900}]
 
 
+# --- where a module lives ----------------------------------------------------------------
+
+FAMILIES = {"base64": "codecs", "url": "codecs", "json": "json_", "kv": "kv", "array": "arrays", "aggregator": "iterator"}
+
+
+def test_every_module_lives_in_the_file_named_after_its_app_id() -> None:
+    for app_id, module in modules.REGISTRY.items():
+        if app_id.startswith("test-"):
+            continue
+        family = FAMILIES.get(app_id.split("-")[0], app_id.replace("-", "_"))
+        assert type(module).__module__ == f"flows.modules.{family}", app_id
+
+
 # --- array-filter / array-map ---------------------------------------------------------
 
 
@@ -157,6 +170,15 @@ def test_send_mail_sends_text_html_cc_and_attachments_through_the_backend() -> N
     ]
     assert message.from_email == "flowplay@localhost"
     assert "Message-ID: " + out["messageId"] in message.message().as_string()
+
+
+def test_send_mail_splits_an_address_list_as_a_header_would() -> None:
+    out = run("send-mail", {"to": '"Doe, Jane" <jane@x.test>, bob@x.test', "subject": "s", "body": "b"})
+    assert mail.outbox[0].to == ['"Doe, Jane" <jane@x.test>', "bob@x.test"] and out["recipients"] == 2
+    assert check("send-mail", {"to": "x\nBcc: y@z.test", "subject": "s", "body": "b"}) == {
+        "to": ["must not contain line breaks"]
+    }
+    assert fails("send-mail", {"to": "a@x.test\r\nBcc: y@z.test", "subject": "s", "body": "b"}).code == "INVALID_INPUT"
 
 
 def test_send_mail_with_only_html_gets_a_text_part() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import binascii
 import re
 from collections.abc import Iterable
+from email.utils import formataddr, getaddresses
 from typing import Any
 
 from .base import Module, RunContext, StepError, _b64decode, _invalid, _obj, register
@@ -30,8 +31,10 @@ _ADDRESSES = {
 def _addresses(value: Any) -> list[str]:
     if value is None:
         return []
-    items = value if isinstance(value, list) else str(value).split(",")
-    return [item.strip() for item in items if isinstance(item, str) and item.strip()]
+    if isinstance(value, list):
+        return [item.strip() for item in value if isinstance(item, str) and item.strip()]
+    # "Doe, Jane <jane@x.test>, bob@x.test" is two addresses: split as a mail header would.
+    return [formataddr(pair) if pair[0] else pair[1] for pair in getaddresses([str(value)]) if pair[1]]
 
 
 def _bad_address(address: str) -> bool:
@@ -83,6 +86,9 @@ class SendMail(Module):
         for name in ("to", "cc", "bcc", "from", "replyTo"):
             value = args.get(name)
             if value is None or (lenient and isinstance(value, str) and "{{" in value):
+                continue
+            if isinstance(value, str) and ("\r" in value or "\n" in value):
+                yield name, "must not contain line breaks"
                 continue
             for address in _addresses(value):
                 if not (lenient and "{{" in address) and _bad_address(address):
