@@ -217,6 +217,7 @@ class Play(models.Model):
     objects = PlayQuerySet.as_manager()
 
     class Meta:
+        permissions = [("operate_play", "Can hold, resume, cancel, retry and decide plays in the admin")]
         constraints = [
             # Concurrent duplicates of one run request cannot both insert; a FAIL play
             # leaves the index, so its key is free for a new attempt.

@@ -1,0 +1,43 @@
+"""Create or update the "Operators" group: act on plays in the admin, read flows, edit nothing.
+
+Idempotent; run it after migrating. Give a staff user the role with
+``user.groups.add(Group.objects.get(name="Operators"))`` or in the admin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.management import create_permissions
+from django.apps import apps
+from django.contrib.auth.models import Group, Permission
+from django.core.management.base import BaseCommand
+
+OPERATORS = "Operators"
+OPERATOR_PERMISSIONS = [
+    ("plays", "operate_play"),
+    ("plays", "view_play"),
+    ("plays", "view_layer"),
+    ("plays", "view_approval"),
+    ("plays", "view_event"),
+    ("flows", "view_flow"),
+    ("flows", "view_flowlet"),
+]
+
+
+def ensure_operators() -> Group:
+    for app in ("plays", "flows"):
+        # Permissions are normally created after migrate; make sure they exist now.
+        create_permissions(apps.get_app_config(app), verbosity=0)
+    group, _ = Group.objects.get_or_create(name=OPERATORS)
+    perms = [Permission.objects.get(content_type__app_label=app, codename=code) for app, code in OPERATOR_PERMISSIONS]
+    group.permissions.set(perms)
+    return group
+
+
+class Command(BaseCommand):
+    help = 'Create or update the "Operators" group (act on plays in the admin; read-only flows).'
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        group = ensure_operators()
+        self.stdout.write(f"{group.name}: {', '.join(sorted(p.codename for p in group.permissions.all()))}")
