@@ -222,7 +222,7 @@ class Command(BaseCommand):
     def cleanup(self) -> None:
         from django.db.models.deletion import ProtectedError
 
-        from flows.models import Company, Flow
+        from flows.models import Flow
         from plays.models import Event, Layer, Play
 
         company = self.company
@@ -522,7 +522,6 @@ class Command(BaseCommand):
     def s_history(self) -> dict[str, Any]:
         from django.test import Client
 
-        from flows.models import Flow
         from plays.models import Play
 
         total = self.opts["history"]
@@ -562,7 +561,6 @@ class Command(BaseCommand):
                     raise CommandError(f"GET plays{qs}: {r.status_code}")
             timings[label] = {"p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95)}
         plans = self.explain(flow, now - timedelta(days=20), now - timedelta(days=10), deep)
-        assert Flow  # noqa: S101
         return {"plays": total, "flows": len(flows), "plays_per_flow": per_flow, "load_s": round(load_s, 2), "requests_each": requests, "timings": timings, "plans": plans}
 
     def explain(self, flow: Any, frm: datetime, to: datetime, deep: int) -> dict[str, str]:
