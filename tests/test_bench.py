@@ -38,11 +38,19 @@ def test_history_scenario_writes_results_and_cleans_up(db: Any, tmp_path: Path) 
 
 
 def test_keep_keeps_the_bench_data(db: Any, tmp_path: Path) -> None:
-    call_command("bench", only="history", history=50, keep=True, output=str(tmp_path / "r.json"), stdout=open("/dev/null", "w"))
+    call_command(
+        "bench", only="history", history=50, keep=True, output=str(tmp_path / "r.json"), stdout=open("/dev/null", "w")
+    )
     assert Play.objects.filter(company__slug="bench").count() == 50
 
 
 def test_table_reports_a_failed_scenario_and_percentiles() -> None:
-    results = {"date": "d", "database": "sqlite", "broker": "filesystem", "machine": {"cpus": 2}, "scenarios": {"sequential": {"error": "boom"}}}
+    results = {
+        "date": "d",
+        "database": "sqlite",
+        "broker": "filesystem",
+        "machine": {"cpus": 2},
+        "scenarios": {"sequential": {"error": "boom"}},
+    }
     assert "| sequential | error | boom" in table(results)
     assert pct([3, 1, 2], 50) == 2 and pct([], 50) is None

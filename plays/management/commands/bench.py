@@ -102,7 +102,9 @@ class Procs:
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy()
+        )
         self.procs.append(proc)
         return proc
 
@@ -142,7 +144,9 @@ class Command(BaseCommand):
         parser.add_argument("--repeat", type=int, default=None, help="runs of scenario 1 (median; default 5)")
         parser.add_argument("--keep", action="store_true", help="keep the bench company and its data")
         parser.add_argument("--output", default=str(ROOT / "bench" / "results.json"))
-        parser.add_argument("--timeout", type=float, default=900, help="give up waiting for plays after this many seconds")
+        parser.add_argument(
+            "--timeout", type=float, default=900, help="give up waiting for plays after this many seconds"
+        )
 
     # -- set up / tear down -----------------------------------------------------------
 
@@ -264,8 +268,24 @@ class Command(BaseCommand):
         name = f"worker-{processes}-{len(self.procs.procs)}"
         proc = self.procs.start(
             name,
-            [sys.executable, "-m", "plays.bench.worker", "-Q", self.queue, "-c", str(processes), "-P", "prefork",
-             "--loglevel", "WARNING", "-n", f"{self.queue}-{processes}-{secrets.token_hex(2)}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            [
+                sys.executable,
+                "-m",
+                "plays.bench.worker",
+                "-Q",
+                self.queue,
+                "-c",
+                str(processes),
+                "-P",
+                "prefork",
+                "--loglevel",
+                "WARNING",
+                "-n",
+                f"{self.queue}-{processes}-{secrets.token_hex(2)}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
         )
         self.wait_ready(proc)
         return proc
@@ -327,12 +347,16 @@ class Command(BaseCommand):
         t0 = timezone.now()
         results = []
         for _ in range(count):
-            sig = [bare_step.si(ms).set(queue=self.queue) for _ in range(steps - 1)] + [bare_done.si(ms).set(queue=self.queue)]
+            sig = [bare_step.si(ms).set(queue=self.queue) for _ in range(steps - 1)] + [
+                bare_done.si(ms).set(queue=self.queue)
+            ]
             results.append(chain(*sig).apply_async())
         ids = {r.id for r in results}
         ends = time.monotonic() + self.opts["timeout"]
         while True:
-            done = list(TaskResult.objects.filter(task_id__in=ids, status="SUCCESS").values_list("date_done", flat=True))
+            done = list(
+                TaskResult.objects.filter(task_id__in=ids, status="SUCCESS").values_list("date_done", flat=True)
+            )
             if len(done) == len(ids):
                 break
             if time.monotonic() > ends:
@@ -346,7 +370,9 @@ class Command(BaseCommand):
         from plays.models import Layer, Play
 
         steps, ms = self.opts["steps"], self.opts["step_ms"]
-        flow = self.make_flow([{"ref": f"s{i}", "appId": "bench-cpu", "args": {"ms": ms}} for i in range(steps)], "bench sequential")
+        flow = self.make_flow(
+            [{"ref": f"s{i}", "appId": "bench-cpu", "args": {"ms": ms}} for i in range(steps)], "bench sequential"
+        )
         worker = self.workers(1)
         walls, own, chains = [], [], []
         try:
@@ -376,7 +402,9 @@ class Command(BaseCommand):
         }
 
     def noop_flow(self, steps: int = 5) -> Any:
-        return self.make_flow([{"ref": f"n{i}", "appId": "var", "args": {"values": {}}} for i in range(steps)], "bench no-op")
+        return self.make_flow(
+            [{"ref": f"n{i}", "appId": "var", "args": {"values": {}}} for i in range(steps)], "bench no-op"
+        )
 
     def s_throughput(self) -> dict[str, Any]:
         plays = self.opts["plays"]
@@ -403,7 +431,10 @@ class Command(BaseCommand):
         import httpx
 
         port = free_port()
-        proc = self.procs.start(f"daphne-{port}", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "flowplay.asgi:application"])
+        proc = self.procs.start(
+            f"daphne-{port}",
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "flowplay.asgi:application"],
+        )
         url = f"http://127.0.0.1:{port}"
         ends = time.monotonic() + 60
         while time.monotonic() < ends:
@@ -440,7 +471,12 @@ class Command(BaseCommand):
                     ends = time.monotonic() + 30
                     started = None
                     while started is None and time.monotonic() < ends:
-                        started = Layer.objects.filter(play_id=play_id).order_by("started_at").values_list("started_at", flat=True).first()
+                        started = (
+                            Layer.objects.filter(play_id=play_id)
+                            .order_by("started_at")
+                            .values_list("started_at", flat=True)
+                            .first()
+                        )
                         if started is None:
                             time.sleep(0.001)
                     if started is None:
@@ -473,7 +509,9 @@ class Command(BaseCommand):
             errors: list[str] = []
             ends = time.monotonic() + seconds
             limits = httpx.Limits(max_connections=clients)
-            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30, limits=limits) as client:
+            async with httpx.AsyncClient(
+                base_url=url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30, limits=limits
+            ) as client:
 
                 async def one() -> None:
                     while time.monotonic() < ends:
@@ -525,7 +563,10 @@ class Command(BaseCommand):
         from plays.models import Play
 
         total = self.opts["history"]
-        flows = [self.make_flow([{"ref": "a", "appId": "var", "args": {"values": {}}}], f"bench history {i}") for i in range(100 if total >= 1000 else 2)]
+        flows = [
+            self.make_flow([{"ref": "a", "appId": "var", "args": {"values": {}}}], f"bench history {i}")
+            for i in range(100 if total >= 1000 else 2)
+        ]
         versions = [f.snapshot() for f in flows]
         t0 = time.monotonic()
         self.bulk_plays(flows, versions, total)
@@ -561,7 +602,15 @@ class Command(BaseCommand):
                     raise CommandError(f"GET plays{qs}: {r.status_code}")
             timings[label] = {"p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95)}
         plans = self.explain(flow, now - timedelta(days=20), now - timedelta(days=10), deep)
-        return {"plays": total, "flows": len(flows), "plays_per_flow": per_flow, "load_s": round(load_s, 2), "requests_each": requests, "timings": timings, "plans": plans}
+        return {
+            "plays": total,
+            "flows": len(flows),
+            "plays_per_flow": per_flow,
+            "load_s": round(load_s, 2),
+            "requests_each": requests,
+            "timings": timings,
+            "plans": plans,
+        }
 
     def explain(self, flow: Any, frm: datetime, to: datetime, deep: int) -> dict[str, str]:
         from plays.models import Play
@@ -598,10 +647,20 @@ class Command(BaseCommand):
                 created = now - timedelta(seconds=(i * 5184000 // max(total, 1)) + 1)
                 state = states[i % len(states)]
                 values = {
-                    "id": new_id(), "company_id": self.company.pk, "flow_id": flows[k].pk, "flow_version_id": versions[k].pk,
-                    "state": state, "args": "{}", "args_hash": "0" * 64, "created_at": created, "started_at": created,
-                    "completed_at": created + timedelta(milliseconds=30), "updated_at": created,
-                    "error": '{"code": "BENCH"}' if state == "FAIL" else None, "next_index": 1, "runner": "",
+                    "id": new_id(),
+                    "company_id": self.company.pk,
+                    "flow_id": flows[k].pk,
+                    "flow_version_id": versions[k].pk,
+                    "state": state,
+                    "args": "{}",
+                    "args_hash": "0" * 64,
+                    "created_at": created,
+                    "started_at": created,
+                    "completed_at": created + timedelta(milliseconds=30),
+                    "updated_at": created,
+                    "error": '{"code": "BENCH"}' if state == "FAIL" else None,
+                    "next_index": 1,
+                    "runner": "",
                 }
                 yield tuple(values.get(f.attname, None if f.null else f.get_default()) for f in fields)
 
@@ -641,7 +700,13 @@ class Command(BaseCommand):
                 samples.append(rss_kib(worker.pid))
         finally:
             self.procs.stop(worker)
-        return {"plays": n, "rss_start_mib": round(start / 1024, 1), "rss_end_mib": round(samples[-1] / 1024, 1), "growth_mib": round((samples[-1] - start) / 1024, 1), "samples_mib": [round(s / 1024, 1) for s in samples]}
+        return {
+            "plays": n,
+            "rss_start_mib": round(start / 1024, 1),
+            "rss_end_mib": round(samples[-1] / 1024, 1),
+            "growth_mib": round((samples[-1] - start) / 1024, 1),
+            "samples_mib": [round(s / 1024, 1) for s in samples],
+        }
 
     def s_scaling(self) -> dict[str, Any]:
         flow = self.noop_flow()
@@ -674,17 +739,27 @@ def table(results: dict[str, Any]) -> str:
 
     if not err("sequential"):
         r = s["sequential"]
-        lines.append(f"| 1 sequential {r['steps']}×{r['step_ms']:g} ms | wall | {r['flowplay_wall_s']:.3f} s | {r['chain_wall_s']:.3f} s | {r['ratio_chain_over_flowplay']} |")
-        lines.append(f"| | per-step overhead | {r['per_step_overhead_ms']} ms | {r['chain_per_step_overhead_ms']} ms | |")
+        lines.append(
+            f"| 1 sequential {r['steps']}×{r['step_ms']:g} ms | wall | {r['flowplay_wall_s']:.3f} s | {r['chain_wall_s']:.3f} s | {r['ratio_chain_over_flowplay']} |"
+        )
+        lines.append(
+            f"| | per-step overhead | {r['per_step_overhead_ms']} ms | {r['chain_per_step_overhead_ms']} ms | |"
+        )
     if not err("throughput"):
         r = s["throughput"]
-        lines.append(f"| 2 no-op {r['plays']}×5, 2 workers | steps/s | {r['steps_per_s']} ({r['plays_per_s']} plays/s) | {r['chain_steps_per_s']} | {r['ratio_chain_over_flowplay']} |")
+        lines.append(
+            f"| 2 no-op {r['plays']}×5, 2 workers | steps/s | {r['steps_per_s']} ({r['plays_per_s']} plays/s) | {r['chain_steps_per_s']} | {r['ratio_chain_over_flowplay']} |"
+        )
     if not err("trigger"):
         r = s["trigger"]
-        lines.append(f"| 3 trigger → first step ({r['plays']} plays) | p50 / p95 / p99 | {r['p50_ms']} / {r['p95_ms']} / {r['p99_ms']} ms | | |")
+        lines.append(
+            f"| 3 trigger → first step ({r['plays']} plays) | p50 / p95 / p99 | {r['p50_ms']} / {r['p95_ms']} / {r['p99_ms']} ms | | |"
+        )
     if not err("api"):
         r = s["api"]
-        lines.append(f"| 4 API, {r['clients']} clients {r['seconds']} s | req/s, errors | {r['req_per_s']}, {r['errors']} errors | | |")
+        lines.append(
+            f"| 4 API, {r['clients']} clients {r['seconds']} s | req/s, errors | {r['req_per_s']}, {r['errors']} errors | | |"
+        )
         lines.append(f"| | POST /run p50 / p99 | {r['post_p50_ms']} / {r['post_p99_ms']} ms | | |")
         lines.append(f"| | GET /plays/{{id}} p50 / p99 | {r['get_p50_ms']} / {r['get_p99_ms']} ms | | |")
     if not err("history"):
@@ -694,8 +769,14 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"| | GET plays {label} p50 / p95 | {t['p50_ms']} / {t['p95_ms']} ms | | |")
     if not err("memory"):
         r = s["memory"]
-        lines.append(f"| 6 memory, {r['plays']:,} plays | worker RSS start → end | {r['rss_start_mib']} → {r['rss_end_mib']} MiB ({r['growth_mib']:+} MiB) | | |")
+        lines.append(
+            f"| 6 memory, {r['plays']:,} plays | worker RSS start → end | {r['rss_start_mib']} → {r['rss_end_mib']} MiB ({r['growth_mib']:+} MiB) | | |"
+        )
     if not err("scaling"):
         r = s["scaling"]
-        lines.append(f"| 7 scaling ({r['plays']}×5 no-op) | steps/s by workers | " + ", ".join(f"{k}: {v}" for k, v in r["steps_per_s"].items()) + " | | |")
+        lines.append(
+            f"| 7 scaling ({r['plays']}×5 no-op) | steps/s by workers | "
+            + ", ".join(f"{k}: {v}" for k, v in r["steps_per_s"].items())
+            + " | | |"
+        )
     return "\n".join(lines) + "\n"
