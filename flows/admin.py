@@ -101,7 +101,7 @@ class FlowletFormSet(forms.BaseInlineFormSet):
         if any(self.errors):
             return
         rows = []
-        for form in sorted(self.forms, key=lambda f: (f.instance.index if f.instance.pk else 10**6)):
+        for form in sorted(self.forms, key=lambda f: (10**6 if f.instance._state.adding else f.instance.index)):
             data = getattr(form, "cleaned_data", None)
             if not data or data.get("DELETE"):
                 continue
