@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -28,7 +29,7 @@ def staff(company: Company, name: str, *, operator: bool = False, superuser: boo
     user = User.objects.create_user(name, f"{name}@x.test", PASSWORD, company=company, is_staff=True,
                                     is_superuser=superuser)
     if operator:
-        call_command("ensure_roles", stdout=open("/dev/null", "w"))
+        call_command("ensure_roles", stdout=io.StringIO())
         user.groups.add(Group.objects.get(name="Operators"))
     return user
 
@@ -196,8 +197,8 @@ def test_api_key_revoke_action_and_hash_read_only(alice: User, acme: Company) ->
 
 
 def test_ensure_roles_is_idempotent(db: Any) -> None:
-    call_command("ensure_roles", stdout=open("/dev/null", "w"))
-    call_command("ensure_roles", stdout=open("/dev/null", "w"))
+    call_command("ensure_roles", stdout=io.StringIO())
+    call_command("ensure_roles", stdout=io.StringIO())
     perms = set(Group.objects.get(name="Operators").permissions.values_list("codename", flat=True))
     assert "operate_play" in perms and "view_flow" in perms
     assert "change_flow" not in perms and "change_play" not in perms
@@ -209,3 +210,20 @@ def test_layer_outputs_shown_for_each_step(api: Any, drain: Any, operator: User)
     layer = Layer.objects.get(play_id=pid)
     assert layer.ref in page and "&quot;n&quot;: 1" in page  # the layer and its out
     assert 'id="events-group"' in page and "Play Started" in page  # the events
+
+
+def test_play_list_query_count_does_not_grow_with_plays(api: Any, operator: User) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}}])
+    client = login(operator)
+
+    def count(n: int) -> int:
+        for _ in range(n):
+            api.post(f"/api/flows/{flow['id']}/run", {"args": {}, "start": False}, format="json")
+        with CaptureQueriesContext(connection) as queries:
+            assert client.get("/admin/plays/play/").status_code == 200
+        return len(queries)
+
+    assert count(2) == count(20)
