@@ -112,8 +112,9 @@ def test_each_verb_from_each_state(api: Any, drain: Any, source: str, verb: str)
 def test_approve_runs_the_step_and_continues(api: Any, drain: Any) -> None:
     pid = make_in_state(api, drain, "WAIT")
     detail = api.get(f"/api/plays/{pid}").json()
-    assert detail["state"] == "WAIT"
     layer = Layer.objects.get(play_id=pid, ref="gate")
+    assert detail["state"] == "WAIT" and detail["approvals"] == []
+    assert detail["pendingApproval"] == {"layerId": layer.id, "ref": "gate"}
     r = post(api, pid, "approve", {"layerId": layer.id, "decision": "approved", "note": "fine"})
     assert r.status_code == 200, r.content
     drain()
@@ -123,8 +124,11 @@ def test_approve_runs_the_step_and_continues(api: Any, drain: Any) -> None:
     assert play.approvals.get().note == "fine"
     # A second decision, or one on a play no longer waiting, is refused.
     assert_409(post(api, pid, "approve", {"layerId": layer.id, "decision": "declined"}))
-    text = str(api.get(f"/api/plays/{pid}").json())
-    assert "approved" in text and "fine" in text
+    after = api.get(f"/api/plays/{pid}").json()
+    assert after["pendingApproval"] is None
+    [past] = after["approvals"]
+    assert (past["layerId"], past["ref"], past["decision"], past["note"]) == (layer.id, "gate", "approved", "fine")
+    assert past["decidedBy"]["email"] == "alice@acme.test" and past["decidedAt"]
 
 
 def test_decline_skips_and_other_layer_is_refused(api: Any, drain: Any) -> None:
