@@ -8,9 +8,10 @@ from __future__ import annotations
 import http.server
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest

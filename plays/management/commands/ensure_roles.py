@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth.management import create_permissions
 from django.apps import apps
+from django.contrib.auth.management import create_permissions
 from django.contrib.auth.models import Group, Permission
 from django.core.management.base import BaseCommand
 
