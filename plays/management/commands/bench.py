@@ -624,7 +624,7 @@ class Command(BaseCommand):
         }
         plans = {}
         for label, qs in qsets.items():
-            offset = deep * 25 if label.startswith("page=") else 0
+            offset = deep * 25 if label.startswith("page=") and label != "page=0" else 0
             sql, params = qs[offset : offset + 25].query.sql_with_params()
             with connection.cursor() as cur:
                 cur.execute(("EXPLAIN " if connection.vendor == "postgresql" else "EXPLAIN QUERY PLAN ") + sql, params)
