@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PORT ?= 4454
 
-.PHONY: run test test-pg bench migrate user lint clean
+.PHONY: run test test-pg bench migrate user lint clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,15 @@ run: migrate
 user: migrate
 	$(BIN)/python manage.py createsuperuser --noinput
 
+## Debian's Chromium for the browser tests (Playwright cannot download a browser here).
+chromium:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && { echo "installing Debian's chromium for the browser tests"; apt-get update -qq \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "note: /usr/bin/chromium is missing and cannot be installed here: the browser tests will fail"; }
+
 ## The whole suite on the embedded default (SQLite, filesystem broker).
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: migrate

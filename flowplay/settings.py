@@ -194,13 +194,21 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # --- Channels -------------------------------------------------------------------------
 if REDIS_URL:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             # redis-py 8 times socket reads out after 5 s by default, exactly as long as
             # channels-redis blocks in BZPOPMIN waiting for a message: an idle WebSocket
             # consumer then dies with "Timeout reading from redis". Give reads more room.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}], "capacity": 1000, "expiry": 30},
+            # A pooled connection that Redis closed (a restart, a failover, an idle timeout)
+            # is reconnected and the command sent again once, instead of failing the caller.
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "retry_on_error": [RedisConnectionError]}],
+                "capacity": 1000,
+                "expiry": 30,
+            },
         }
     }
 else:

@@ -65,8 +65,9 @@ GAP_GRACE_SECONDS = 0.2
 MAX_HELD = 1000
 POLL_SECONDS = 1.0
 AUTH_CHECK_SECONDS = 10.0
-# Channel layers forget group members after a day (group_expiry): join again well before.
-REJOIN_SECONDS = 3600.0
+# The hub joins its Redis groups again this often: Redis forgets them when it restarts or
+# fails over (and channels-redis after a day, group_expiry). ZADD is idempotent and cheap.
+REJOIN_SECONDS = 10.0
 
 # Back-pressure. Past the high-water mark of unsent bytes the consumer stops sending (and
 # reading: new events wait in the database) until the buffer is under the low-water mark.
@@ -372,6 +373,7 @@ class Hub:
         self.channel: str | None = None
         self.heads: dict[str, int] = {}
         self.watcher: asyncio.Task | None = None
+        self.next_join = 0.0
 
     async def subscribe(self, company_id: str) -> None:
         loop = asyncio.get_running_loop()
@@ -387,15 +389,30 @@ class Hub:
             if self.task is None or self.task.done():
                 if settings.REDIS_URL:
                     self.channel = await get_channel_layer().new_channel("flowplay-hub")
-                    for company in self.listeners:
-                        await get_channel_layer().group_add(company_group(company), self.channel)
+                    self.next_join = loop.time() + REJOIN_SECONDS
                     self.task = loop.create_task(self._bridge())
                     self.watcher = loop.create_task(self._watch())
+                    await self._join(list(self.listeners))
                 else:
                     self.task = loop.create_task(self._relay())
             self.listeners[company_id] += 1
             if self.listeners[company_id] == 1 and self.channel:
-                await get_channel_layer().group_add(company_group(company_id), self.channel)
+                await self._join([company_id])
+
+    async def _join(self, companies: list[str]) -> bool:
+        """Put this process's hub channel in the companies' Redis groups.
+
+        Never fails the caller: without Redis the consumers read the event table, and the
+        watcher joins again within ``REJOIN_SECONDS``.
+        """
+        try:
+            for company in companies:
+                await get_channel_layer().group_add(company_group(company), self.channel)
+        except Exception:
+            log.warning("event hub could not join its Redis groups; consumers read the event table", exc_info=True)
+            self.next_join = 0.0
+            return False
+        return True
 
     async def unsubscribe(self, company_id: str) -> None:
         if self.lock is None or self.loop is not asyncio.get_running_loop():
@@ -409,12 +426,13 @@ class Hub:
                 self.published.pop(company_id, None)
                 self.heads.pop(company_id, None)
                 if self.channel:
-                    await get_channel_layer().group_discard(company_group(company_id), self.channel)
+                    try:
+                        await get_channel_layer().group_discard(company_group(company_id), self.channel)
+                    except Exception:  # Redis down: the membership expires by itself
+                        log.warning("event hub could not leave a Redis group", exc_info=True)
 
     async def _bridge(self) -> None:
         redis_layer, local = get_channel_layer(), get_channel_layer(LOCAL_LAYER)
-        loop = asyncio.get_running_loop()
-        next_join = loop.time() + REJOIN_SECONDS
         while True:
             try:
                 message = await redis_layer.receive(self.channel)
@@ -423,20 +441,21 @@ class Hub:
                     newest = max((p["seq"] for p in message.get("events", [])), default=0)
                     self.heads[company] = max(self.heads.get(company, 0), newest)
                     await local.group_send(company_group(company), message)
-                if loop.time() >= next_join:
-                    # channels-redis forgets group members after a day (group_expiry).
-                    next_join = loop.time() + REJOIN_SECONDS
-                    for company in list(self.listeners):
-                        await redis_layer.group_add(company_group(company), self.channel)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("event hub lost Redis; consumers read the event table meanwhile")
+                self.next_join = 0.0  # a restarted Redis has forgotten the groups
                 await asyncio.sleep(1)
 
     async def _watch(self) -> None:
-        """With Redis: the heads from the table once a second, for messages Redis dropped."""
+        """With Redis: the heads from the table once a second, for messages Redis dropped;
+        and the group memberships renewed every ``REJOIN_SECONDS``."""
+        loop = asyncio.get_running_loop()
         while True:
+            if loop.time() >= self.next_join:
+                self.next_join = loop.time() + REJOIN_SECONDS
+                await self._join(list(self.listeners))
             try:
                 companies = list(self.listeners)
                 if companies:

@@ -60,7 +60,7 @@ def _no_broker(no_enqueue: list[str]) -> None:
 
 
 @contextmanager
-def test_transaction_kept() -> Iterator[None]:
+def request_signals_keep_the_test_transaction() -> Iterator[None]:
     """schemathesis calls the WSGI app directly: like Django's test client, keep the request
     signals from closing the test's database connection (it holds the test transaction)."""
     from django.core.signals import request_finished, request_started
@@ -96,7 +96,7 @@ def test_the_schema_covers_every_api_route() -> None:
 def test_every_operation_answers_as_documented_and_never_500(case: Any, token: str) -> None:
     if case.path == "/api/auth/logout":
         return  # logging out would end the session the other examples use; covered in test_access
-    with test_transaction_kept():
+    with request_signals_keep_the_test_transaction():
         case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
 
 

@@ -333,3 +333,82 @@ def test_it_closes_when_the_session_is_logged_out(alice: User, client: Any, monk
         return closed
 
     assert run(go())["code"] == 4401
+
+
+class FlakyRedisLayer:
+    """Stands in for the channels-redis layer: group_add fails while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.groups: dict[str, set[str]] = {}
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def new_channel(self, prefix: str) -> str:
+        return f"{prefix}!test"
+
+    async def group_add(self, group: str, channel: str) -> None:
+        if self.down:
+            raise ConnectionError("Connection closed by server.")
+        self.groups.setdefault(group, set()).add(channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        if self.down:
+            raise ConnectionError("Connection closed by server.")
+        self.groups.get(group, set()).discard(channel)
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        message = await self.inbox.get()
+        if isinstance(message, Exception):
+            raise message
+        return message
+
+
+def test_hub_survives_redis_restarts_and_joins_its_groups_again(monkeypatch: Any, settings: Any) -> None:
+    """A Redis that restarted (pooled connections closed, groups forgotten) never fails a
+    handshake; the hub joins again and goes on bridging."""
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    redis = FlakyRedisLayer()
+    local = get_channel_layer(consumers.LOCAL_LAYER)
+    monkeypatch.setattr(consumers, "get_channel_layer", lambda alias="default": redis if alias == "default" else local)
+    monkeypatch.setattr(consumers, "REJOIN_SECONDS", 0.05)
+    monkeypatch.setattr(consumers, "POLL_SECONDS", 0.01)
+
+    async def no_heads(self: Any, companies: list[str]) -> dict[str, int]:
+        return {}
+
+    monkeypatch.setattr(consumers.Hub, "_heads", no_heads)
+    hub = consumers.Hub()
+    group = company_group("c1")
+
+    async def scenario() -> None:
+        await hub.subscribe("c1")  # Redis refuses: no exception
+        assert hub.listeners["c1"] == 1 and group not in redis.groups
+        redis.down = False
+        for _ in range(100):
+            if group in redis.groups:
+                break
+            await asyncio.sleep(0.01)
+        assert redis.groups[group] == {"flowplay-hub!test"}
+        # Messages from Redis reach the process-local group.
+        mine = await local.new_channel()
+        await local.group_add(group, mine)
+        events = [{"seq": 1, "type": "play:started"}]
+        await redis.inbox.put({"type": "play.events", "company": "c1", "events": events})
+        assert (await asyncio.wait_for(local.receive(mine), 2))["events"] == events
+        assert hub.heads["c1"] == 1
+        # Redis restarts: the receive fails, the groups are gone; the hub joins again.
+        redis.groups.clear()
+        await redis.inbox.put(ConnectionError("Connection closed by server."))
+        for _ in range(300):
+            if group in redis.groups:
+                break
+            await asyncio.sleep(0.01)
+        assert redis.groups[group] == {"flowplay-hub!test"}
+        redis.down = True
+        await hub.unsubscribe("c1")  # Redis down again: leaving does not fail either
+        assert "c1" not in hub.listeners
+        for task in (hub.task, hub.watcher):
+            assert task is not None
+            task.cancel()
+
+    run(scenario())
