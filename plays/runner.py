@@ -13,7 +13,9 @@ attempt and carries on. A step that had finished is never run again.
    ``WAIT``; else the layer is opened (``RUN``), its args rendered and the module called
    in a thread, bounded by the step's timeout, retried with backoff.
 3. The outcome is recorded together with ``next_index``; ``onError`` decides whether the
-   play goes on.
+   play goes on. A success is recorded in the same transaction that opens the next step's
+   layer (or finishes the play): one commit per step, each state change still durable
+   before its event is sent.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .models import (
     LayerState,
     Play,
     State,
+    batched_events,
     dispatch,
     error_body,
     fan_out,
@@ -118,9 +121,13 @@ class Heartbeat:
         until = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
         for play_id, iteration, runner in owned.values():
             if iteration is None:
-                Play.objects.filter(pk=play_id, runner=runner, state__in=[State.RUN, State.ON_HOLD]).update(lease_until=until)
+                Play.objects.filter(pk=play_id, runner=runner, state__in=[State.RUN, State.ON_HOLD]).update(
+                    lease_until=until
+                )
             else:
-                Iteration.objects.filter(pk=iteration, runner=runner, state=IterationState.RUN).update(lease_until=until)
+                Iteration.objects.filter(pk=iteration, runner=runner, state=IterationState.RUN).update(
+                    lease_until=until
+                )
         plays = {play_id for play_id, _, _ in owned.values()}
         gone = set(Play.objects.filter(pk__in=plays, state__in=TERMINAL).values_list("pk", flat=True))
         with self._lock:
@@ -211,13 +218,21 @@ class Runner:
             start = next(s["index"] for s in self.steps if s["ref"] == iteration.ref)
             self.end = loop_end(self.steps, start)
             total = iteration.play.iterations.filter(ref=iteration.ref).count()
-            self.loop_scope = {iteration.ref: {"item": iteration.item, "index": iteration.index, "total": total,
-                                               "isLast": iteration.index == total - 1}}
+            self.loop_scope = {
+                iteration.ref: {
+                    "item": iteration.item,
+                    "index": iteration.index,
+                    "total": total,
+                    "isLast": iteration.index == total - 1,
+                }
+            }
             for layer in play.layers.filter(iteration=iteration.index, index__gt=start, index__lt=self.end):
                 layer.play = play
                 self.layers[layer.ref] = layer
                 self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
         self.slice_ends = time.monotonic() + config("RUNNER_SLICE_SECONDS")
+        # The layer that succeed() opened for the next step, whose first attempt has begun.
+        self.opened: str | None = None
 
     @property
     def cursor(self) -> int:
@@ -244,7 +259,7 @@ class Runner:
 
     def step(self) -> None:
         play = self.play
-        if time.monotonic() > self.slice_ends:
+        if time.monotonic() > self.slice_ends and self.opened is None:
             if self.iteration is not None:
                 self.iteration.release(self.runner)
                 with transaction.atomic():
@@ -265,7 +280,13 @@ class Runner:
             self.iterate(step)
             return
         if play.deadline_at is not None and timezone.now() >= play.deadline_at:
-            self.fail_play(error_body("PLAY_TIMEOUT", f"The play exceeded its timeout of {self.definition['execution']['timeout']} s", step["ref"]))
+            self.fail_play(
+                error_body(
+                    "PLAY_TIMEOUT",
+                    f"The play exceeded its timeout of {self.definition['execution']['timeout']} s",
+                    step["ref"],
+                )
+            )
         layer = self.layers.get(step["ref"])
         if layer is not None and layer.state in LAYER_TERMINAL:
             # Recorded before a crash that came between the layer and next_index; both are
@@ -288,6 +309,8 @@ class Runner:
         elif layer.parked_out is not None:
             self.succeed(step, layer, layer.parked_out)
             return
+        elif layer.pk == self.opened:
+            self.opened = None  # opened by succeed(): this is its first attempt
         else:
             with transaction.atomic():
                 self.own()
@@ -313,18 +336,28 @@ class Runner:
         """Move the cursor past step ``index`` (or to ``to``)."""
         after = index + 1 if to is None else to
         if self.iteration is not None:
-            n = Iteration.objects.filter(pk=self.iteration.pk, runner=self.runner, state=IterationState.RUN).update(next_index=after)
+            n = Iteration.objects.filter(pk=self.iteration.pk, runner=self.runner, state=IterationState.RUN).update(
+                next_index=after
+            )
             if not n:
                 raise Stop
             self.iteration.next_index = after
             return
-        n = Play.objects.filter(pk=self.play.pk, runner=self.runner).exclude(state__in=TERMINAL).update(next_index=after)
+        n = (
+            Play.objects.filter(pk=self.play.pk, runner=self.runner)
+            .exclude(state__in=TERMINAL)
+            .update(next_index=after)
+        )
         if not n:
             raise Stop
         self.play.next_index = after
 
     def scope(self) -> Scope:
-        return Scope(prev={"args": self.play.args, **self.outputs, **self.loop_scope}, flow_id=self.play.flow_id, play_id=self.play.id)
+        return Scope(
+            prev={"args": self.play.args, **self.outputs, **self.loop_scope},
+            flow_id=self.play.flow_id,
+            play_id=self.play.id,
+        )
 
     # -- loops ----------------------------------------------------------------------------
 
@@ -339,7 +372,9 @@ class Runner:
         if self.iteration is not None:
             layer = self.open(step)
             if layer is not None:
-                self.finish_failed(step, layer, error_body("NESTED_LOOP", "An iterator cannot run inside another iterator's loop"))
+                self.finish_failed(
+                    step, layer, error_body("NESTED_LOOP", "An iterator cannot run inside another iterator's loop")
+                )
             return
         end = loop_end(self.steps, step["index"])
         layer = self.layers.get(step["ref"])
@@ -361,7 +396,11 @@ class Runner:
             items, concurrency = args["items"], args["concurrency"]
             limit = config("MAX_ITERATOR_ITEMS")
             if len(items) > limit:
-                self.finish_failed(step, layer, error_body("TOO_MANY_ITEMS", f"{len(items)} items exceed the limit of {limit} per iterator"))
+                self.finish_failed(
+                    step,
+                    layer,
+                    error_body("TOO_MANY_ITEMS", f"{len(items)} items exceed the limit of {limit} per iterator"),
+                )
                 return
             with transaction.atomic():
                 self.own()
@@ -392,12 +431,15 @@ class Runner:
         """The outputs of a loop step's finished iterations, in item order."""
         return list(
             Layer.objects.filter(play_id=self.play.pk, ref=ref, iteration__isnull=False, state=LayerState.DONE)
-            .order_by("iteration").values_list("out", flat=True)
+            .order_by("iteration")
+            .values_list("out", flat=True)
         )
 
     def await_loop(self) -> None:
         """Give the play up while its loop's iterations run (it stays RUN)."""
-        Play.objects.filter(pk=self.play.pk, runner=self.runner).update(runner="", lease_until=None, updated_at=timezone.now())
+        Play.objects.filter(pk=self.play.pk, runner=self.runner).update(
+            runner="", lease_until=None, updated_at=timezone.now()
+        )
 
     def end_iteration(self, state: str, error: dict[str, Any] | None = None) -> None:
         """This iteration is over: record it, launch the next ones, close the loop."""
@@ -407,7 +449,9 @@ class Runner:
             if not iteration.end(self.runner, state):
                 raise _Done
             if state == IterationState.FAIL:
-                self.play.fail(error or error_body("STEP_FAILED", "An iteration failed"), from_states=[State.RUN, State.ON_HOLD])
+                self.play.fail(
+                    error or error_body("STEP_FAILED", "An iteration failed"), from_states=[State.RUN, State.ON_HOLD]
+                )
                 raise _Done
             loop_layer = self.play.layers.filter(ref=iteration.ref, iteration__isnull=True).first()
             if loop_layer is not None and dispatch(self.play, loop_layer):
@@ -494,9 +538,17 @@ class Runner:
             return {**error_body("EXPRESSION_ERROR", str(exc)), "retryable": False}
         if self.play.deadline_at is not None:
             timeout = min(timeout, max(0.0, (self.play.deadline_at - timezone.now()).total_seconds()))
-        ctx = RunContext(play_id=self.play.id, flow_id=self.play.flow_id, company_id=self.play.company_id,
-                         ref=step["ref"], attempt=layer.attempts, timeout=timeout, layer_id=layer.id,
-                         iteration=layer.iteration, collect=self.collect)
+        ctx = RunContext(
+            play_id=self.play.id,
+            flow_id=self.play.flow_id,
+            company_id=self.play.company_id,
+            ref=step["ref"],
+            attempt=layer.attempts,
+            timeout=timeout,
+            layer_id=layer.id,
+            iteration=layer.iteration,
+            collect=self.collect,
+        )
         try:
             if module.inline:
                 out = module.run(args, ctx)
@@ -562,11 +614,72 @@ class Runner:
     # -- recording outcomes -----------------------------------------------------------------
 
     def succeed(self, step: dict[str, Any], layer: Layer, out: Any) -> None:
-        with transaction.atomic():
-            self.advance(step["index"])
+        """Record the step DONE and, in the same transaction, go on: open the next step's
+        layer when it can start at once, or finish the play after its last step."""
+        finished = False
+        with transaction.atomic(), batched_events():
+            running = self.advance_running(step["index"])
             if not layer.end(LayerState.DONE, out=out):
                 raise Stop
-        self.outputs[step["ref"]] = out
+            self.outputs[step["ref"]] = out
+            if running:
+                finished = self.go_on()
+        if finished:
+            raise _Done
+
+    def advance_running(self, index: int) -> bool:
+        """Move the cursor past step ``index``; True if the play is still ours and RUN
+        (its lease renewed), False if it was held meanwhile (the step is recorded all the
+        same). Stop if it is no longer ours."""
+        if self.iteration is None:
+            lease = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
+            n = Play.objects.filter(pk=self.play.pk, runner=self.runner, state=State.RUN).update(
+                next_index=index + 1, lease_until=lease
+            )
+            if n:
+                self.play.next_index = index + 1
+                return True
+            self.advance(index)  # ON_HOLD: recorded, nothing new starts
+            return False
+        self.advance(index)
+        try:
+            self.own()
+        except Stop:
+            return False
+        return True
+
+    def go_on(self) -> bool:
+        """Inside succeed()'s transaction, on a play that is ours and RUN: open the next
+        step's layer if it starts unconditionally now; finish the play if there is no next
+        step. True when the play finished. Anything else (a loop, an approval, a filter
+        that says no, a deadline) is left to step()."""
+        index = self.cursor
+        if index >= self.end:
+            if self.iteration is not None:
+                return False
+            if not self.play.finish(self.runner):
+                raise Stop
+            return True
+        step = self.steps[index]
+        if (
+            step["appId"] == "iterator"
+            or step.get("needsApproval")
+            or step["ref"] in self.layers
+            or time.monotonic() > self.slice_ends
+            or (self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at)
+        ):
+            return False
+        if step.get("filters"):
+            try:
+                if evaluate_filters(step["filters"], self.scope()) is not True:
+                    return False
+            except (FilterError, ExpressionError):
+                return False
+        iteration = self.iteration.index if self.iteration is not None else None
+        layer = Layer.open(self.play, step, LayerState.RUN, iteration=iteration)
+        self.layers[step["ref"]] = layer
+        self.opened = layer.pk
+        return False
 
     def finish_failed(self, step: dict[str, Any], layer: Layer, error: dict[str, Any]) -> None:
         on_error = step.get("onError") or "fail"
@@ -578,7 +691,9 @@ class Runner:
             else:
                 layer.end(LayerState.FAIL, error=error)
                 message = f"Step {step['ref']} failed: {error['message']}"
-                failed = self.play.fail(error_body("STEP_FAILED", message, step["ref"]), from_states=[State.RUN, State.ON_HOLD])
+                failed = self.play.fail(
+                    error_body("STEP_FAILED", message, step["ref"]), from_states=[State.RUN, State.ON_HOLD]
+                )
         self.outputs[step["ref"]] = None
         if failed is not None:
             raise _Done if failed else Stop

@@ -257,3 +257,54 @@ def test_a_runner_that_died_mid_step_is_resumed_and_counts_the_attempt(api: Any,
     assert Layer.objects.get(pk=a.pk).attempts == 1
     notes = [e.payload.get("note") for e in Event.objects.filter(play_id=play_id, type="play:layer:started")]
     assert "previous attempt interrupted" in notes
+
+
+def test_each_step_is_one_transaction_that_also_starts_the_next_one(api: Any, drain: Any, monkeypatch: Any) -> None:
+    """A success, the cursor and the next step's start (or the play's end) commit together:
+    one seq reservation (one transaction that writes events) per step, events still in order."""
+    from flows.models import Company
+
+    reservations: list[int] = []
+    reserve = Company.next_event_seqs
+
+    def counting(company_id: str, count: int = 1) -> int:
+        reservations.append(count)
+        return reserve(company_id, count)
+
+    monkeypatch.setattr(Company, "next_event_seqs", staticmethod(counting))
+    flow = make_flow(api, [{"ref": f"s{i}", "appId": "var", "args": {"values": {"i": i}}} for i in range(6)])
+    play_id = run(api, flow)["playId"]
+    drain()
+    assert Play.objects.get(pk=play_id).state == "DONE"
+    # play:started (trigger), the first layer's start, then one per step: its completion with
+    # the next step's start, or with play:completed after the last one.
+    assert reservations == [1, 1] + [2] * 6
+    assert events_of(play_id) == ["play:started"] + ["play:layer:started", "play:layer:completed"] * 6 + ["play:completed"]
+    assert [x["attempts"] for x in layers_of(api, play_id)] == [1] * 6
+    assert not [e for e in Event.objects.filter(play_id=play_id, type="play:layer:started") if e.payload.get("note")]
+
+
+def test_a_hold_that_lands_during_a_step_records_it_and_starts_nothing_more(api: Any, drain: Any, monkeypatch: Any) -> None:
+    class HoldsItsPlay(Module):
+        app_id = "test-holds"
+        summary = "test module"
+        inline = True  # in the runner's thread: SQLite's in-memory test database
+        args_schema: ClassVar[dict] = {"type": "object"}
+        out_schema: ClassVar[dict] = {"type": "object"}
+
+        def run(self, args: dict, ctx: RunContext) -> Any:
+            Play.objects.get(pk=ctx.play_id).hold()  # an operator, while the step runs
+            return {"done": True}
+
+    monkeypatch.setitem(modules.REGISTRY, "test-holds", HoldsItsPlay())
+    flow = make_flow(api, [{"ref": "a", "appId": "test-holds", "args": {}},
+                           {"ref": "b", "appId": "var", "args": {"values": {"x": 1}}}])
+    play_id = run(api, flow)["playId"]
+    drain()
+    play = Play.objects.get(pk=play_id)
+    assert play.state == "ON_HOLD" and play.next_index == 1
+    assert [(x["ref"], x["state"]) for x in layers_of(api, play_id)] == [("a", "DONE")]
+    play.resume()
+    drain()
+    assert Play.objects.get(pk=play_id).state == "DONE"
+    assert [(x["ref"], x["state"], x["attempts"]) for x in layers_of(api, play_id)] == [("a", "DONE", 1), ("b", "DONE", 1)]
