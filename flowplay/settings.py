@@ -8,7 +8,6 @@ filesystem transport and an in-process channel layer fed from the event table. S
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -129,10 +128,21 @@ ASGI_APPLICATION = "flowplay.asgi.application"
 DATABASE_URL = env_str("DATABASE_URL", "")
 if DATABASE_URL:
     # Under ASGI (Daphne) every request runs in a thread of its own, so persistent connections
-    # pile up until PostgreSQL refuses clients ("too many clients"): Django's advice is 0 there.
-    # Health checks make a connection that a database restart broke reconnect on next use.
+    # pile up until PostgreSQL refuses clients ("too many clients"), and a new connection per
+    # request costs a PostgreSQL backend start each time. On PostgreSQL each process keeps a
+    # bounded pool instead (psycopg_pool, Django's "pool" option): a request or a Celery task
+    # borrows a connection and gives it back when Django closes it; with CONN_HEALTH_CHECKS the
+    # pool checks each one before lending it, so one a database restart broke is replaced.
+    # DB_POOL=0 falls back to a connection per request (or DB_CONN_MAX_AGE seconds).
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))}
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", True):
+        DATABASES["default"]["CONN_MAX_AGE"] = 0  # required with a pool: close = give back
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": env_int("DB_POOL_MIN_SIZE", 1),
+            "max_size": env_int("DB_POOL_MAX_SIZE", 20),
+            "timeout": env_float("DB_POOL_TIMEOUT", 10.0),
+        }
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -186,9 +196,17 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE = {
     "release-due-plays": {"task": "plays.tasks.release_due", "schedule": 0.5, "options": {"expires": 5}},
-    "reap-stuck-plays": {"task": "plays.tasks.reap_stuck", "schedule": env_float("FLOWPLAY_REAP_EVERY_SECONDS", 5.0), "options": {"expires": 10}},
+    "reap-stuck-plays": {
+        "task": "plays.tasks.reap_stuck",
+        "schedule": env_float("FLOWPLAY_REAP_EVERY_SECONDS", 5.0),
+        "options": {"expires": 10},
+    },
     "expire-timed-out-plays": {"task": "plays.tasks.expire_timed_out", "schedule": 2.0, "options": {"expires": 10}},
-    "prune-old-plays": {"task": "plays.tasks.prune_old_plays", "schedule": env_float("FLOWPLAY_RETENTION_EVERY_SECONDS", 300.0), "options": {"expires": 60}},
+    "prune-old-plays": {
+        "task": "plays.tasks.prune_old_plays",
+        "schedule": env_float("FLOWPLAY_RETENTION_EVERY_SECONDS", 300.0),
+        "options": {"expires": 60},
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
@@ -281,7 +299,9 @@ except OSError:  # a read-only deployment that serves collected files from elsew
 
 EMAIL_BACKEND = env_str(
     "EMAIL_BACKEND",
-    "django.core.mail.backends.smtp.EmailBackend" if env_str("EMAIL_HOST") else "django.core.mail.backends.filebased.EmailBackend",
+    "django.core.mail.backends.smtp.EmailBackend"
+    if env_str("EMAIL_HOST")
+    else "django.core.mail.backends.filebased.EmailBackend",
 )
 EMAIL_FILE_PATH = str(VAR_DIR / "mail")
 EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
