@@ -8,8 +8,8 @@ import django_filters
 from django.contrib.auth import authenticate, login, logout
 from django.db import transaction
 from django.db.models import Q
-from django.views.decorators.csrf import ensure_csrf_cookie
 from django.utils.decorators import method_decorator
+from django.views.decorators.csrf import ensure_csrf_cookie
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, time, timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import django_filters
@@ -23,7 +22,14 @@ from flows.models import Flow
 from flows.views import get_flow
 
 from .models import Event, IdempotencyConflict, InvalidState, Layer, Play, State, iso
-from .serializers import ApproveSerializer, LayerSerializer, PayloadSerializer, PlayDetailSerializer, PlaySerializer, RunSerializer
+from .serializers import (
+    ApproveSerializer,
+    LayerSerializer,
+    PayloadSerializer,
+    PlayDetailSerializer,
+    PlaySerializer,
+    RunSerializer,
+)
 
 # --- Trigger --------------------------------------------------------------------------
 
@@ -107,14 +113,14 @@ class MomentField(forms.CharField):
             # A bare date first: parse_datetime() would also take "2024-01-15" as midnight.
             day = parse_date(value) if len(value) == 10 else None
             if day is not None:
-                return datetime.combine(day, time.min, tzinfo=dt_timezone.utc), True
+                return datetime.combine(day, time.min, tzinfo=UTC), True
             moment = parse_datetime(value)
         except ValueError:
             moment = None
         if moment is None:
             raise forms.ValidationError("Expected a date (YYYY-MM-DD) or an ISO-8601 time")
         if timezone.is_naive(moment):
-            moment = timezone.make_aware(moment, dt_timezone.utc)
+            moment = timezone.make_aware(moment, UTC)
         return moment, False
 
 

@@ -95,9 +95,7 @@ def drain(no_enqueue: list[str], monkeypatch: Any) -> Any:
     """
     from django.db import transaction
 
-    from plays import runner
-
-    from plays import tasks
+    from plays import runner, tasks
 
     monkeypatch.setattr(transaction, "on_commit", lambda func, using=None, robust=False: func())
     iterations: list[int] = []

@@ -28,7 +28,7 @@ def test_run_answers_201_with_play_id_and_run_state(api: Any, no_enqueue: list[s
 
 
 def test_run_by_permanent_id_and_without_a_body(api: Any, no_enqueue: list[str]) -> None:
-    flow = make_flow(api, ONE_STEP, name="Nightly report")
+    make_flow(api, ONE_STEP, name="Nightly report")
     r = api.post("/api/flows/nightly-report/run")
     assert r.status_code == 201, r.content
     assert Play.objects.get(pk=r.json()["playId"]).args == {}
@@ -107,7 +107,7 @@ def test_other_companies_get_404_for_everything(api: Any, charlie_api: Any, no_e
     assert charlie_api.post(f"/api/flows/{flow['id']}/run", {}, format="json").status_code == 404
     assert charlie_api.post(f"/api/plays/{play_id}/cancel").status_code == 404
     assert charlie_api.get("/api/plays").json()["total"] == 0
-    assert api.get(f"/api/plays/nope").json()["error"] == "PLAY_NOT_FOUND"
+    assert api.get("/api/plays/nope").json()["error"] == "PLAY_NOT_FOUND"
 
 
 def test_teammates_share_plays(api: Any, bob_api: Any, no_enqueue: list[str]) -> None:

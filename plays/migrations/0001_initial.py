@@ -2,9 +2,10 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import flows.ids
 from django.conf import settings
 from django.db import migrations, models
+
+import flows.ids
 
 
 class Migration(migrations.Migration):

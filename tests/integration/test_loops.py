@@ -36,7 +36,7 @@ def test_iterations_run_in_parallel_across_worker_processes(server: Server, alic
     naps = sorted((_t(layer["startedAt"]), _t(layer["completedAt"])) for layer in layers if layer["ref"] == "nap")
     assert len(naps) == 12
     # At least two naps overlapped in time: they ran in different worker processes.
-    overlapping = sum(1 for (s1, e1), (s2, _) in zip(naps, naps[1:]) if s2 < e1)
+    overlapping = sum(1 for (s1, e1), (s2, _) in zip(naps, naps[1:], strict=False) if s2 < e1)
     assert overlapping >= 1, naps
     serial = sum(e - s for s, e in naps)
     wall = max(e for _, e in naps) - min(s for s, _ in naps)
