@@ -308,3 +308,28 @@ def test_a_hold_that_lands_during_a_step_records_it_and_starts_nothing_more(api:
     drain()
     assert Play.objects.get(pk=play_id).state == "DONE"
     assert [(x["ref"], x["state"], x["attempts"]) for x in layers_of(api, play_id)] == [("a", "DONE", 1), ("b", "DONE", 1)]
+
+
+def test_batched_events_take_their_seqs_together_at_the_end_and_vanish_with_a_rollback(api: Any) -> None:
+    from django.db import transaction
+
+    from flows.models import Flow
+    from plays.models import EventType, batched_events, emit
+
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}])
+    play = Play.trigger(Flow.objects.get(pk=flow["id"]), {}, start=False)[0]
+    started = {"layerId": "L", "ref": "a", "state": "RUN"}
+    with transaction.atomic(), batched_events():
+        assert emit(play, [(EventType.LAYER_STARTED, started)]) == []  # not stored yet
+        with batched_events():  # nested: the outer block stores
+            emit(play, [(EventType.LAYER_STARTED, {**started, "ref": "b"})])
+        assert not Event.objects.filter(play=play).exists()
+    stored = list(Event.objects.filter(play=play).order_by("seq"))
+    assert [e.payload["ref"] for e in stored] == ["a", "b"] and stored[1].seq == stored[0].seq + 1
+
+    with pytest.raises(RuntimeError), transaction.atomic(), batched_events():
+        emit(play, [(EventType.LAYER_STARTED, {**started, "ref": "c"})])
+        raise RuntimeError("the step's transaction fails")
+    assert Event.objects.filter(play=play).count() == 2
+    # The batch did not leak into what follows: this one is stored at once.
+    assert len(emit(play, [(EventType.LAYER_STARTED, {**started, "ref": "d"})])) == 1
