@@ -111,7 +111,10 @@ class Heartbeat:
                 self.beat()
             except Exception:  # a database restart must not kill the thread
                 log.exception("heartbeat failed")
-                close_old_connections()
+                try:
+                    close_old_connections()  # reconnect on the next beat
+                except Exception:  # the database is still down: try again next beat
+                    log.warning("heartbeat could not reset its database connection", exc_info=True)
 
     def beat(self) -> None:
         with self._lock:
