@@ -338,6 +338,8 @@ FLOWPLAY = {
     # A runner hands the play back to the broker after this long, so one long play
     # cannot starve others queued behind it on the same worker.
     "RUNNER_SLICE_SECONDS": env_float("FLOWPLAY_RUNNER_SLICE_SECONDS", 20.0),
+    # A retry delay at least this long parks the play (DEFERRED) instead of holding its worker.
+    "RETRY_PARK_SECONDS": env_float("FLOWPLAY_RETRY_PARK_SECONDS", 2.0),
     # How long a runner's lease on a play lasts without a heartbeat.
     "LEASE_SECONDS": env_float("FLOWPLAY_LEASE_SECONDS", 15.0),
     "HEARTBEAT_SECONDS": env_float("FLOWPLAY_HEARTBEAT_SECONDS", 5.0),

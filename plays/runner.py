@@ -196,6 +196,8 @@ def run_iteration(iteration_id: int) -> None:
 # look at again when the play wakes up (a subflow's child play), as opposed to a sleep,
 # whose result is known when it parks.
 RERUN = {"$rerun": True}
+# parked_out of a layer whose next attempt waits for its retry delay: {"$retry": <error code>}.
+RETRY = "$retry"
 
 
 class Runner:
@@ -308,6 +310,13 @@ class Runner:
         elif layer.parked_out == RERUN:
             # Woken up to look again (a subflow's child ended): the same attempt goes on.
             Layer.objects.filter(pk=layer.pk).update(parked_out=None)
+            layer.parked_out = None
+        elif isinstance(layer.parked_out, dict) and RETRY in layer.parked_out:
+            # Woken up after a retry delay: the next attempt begins.
+            with transaction.atomic():
+                self.own()
+                Layer.objects.filter(pk=layer.pk).update(parked_out=None)
+                layer.begin_attempt(play, f"retry after {layer.parked_out[RETRY]}")
             layer.parked_out = None
         elif layer.parked_out is not None:
             self.succeed(step, layer, layer.parked_out)
@@ -521,6 +530,9 @@ class Runner:
             wait = delay * multiplier ** (layer.attempts - 1)
             if jitter:
                 wait *= random.uniform(0.8, 1.2)
+            if self.iteration is None and wait >= config("RETRY_PARK_SECONDS"):
+                # A long delay gives the worker up: the play is DEFERRED until the next attempt.
+                self.park(layer, Park(timezone.now() + timedelta(seconds=wait), out={RETRY: error["code"]}))
             self.sleep(wait)
             with transaction.atomic():
                 self.own()

@@ -333,3 +333,46 @@ def test_batched_events_take_their_seqs_together_at_the_end_and_vanish_with_a_ro
     assert Event.objects.filter(play=play).count() == 2
     # The batch did not leak into what follows: this one is stored at once.
     assert len(emit(play, [(EventType.LAYER_STARTED, {**started, "ref": "d"})])) == 1
+
+
+def test_a_long_retry_delay_parks_the_play_instead_of_holding_the_worker(api: Any, drain: Any, settings: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from plays import tasks
+
+    settings.FLOWPLAY = {**settings.FLOWPLAY, "RETRY_PARK_SECONDS": 5.0}
+    flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 2},
+                            "retry": {"count": 2, "delayMs": 60000, "backoffMultiplier": 2}}])
+    play_id = run(api, flow)["playId"]
+    before = timezone.now()
+    drain()  # the first attempt fails: the play waits a minute without a worker
+    play = Play.objects.get(pk=play_id)
+    assert play.state == "DEFERRED" and play.runner == ""
+    assert before + timedelta(seconds=59) < play.run_at < timezone.now() + timedelta(seconds=61)
+    layer = Layer.objects.get(play_id=play_id)
+    assert (layer.state, layer.attempts) == ("RUN", 1)
+    for expected_delay in (120, None):  # second attempt fails too (delay doubles), the third succeeds
+        Play.objects.filter(pk=play_id).update(run_at=timezone.now() - timedelta(seconds=1))
+        assert tasks.release_due_one()
+        drain()
+        play = Play.objects.get(pk=play_id)
+        if expected_delay:
+            assert play.state == "DEFERRED"
+            assert timezone.now() + timedelta(seconds=expected_delay - 2) < play.run_at
+    assert play.state == "DONE"
+    layer = Layer.objects.get(play_id=play_id)
+    assert (layer.state, layer.attempts, layer.out["attempt"]) == ("DONE", 3, 3)
+    notes = [e.payload.get("note") for e in Event.objects.filter(play_id=play_id, type="play:layer:started").order_by("seq")]
+    assert notes == [None, "retry after FLAKY", "retry after FLAKY"]
+    states = [e.payload.get("state") for e in Event.objects.filter(play_id=play_id, type="play:state").order_by("seq")]
+    assert states == ["DEFERRED", "RUN", "DEFERRED", "RUN"]
+
+
+def test_short_retry_delays_stay_in_the_worker(api: Any, drain: Any) -> None:
+    flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 1}, "retry": {"count": 1, "delayMs": 20}}])
+    play_id = run(api, flow)["playId"]
+    drain()
+    assert Play.objects.get(pk=play_id).state == "DONE"
+    assert not Event.objects.filter(play_id=play_id, type="play:state").exists()
