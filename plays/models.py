@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -349,13 +349,16 @@ class Play(models.Model):
         start: bool = True,
         parent: Play | None = None,
         parent_layer: Layer | None = None,
+        on_created: Callable[[Play], Any] | None = None,
     ) -> tuple[Play, bool]:
         """Create a play of ``flow`` and start it; return (play, created).
 
         With an idempotency key, an existing play holding that key (any state but FAIL) is
         returned instead, and the same key with other args raises ``IdempotencyConflict``.
         Two concurrent requests with one key race on the partial unique constraint: the
-        loser catches the IntegrityError and returns the winner's play.
+        loser catches the IntegrityError and returns the winner's play. ``on_created`` runs in
+        the transaction that creates the play (the API writes its audit entry there, so a play
+        never exists without the record of who triggered it).
         """
         digest = args_digest(args)
         if idempotency_key:
@@ -379,6 +382,8 @@ class Play(models.Model):
                 )
                 if start:
                     play.start()
+                if on_created is not None:
+                    on_created(play)
         except IntegrityError:
             if not idempotency_key:
                 raise

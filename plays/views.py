@@ -54,6 +54,7 @@ def trigger(request: Any, flow: Flow) -> Response:
         play, created = Play.trigger(
             flow, args, idempotency_key=values.get("idempotencyKey"), run_at=run_at, user=request.user,
             start=values.get("start", True),
+            on_created=lambda play: record(request.user, "play.triggered", play, flowId=flow.id),
         )
     except IdempotencyConflict as exc:
         raise ApiError(
@@ -61,8 +62,6 @@ def trigger(request: Any, flow: Flow) -> Response:
             f"Idempotency key {values.get('idempotencyKey')!r} was used by play {exc.play.id} with different args",
             409,
         ) from None
-    if created:
-        record(request.user, "play.triggered", play, flowId=flow.id)
     body = {
         "playId": play.id,
         "state": play.state,
