@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 from django.contrib import admin, messages
+from django.forms.models import BaseInlineFormSet
+from django.urls import reverse
 from django.utils.html import format_html
 
 from flows.audit import PLAY_VERBS, record
@@ -41,7 +43,22 @@ class TenantMixin:
         return qs.filter(**{self.company_field: request.user.company_id})
 
 
+# A play of a 10,000-item loop has some 30,000 layers and more events: the admin page shows
+# the first rows of each and links to the play's page and the API for the rest.
+INLINE_ROWS = 200
+
+
+class FirstRowsFormSet(BaseInlineFormSet):
+    """A read-only inline formset over the first ``INLINE_ROWS`` rows only."""
+
+    def get_queryset(self) -> Any:
+        if not hasattr(self, "_first_rows"):
+            self._first_rows = super().get_queryset()[:INLINE_ROWS]
+        return self._first_rows
+
+
 class ReadOnlyInline(admin.TabularInline):
+    formset = FirstRowsFormSet
     extra = 0
     can_delete = False
     show_change_link = False
@@ -154,7 +171,7 @@ class PlayAdmin(TenantMixin, admin.ModelAdmin):
     list_select_related = ["flow", "company"]
     show_full_result_count = False
     ordering = ["-created_at", "-id"]
-    readonly_fields = ["id", "company", "flow", "flow_version", "state", "args_pretty", "idempotency_key",
+    readonly_fields = ["id", "company", "flow", "flow_version", "state", "rows", "args_pretty", "idempotency_key",
                        "error_pretty", "created_at", "started_at", "completed_at", "updated_at", "run_at",
                        "deadline_at", "retry_of", "parent", "triggered_by", "next_index", "runner", "lease_until"]
     fields = readonly_fields
@@ -167,6 +184,16 @@ class PlayAdmin(TenantMixin, admin.ModelAdmin):
         _decide_action(Decision.APPROVED, "Approve"),
         _decide_action(Decision.DECLINED, "Decline"),
     ]
+
+    @admin.display(description="layers and events")
+    def rows(self, play: Play) -> str:
+        layers, events = play.layers.count(), play.events.count()
+        more = layers > INLINE_ROWS or events > INLINE_ROWS
+        return format_html(
+            "{} layers, {} events{} — <a href=\"{}\">the play's page</a>, <a href=\"{}\">its events (API)</a>",
+            layers, events, f" (the first {INLINE_ROWS} of each below)" if more else "",
+            reverse("pages:play-detail", args=[play.pk]), f"/api/plays/{play.pk}/events",
+        )
 
     @admin.display(description="args")
     def args_pretty(self, play: Play) -> str:

@@ -227,3 +227,18 @@ def test_play_list_query_count_does_not_grow_with_plays(api: Any, operator: User
         return len(queries)
 
     assert count(2) == count(20)
+
+
+def test_a_huge_play_page_shows_the_first_rows_and_links_to_the_rest(api: Any, drain: Any, operator: User,
+                                                                       monkeypatch: Any) -> None:
+    from plays import admin as plays_admin
+
+    monkeypatch.setattr(plays_admin, "INLINE_ROWS", 3)
+    flow = make_flow(api, [{"ref": f"s{i}", "appId": "var", "args": {"values": {"i": i}}} for i in range(6)])
+    pid = api.post(f"/api/flows/{flow['id']}/run", {"args": {}}, format="json").json()["playId"]
+    drain()
+    page = login(operator).get(f"/admin/plays/play/{pid}/change/").content.decode()
+    assert "6 layers, 14 events (the first 3 of each below)" in page
+    assert f'href="/plays/{pid}/"' in page and f'href="/api/plays/{pid}/events"' in page
+    shown = [ref for ref in ("s0", "s1", "s2", "s3", "s4", "s5") if f"<p>{ref}</p>" in page or f">{ref}<" in page]
+    assert shown == ["s0", "s1", "s2"], shown
