@@ -371,7 +371,7 @@ LOGGING = {
         "django.channels.server": {"level": "WARNING"},
         # One line per task at INFO would be two lines a second from the sweeps alone.
         "celery.app.trace": {"level": env_str("CELERY_TASK_LOG_LEVEL", "WARNING")},
-        "celery.worker.strategy": {"level": "WARNING"},
+        "celery.worker.strategy": {"level": env_str("CELERY_TASK_LOG_LEVEL", "WARNING")},
         "celery.beat": {"level": "WARNING"},
     },
 }
