@@ -475,17 +475,24 @@ class Play(models.Model):
         play_id = self.id
         transaction.on_commit(lambda: run_play.apply_async((play_id,), queue=queue))
 
-    def claim(self, runner: str, lease_seconds: float) -> bool:
-        """Take the runner's lease on a RUN play; False if another live runner has it."""
+    @staticmethod
+    def take_lease(play_id: str, runner: str, lease_seconds: float) -> Play | None:
+        """Take the runner's lease on a RUN play and read it (with its flow version) as it
+        is now; None if it is not RUN or another live runner has it."""
         now = timezone.now()
         n = (
-            Play.objects.filter(pk=self.pk, state=State.RUN)
+            Play.objects.filter(pk=play_id, state=State.RUN)
             .filter(Q(runner="") | Q(lease_until__lt=now) | Q(runner=runner))
             .update(runner=runner, lease_until=now + timedelta(seconds=lease_seconds))
         )
-        if n:
+        return Play.objects.select_related("flow_version").filter(pk=play_id).first() if n else None
+
+    def claim(self, runner: str, lease_seconds: float) -> bool:
+        """Take the runner's lease on this RUN play; False if another live runner has it."""
+        fresh = Play.take_lease(self.pk, runner, lease_seconds)
+        if fresh is not None:
             self.refresh_from_db()
-        return bool(n)
+        return fresh is not None
 
     def release(self, runner: str) -> bool:
         """Give up the lease unless the play is RUN again (resumed meanwhile); True if released."""

@@ -163,10 +163,9 @@ def _runner_name() -> str:
 
 def run(play_id: str) -> None:
     runner = _runner_name()
-    play = Play.objects.select_related("flow_version").filter(pk=play_id).first()
-    if play is None or play.state != State.RUN:
-        return
-    if not play.claim(runner, config("LEASE_SECONDS")):
+    # Lease first, then one read: the play as it is once it is ours (two round trips).
+    play = Play.take_lease(play_id, runner, config("LEASE_SECONDS"))
+    if play is None:
         return
     ended = heartbeat.track(play.id, runner)
     try:
