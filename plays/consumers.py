@@ -399,7 +399,7 @@ class Hub:
             if self.listeners[company_id] == 1 and self.channel:
                 await self._join([company_id])
 
-    async def _join(self, companies: list[str]) -> bool:
+    async def _join(self, companies: list[str]) -> None:
         """Put this process's hub channel in the companies' Redis groups.
 
         Never fails the caller: without Redis the consumers read the event table, and the
@@ -411,8 +411,6 @@ class Hub:
         except Exception:
             log.warning("event hub could not join its Redis groups; consumers read the event table", exc_info=True)
             self.next_join = 0.0
-            return False
-        return True
 
     async def unsubscribe(self, company_id: str) -> None:
         if self.lock is None or self.loop is not asyncio.get_running_loop():

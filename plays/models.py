@@ -487,13 +487,6 @@ class Play(models.Model):
         )
         return Play.objects.select_related("flow_version").filter(pk=play_id).first() if n else None
 
-    def claim(self, runner: str, lease_seconds: float) -> bool:
-        """Take the runner's lease on this RUN play; False if another live runner has it."""
-        fresh = Play.take_lease(self.pk, runner, lease_seconds)
-        if fresh is not None:
-            self.refresh_from_db()
-        return fresh is not None
-
     def release(self, runner: str) -> bool:
         """Give up the lease unless the play is RUN again (resumed meanwhile); True if released."""
         n = Play.objects.filter(pk=self.pk, runner=runner).exclude(state=State.RUN).update(runner="", lease_until=None)

@@ -474,16 +474,19 @@ class Runner:
 
     # -- opening a step -------------------------------------------------------------------
 
+    def filter_verdict(self, step: dict[str, Any]) -> bool | FilterError | ExpressionError:
+        """Whether the step's filters let it run, or the error that evaluating them raised."""
+        if not step.get("filters"):
+            return True
+        try:
+            return evaluate_filters(step["filters"], self.scope())
+        except (FilterError, ExpressionError) as exc:  # a value's expression can fail too
+            return exc
+
     def open(self, step: dict[str, Any]) -> Layer | None:
         """Create the step's layer; return it if the step must run now."""
         play = self.play
-        filters = step.get("filters") or []
-        verdict: bool | FilterError | ExpressionError = True
-        if filters:
-            try:
-                verdict = evaluate_filters(filters, self.scope())
-            except (FilterError, ExpressionError) as exc:  # a value's expression can fail too
-                verdict = exc
+        verdict = self.filter_verdict(step)
         with transaction.atomic():
             self.own()
             iteration = self.iteration.index if self.iteration is not None else None
@@ -683,12 +686,8 @@ class Runner:
             or (self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at)
         ):
             return False
-        if step.get("filters"):
-            try:
-                if evaluate_filters(step["filters"], self.scope()) is not True:
-                    return False
-            except (FilterError, ExpressionError):
-                return False
+        if self.filter_verdict(step) is not True:
+            return False
         iteration = self.iteration.index if self.iteration is not None else None
         layer = Layer.open(self.play, step, LayerState.RUN, iteration=iteration)
         self.layers[step["ref"]] = layer

@@ -243,7 +243,7 @@ def test_a_runner_that_died_mid_step_is_resumed_and_counts_the_attempt(api: Any,
     no_enqueue.clear()
     play = Play.objects.get(pk=play_id)
     # Simulate a worker that finished step a, opened step b and was killed.
-    play.claim("dead-worker", 30)
+    assert Play.take_lease(play.pk, "dead-worker", 30) is not None
     a = Layer.objects.create(play=play, ref="a", app_id="var", index=0, state="DONE", attempts=1, out={"x": 1},
                              started_at=timezone.now(), completed_at=timezone.now())
     Layer.objects.create(play=play, ref="b", app_id="test-flaky", index=1, state="RUN", attempts=1, started_at=timezone.now())
