@@ -633,6 +633,8 @@ class Runner:
     def succeed(self, step: dict[str, Any], layer: Layer, out: Any) -> None:
         """Record the step DONE and, in the same transaction, go on: open the next step's
         layer when it can start at once, or finish the play after its last step."""
+        if self.step_on(step, layer, out):
+            return
         finished = False
         with transaction.atomic(), batched_events():
             running = self.advance_running(step["index"])
@@ -643,6 +645,38 @@ class Runner:
                 finished = self.go_on()
         if finished:
             raise _Done
+
+    def step_on(self, step: dict[str, Any], layer: Layer, out: Any) -> bool:
+        """succeed() in one statement, where the database can (Play.step_on): a play's step
+        DONE and the next one starting at once. False: nothing written, succeed() goes on."""
+        index = step["index"] + 1
+        if self.iteration is not None or index >= self.end:
+            return False
+        self.outputs[step["ref"]] = out  # the next step's filters may read it
+        following = self.steps[index]
+        if not self.starts_at_once(following):
+            return False
+        lease = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
+        opened = self.play.step_on(self.runner, layer, out, following, lease)
+        if opened is None:
+            return False
+        self.layers[following["ref"]] = opened
+        self.opened = opened.pk
+        return True
+
+    def starts_at_once(self, step: dict[str, Any]) -> bool:
+        """Whether the step the cursor reached opens RUN now, in the transaction that ended
+        the one before it; a loop, an approval, a filter that says no or a deadline are
+        left to step()."""
+        if (
+            step["appId"] == "iterator"
+            or step.get("needsApproval")
+            or step["ref"] in self.layers
+            or time.monotonic() > self.slice_ends
+            or (self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at)
+        ):
+            return False
+        return self.filter_verdict(step) is True
 
     def advance_running(self, index: int) -> bool:
         """Move the cursor past step ``index``; True if the play is still ours and RUN
@@ -678,15 +712,7 @@ class Runner:
                 raise Stop
             return True
         step = self.steps[index]
-        if (
-            step["appId"] == "iterator"
-            or step.get("needsApproval")
-            or step["ref"] in self.layers
-            or time.monotonic() > self.slice_ends
-            or (self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at)
-        ):
-            return False
-        if self.filter_verdict(step) is not True:
+        if not self.starts_at_once(step):
             return False
         iteration = self.iteration.index if self.iteration is not None else None
         layer = Layer.open(self.play, step, LayerState.RUN, iteration=iteration)

@@ -6,6 +6,8 @@ import time
 from typing import Any, ClassVar
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from flows import modules
 from flows.modules import Module, RunContext, StepError
@@ -274,11 +276,18 @@ def test_each_step_is_one_transaction_that_also_starts_the_next_one(api: Any, dr
     monkeypatch.setattr(Company, "next_event_seqs", staticmethod(counting))
     flow = make_flow(api, [{"ref": f"s{i}", "appId": "var", "args": {"values": {"i": i}}} for i in range(6)])
     play_id = run(api, flow)["playId"]
-    drain()
+    with CaptureQueriesContext(connection) as queries:
+        drain()
     assert Play.objects.get(pk=play_id).state == "DONE"
     # play:started (trigger), the first layer's start, then one per step: its completion with
     # the next step's start, or with play:completed after the last one.
-    assert reservations == [1, 1] + [2] * 6
+    if connection.vendor == "postgresql":
+        # Steps 0-4 hand over to the next one in a single statement (Play.step_on), which
+        # reserves its two seqs itself; the last step finishes the play.
+        assert len([q for q in queries.captured_queries if "WITH ok AS" in q["sql"]]) == 5
+        assert reservations == [1, 1, 2]
+    else:
+        assert reservations == [1, 1] + [2] * 6
     assert events_of(play_id) == ["play:started"] + ["play:layer:started", "play:layer:completed"] * 6 + ["play:completed"]
     assert [x["attempts"] for x in layers_of(api, play_id)] == [1] * 6
     assert not [e for e in Event.objects.filter(play_id=play_id, type="play:layer:started") if e.payload.get("note")]
@@ -376,3 +385,57 @@ def test_short_retry_delays_stay_in_the_worker(api: Any, drain: Any) -> None:
     drain()
     assert Play.objects.get(pk=play_id).state == "DONE"
     assert not Event.objects.filter(play_id=play_id, type="play:state").exists()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="Play.step_on writes in one statement on PostgreSQL only")
+def test_step_on_writes_all_or_nothing(api: Any, no_enqueue: Any) -> None:
+    """Play.step_on: everything in one statement when the play is ours and RUN and the layer
+    RUN; when either is not so, not one row changes and the caller takes the general path."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from flows.models import Company
+    from plays.models import LayerState
+
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}},
+                           {"ref": "b", "appId": "var", "args": {"values": {}}}])
+    play_id = run(api, flow)["playId"]
+    play = Play.take_lease(play_id, "r1", 30)
+    steps = play.flow_version.definition["layers"]
+    first = Layer.open(play, steps[0], LayerState.RUN)
+    lease = timezone.now() + timedelta(seconds=30)
+
+    def seq() -> int:
+        return Company.objects.get(pk=play.company_id).event_seq
+
+    def snapshot() -> tuple:
+        p = Play.objects.get(pk=play_id)
+        return p.next_index, p.lease_until, seq(), sorted(Layer.objects.filter(play_id=play_id).values_list("ref", "state"))
+
+    before = snapshot()
+    assert play.step_on("someone-else", first, {"x": 1}, steps[1], lease) is None  # not our lease
+    assert snapshot() == before
+    Layer.objects.filter(pk=first.pk).update(state=LayerState.FAIL)  # the layer ended meanwhile
+    before = snapshot()
+    assert play.step_on("r1", first, {"x": 1}, steps[1], lease) is None
+    assert snapshot() == before
+    Layer.objects.filter(pk=first.pk).update(state=LayerState.RUN)
+
+    opened = play.step_on("r1", first, {"x": 1}, steps[1], lease)
+    assert opened is not None and opened.ref == "b" and opened.state == LayerState.RUN
+    p = Play.objects.get(pk=play_id)
+    assert (p.next_index, p.lease_until, p.state) == (1, lease, "RUN")
+    a, b = Layer.objects.get(pk=first.pk), Layer.objects.get(pk=opened.pk)
+    assert (a.state, a.out, a.completed_at is not None) == ("DONE", {"x": 1}, True)
+    assert (b.state, b.attempts, b.started_at is not None, b.completed_at) == ("RUN", 1, True, None)
+    events = list(Event.objects.filter(play_id=play_id).order_by("seq"))[-2:]
+    assert [e.type for e in events] == ["play:layer:completed", "play:layer:started"]
+    assert [e.seq for e in events] == [seq() - 1, seq()]
+    assert [e.payload["seq"] for e in events] == [e.seq for e in events]
+    assert events[0].payload | {"timestamp": None} == {
+        "type": "play:layer:completed", "seq": events[0].seq, "playId": play_id, "flowId": flow["id"],
+        "layerId": first.pk, "ref": "a", "state": "DONE", "out": {"x": 1}, "timestamp": None}
+    assert events[1].payload | {"timestamp": None} == {
+        "type": "play:layer:started", "seq": events[1].seq, "playId": play_id, "flowId": flow["id"],
+        "layerId": opened.pk, "ref": "b", "state": "RUN", "attempt": 1, "timestamp": None}
