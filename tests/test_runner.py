@@ -439,3 +439,47 @@ def test_step_on_writes_all_or_nothing(api: Any, no_enqueue: Any) -> None:
     assert events[1].payload | {"timestamp": None} == {
         "type": "play:layer:started", "seq": events[1].seq, "playId": play_id, "flowId": flow["id"],
         "layerId": opened.pk, "ref": "b", "state": "RUN", "attempt": 1, "timestamp": None}
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="Play.step_on writes in one statement on PostgreSQL only")
+@pytest.mark.django_db(transaction=True)
+def test_step_on_waits_for_a_concurrent_hold_and_then_writes_nothing(api: Any, no_enqueue: Any) -> None:
+    """A hold that locked the play first commits, then step_on's FOR UPDATE sees the play
+    ON_HOLD on the row's newest version: no half-written step (cursor moved, layer not)."""
+    import threading
+    from datetime import timedelta
+
+    from django.db import connections, transaction
+    from django.utils import timezone
+
+    from plays.models import LayerState
+
+    flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}},
+                           {"ref": "b", "appId": "var", "args": {"values": {}}}])
+    play_id = run(api, flow)["playId"]
+    play = Play.take_lease(play_id, "r1", 30)
+    steps = play.flow_version.definition["layers"]
+    first = Layer.open(play, steps[0], LayerState.RUN)
+    locked, release = threading.Event(), threading.Event()
+
+    def operator() -> None:
+        try:
+            with transaction.atomic():
+                Play.objects.get(pk=play_id).hold()
+                locked.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=operator)
+    holder.start()
+    assert locked.wait(10)
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    assert play.step_on("r1", first, {"x": 1}, steps[1], timezone.now() + timedelta(seconds=30)) is None
+    assert time.monotonic() - started >= 0.2  # it waited for the hold's commit
+    holder.join(10)
+    p = Play.objects.get(pk=play_id)
+    assert (p.state, p.next_index) == ("ON_HOLD", 0)
+    assert sorted(Layer.objects.filter(play_id=play_id).values_list("ref", "state")) == [("a", "RUN")]
+    assert not Event.objects.filter(play_id=play_id, type="play:layer:completed").exists()
