@@ -4,7 +4,10 @@ Every play state change happens in a verb method on ``Play`` (``start``, ``park`
 ``wait_for_approval``, ``finish``, ``fail``, ``skip``, ``hold``, ``resume``, ``cancel``,
 ``decide``). Each one is a compare-and-set ``UPDATE … WHERE state IN (…)`` whose row count
 says whether it won, and writes its ``Event`` row in the same transaction. The ``state``
-field is assigned nowhere else. Layer state changes live on ``Layer`` the same way.
+field is assigned nowhere else. Layer state changes live on ``Layer`` the same way. One
+exception by design: ``Play.step_on`` is the runner's hot path on PostgreSQL, the writes of
+``Layer.end`` + ``Layer.open`` and the play's cursor in a single statement; it follows them
+and falls back to them whenever it cannot apply.
 """
 
 from __future__ import annotations
