@@ -34,9 +34,17 @@ chromium:
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "note: /usr/bin/chromium is missing and cannot be installed here: the browser tests will fail"; }
 
-## The whole suite on the embedded default (SQLite, filesystem broker).
+## The whole suite, on the embedded default (SQLite, filesystem broker) unless
+## DATABASE_URL / REDIS_URL say otherwise: the unit tests in two processes (pytest-xdist),
+## then the integration tests one at a time (they start their own servers, and some
+## restart Redis or PostgreSQL under them). PYTEST_ARGS=... runs just those arguments.
 test: $(STAMP) chromium
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(BIN)/python -m pytest -q -m "not integration" -n 2
+	$(BIN)/python -m pytest -q -m integration
+else
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+endif
 
 bench: migrate
 	$(BIN)/python manage.py bench $(BENCH_ARGS)

@@ -295,8 +295,24 @@ class Cluster:
             proc.wait(timeout=10)
 
     def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
+        """Stop every process, their shutdowns overlapping: SIGTERM to all, then wait (a
+        worker finishing its task or Daphne closing its connections takes seconds each)."""
+        live = [proc for proc in self.procs.values() if proc.poll() is None]
+        for proc in live:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 20
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
 
     def destroy(self) -> None:
         self.stop_all()
