@@ -488,6 +488,13 @@ class Play(models.Model):
         )
         return Play.objects.select_related("flow_version").filter(pk=play_id).first() if n else None
 
+    @staticmethod
+    def can_step_on() -> bool:
+        """Whether ``step_on`` can write here (PostgreSQL); elsewhere it writes nothing."""
+        from django.db import connection
+
+        return connection.vendor == "postgresql"
+
     def step_on(self, runner: str, done: Layer, out: Any, step: dict[str, Any], lease_until: datetime) -> Layer | None:
         """The runner's commonest write, in one statement on PostgreSQL: layer ``done`` DONE
         with ``out``, the cursor past it and the lease renewed, the layer of the next step
@@ -506,7 +513,7 @@ class Play(models.Model):
         """
         from django.db import connection
 
-        if connection.vendor != "postgresql" or done.iteration is not None:
+        if not Play.can_step_on() or done.iteration is not None:
             return None
         now = timezone.now()
         layer = Layer.build(self, step, LayerState.RUN)
@@ -516,7 +523,7 @@ class Play(models.Model):
             (EventType.LAYER_STARTED, {**layer.event_extra(LayerState.RUN), "attempt": 1}),
         ]
         payloads = [event_payload(self, kind, 0, extra, now) for kind, extra in events]
-        fields = [f for f in Layer._meta.concrete_fields]
+        fields = list(Layer._meta.concrete_fields)
         prep = Event._meta.get_field("payload").get_db_prep_save
         sql = f"""
             WITH ok AS MATERIALIZED (
@@ -942,15 +949,13 @@ class Layer(models.Model):
         layer.started_at, layer.completed_at = now, now if ended else None
         layer.out, layer.error = out, error
         layer.save(force_insert=True)
-        extra: dict[str, Any] = {"layerId": layer.id, "ref": layer.ref, "state": state}
-        if iteration is not None:
-            extra["iteration"] = iteration
+        extra = layer.event_extra(state, out=out, error=error)
         if state == LayerState.RUN:
             emit(play, [(EventType.LAYER_STARTED, {**extra, "attempt": 1})])
         elif state == LayerState.FAIL:
-            emit(play, [(EventType.LAYER_FAILED, {**extra, "error": error})])
+            emit(play, [(EventType.LAYER_FAILED, extra)])
         elif ended:
-            emit(play, [(EventType.LAYER_COMPLETED, {**extra, "out": out})])
+            emit(play, [(EventType.LAYER_COMPLETED, extra)])
         return layer
 
     @classmethod

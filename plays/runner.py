@@ -633,28 +633,42 @@ class Runner:
     def succeed(self, step: dict[str, Any], layer: Layer, out: Any) -> None:
         """Record the step DONE and, in the same transaction, go on: open the next step's
         layer when it can start at once, or finish the play after its last step."""
-        if self.step_on(step, layer, out):
+        self.outputs[step["ref"]] = out  # the next step's filters may read it
+        following = self.opens_next(step)
+        if following is not None and self.step_on(layer, out, following):
             return
         finished = False
         with transaction.atomic(), batched_events():
             running = self.advance_running(step["index"])
             if not layer.end(LayerState.DONE, out=out):
                 raise Stop
-            self.outputs[step["ref"]] = out
             if running:
-                finished = self.go_on()
+                finished = self.go_on(following)
         if finished:
             raise _Done
 
-    def step_on(self, step: dict[str, Any], layer: Layer, out: Any) -> bool:
-        """succeed() in one statement, where the database can (Play.step_on): a play's step
-        DONE and the next one starting at once. False: nothing written, succeed() goes on."""
+    def opens_next(self, step: dict[str, Any]) -> dict[str, Any] | None:
+        """The step after ``step`` if its layer opens RUN in the transaction that ends
+        ``step``; None if there is none or it needs step() (a loop, an approval, a filter
+        that says no, a deadline, the end of the time slice)."""
         index = step["index"] + 1
-        if self.iteration is not None or index >= self.end:
-            return False
-        self.outputs[step["ref"]] = out  # the next step's filters may read it
+        if index >= self.end:
+            return None
         following = self.steps[index]
-        if not self.starts_at_once(following):
+        if (
+            following["appId"] == "iterator"
+            or following.get("needsApproval")
+            or following["ref"] in self.layers
+            or time.monotonic() > self.slice_ends
+            or (self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at)
+        ):
+            return None
+        return following if self.filter_verdict(following) is True else None
+
+    def step_on(self, layer: Layer, out: Any, following: dict[str, Any]) -> bool:
+        """succeed() in one statement where the database can (Play.step_on): a play's step
+        DONE and ``following`` started. False: nothing written, succeed() goes on."""
+        if self.iteration is not None or not Play.can_step_on():
             return False
         lease = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
         opened = self.play.step_on(self.runner, layer, out, following, lease)
@@ -663,20 +677,6 @@ class Runner:
         self.layers[following["ref"]] = opened
         self.opened = opened.pk
         return True
-
-    def starts_at_once(self, step: dict[str, Any]) -> bool:
-        """Whether the step the cursor reached opens RUN now, in the transaction that ended
-        the one before it; a loop, an approval, a filter that says no or a deadline are
-        left to step()."""
-        if (
-            step["appId"] == "iterator"
-            or step.get("needsApproval")
-            or step["ref"] in self.layers
-            or time.monotonic() > self.slice_ends
-            or (self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at)
-        ):
-            return False
-        return self.filter_verdict(step) is True
 
     def advance_running(self, index: int) -> bool:
         """Move the cursor past step ``index``; True if the play is still ours and RUN
@@ -699,24 +699,21 @@ class Runner:
             return False
         return True
 
-    def go_on(self) -> bool:
-        """Inside succeed()'s transaction, on a play that is ours and RUN: open the next
-        step's layer if it starts unconditionally now; finish the play if there is no next
-        step. True when the play finished. Anything else (a loop, an approval, a filter
-        that says no, a deadline) is left to step()."""
-        index = self.cursor
-        if index >= self.end:
+    def go_on(self, following: dict[str, Any] | None) -> bool:
+        """Inside succeed()'s transaction, on a play that is ours and RUN: open the layer of
+        ``following`` (see opens_next), or finish the play if there is no next step. True
+        when the play finished."""
+        if self.cursor >= self.end:
             if self.iteration is not None:
                 return False
             if not self.play.finish(self.runner):
                 raise Stop
             return True
-        step = self.steps[index]
-        if not self.starts_at_once(step):
+        if following is None:
             return False
         iteration = self.iteration.index if self.iteration is not None else None
-        layer = Layer.open(self.play, step, LayerState.RUN, iteration=iteration)
-        self.layers[step["ref"]] = layer
+        layer = Layer.open(self.play, following, LayerState.RUN, iteration=iteration)
+        self.layers[following["ref"]] = layer
         self.opened = layer.pk
         return False
 

@@ -282,22 +282,18 @@ class Cluster:
 
     def stop(self, name: str) -> None:
         proc = self.procs.get(name)
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
+        if proc is not None:
+            self._stop([proc])
 
     def stop_all(self) -> None:
-        """Stop every process, their shutdowns overlapping: SIGTERM to all, then wait (a
-        worker finishing its task or Daphne closing its connections takes seconds each)."""
-        live = [proc for proc in self.procs.values() if proc.poll() is None]
+        self._stop(list(self.procs.values()))
+
+    @staticmethod
+    def _stop(procs: list[subprocess.Popen]) -> None:
+        """SIGTERM each process group, then wait up to 20 s in all (SIGKILL after that): the
+        shutdowns overlap (a worker finishing its task or Daphne closing its connections
+        takes seconds each)."""
+        live = [proc for proc in procs if proc.poll() is None]
         for proc in live:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
