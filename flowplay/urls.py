@@ -23,6 +23,7 @@ api = [
     path("modules", module_views.ModuleListView.as_view(), name="module-list"),
     path("schema", SpectacularAPIView.as_view(), name="schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("events", play_views.EventsView.as_view(), name="events"),
     path("flows/<str:flow_id>/plays", play_views.FlowPlaysViewSet.as_view({"get": "list"}), name="flow-plays"),
     *router.urls,
 ]

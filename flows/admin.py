@@ -43,7 +43,7 @@ class PrettyJSONField(forms.JSONField):
 class CompanyAdmin(admin.ModelAdmin):
     list_display = ["name", "slug", "created_at"]
     search_fields = ["name", "slug"]
-    readonly_fields = ["id", "event_seq", "created_at"]
+    readonly_fields = ["id", "created_at"]
 
     def get_queryset(self, request: Any) -> Any:
         qs = super().get_queryset(request)

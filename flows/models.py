@@ -8,7 +8,7 @@ import secrets
 from typing import Any
 
 from django.contrib.auth.models import AbstractUser, UserManager
-from django.db import connection, models, transaction
+from django.db import models, transaction
 from django.db.models import Q
 from django.db.models.functions import Lower
 from django.utils import timezone
@@ -25,8 +25,6 @@ class Company(models.Model):
     id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=200, unique=True)
-    # Last event sequence number handed out; see next_event_seqs().
-    event_seq = models.BigIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -39,21 +37,6 @@ class Company(models.Model):
     def default(cls) -> Company:
         company, _ = cls.objects.get_or_create(slug="default", defaults={"name": DEFAULT_COMPANY_NAME})
         return company
-
-    @staticmethod
-    def next_event_seqs(company_id: str, count: int = 1) -> int:
-        """Reserve ``count`` event sequence numbers and return the last one.
-
-        Must run inside the transaction that writes the events: the row lock taken here is
-        held until commit, so sequence order is commit order within a company. That is what
-        lets a WebSocket client resume with ``since=<seq>`` without a gap.
-        """
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "UPDATE flows_company SET event_seq = event_seq + %s WHERE id = %s RETURNING event_seq",
-                [count, company_id],
-            )
-            return cursor.fetchone()[0]
 
 
 class User(AbstractUser):

@@ -1,30 +1,30 @@
 """The live event stream: ``ws://<host>:4454/api/ws``.
 
-Each connection remembers ``last_seq``: every event of its company up to that number has
-been delivered or filtered out. Events reach it two ways:
+Each connection has a ``position`` in its company's event stream (see
+``EventQuerySet.replay``): every event at or before it has been delivered or filtered
+out, none after it. Events reach it two ways:
 
-1. as payloads on its company's group in the process-local channel layer (the fast path),
-   fed by this process's ``Hub``: from Redis, where the workers publish after commit
-   (``fanout.py``), or, without Redis, from new ``Event`` rows it reads itself;
-2. by reading the ``Event`` table: on connect (``?since=``), when a payload ahead of
-   ``last_seq + 1`` has waited ``GAP_GRACE_SECONDS`` for its predecessors in vain (two
-   workers' messages usually just cross; a full channel drops them for good), and when
-   the hub already knew a second ago of events that have not arrived here since (the
-   end of a burst was dropped; ``Hub.heads``), besides every ``FULL_CHECK_ROUNDS`` s.
+1. from this process's ``Hub``, which reads each listened-to company's events from the
+   table in cursor order (woken by the Redis doorbell that writers ring after commit, or
+   polling without Redis) and hands every consumer a contiguous range: the events after
+   ``after``, the hub's previous position;
+2. by reading the ``Event`` table itself: on connect (``?since=<cursor>``), when a range
+   from the hub starts past the connection's position (a message dropped by a full
+   channel), when the hub is further than the connection (the end of a burst was
+   dropped), and every ``FULL_CHECK_ROUNDS`` s.
 
-``seq`` is allocated under a per-company row lock held until commit, so sequence order is
-commit order: once seq N is visible, every event before it is. "Every event after
-``last_seq``, in order" is therefore exactly what the client must see next, whichever
-path brings it: no gap, no duplicate.
+Both sources are prefixes of one order that never grows in the middle, so "every event
+after ``position``, in order" is exactly what the client must see next, whichever path
+brings it: no gap, no duplicate.
 
 Close codes (a handshake without valid credentials is refused before it completes,
 with HTTP 403):
 
-- 4400: bad query parameters (``since`` not a non-negative integer).
+- 4400: bad query parameters (``since`` not a cursor).
 - 4401: credentials no longer valid (API key revoked, user deactivated, logged out).
 - 4008: the client reads too slowly: its send buffer stayed over the high-water mark
   for ``STALL_SECONDS`` or it fell more than ``MAX_LAG`` events behind. Reconnect with
-  ``?since=<last seq received>`` to lose nothing.
+  ``?since=<the last cursor received>`` to lose nothing.
 - 1011: an internal error; reconnect with ``?since=``.
 """
 
@@ -42,10 +42,10 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from flows.models import ApiKey, Company, Flow
+from flows.models import ApiKey, Flow
 
 from .fanout import company_group
-from .models import Event
+from .models import START, Event, Position, decode_cursor, encode_cursor
 from .wsauth import API_KEY_ID, SEND_BACKLOG, origin_allowed
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,6 @@ CLOSE_ERROR = 1011
 LOCAL_LAYER = "local"
 CATCH_UP_BATCH = 500
 FULL_CHECK_ROUNDS = 30
-# How long a payload that arrived ahead of its predecessor waits for it before the gap is
-# filled from the table, and how many may wait.
-GAP_GRACE_SECONDS = 0.2
-MAX_HELD = 1000
 POLL_SECONDS = 1.0
 AUTH_CHECK_SECONDS = 10.0
 # The hub joins its Redis groups again this often: Redis forgets them when it restarts or
@@ -87,15 +83,21 @@ class TooSlow(Exception):
     pass
 
 
+def parse_since(query: dict[str, list[str]]) -> Position | None:
+    """The ``?since=`` of a handshake: a cursor's position, None if absent; ValueError if
+    it is not a cursor."""
+    raw = (query.get("since") or [""])[0]
+    return decode_cursor(raw) if raw else None
+
+
 class PlayEventsConsumer(AsyncWebsocketConsumer):
     channel_layer_alias = LOCAL_LAYER
     company_id: str
     play_id: str | None = None
     flow_id: str | None = None
-    last_seq = 0
+    position: Position = START
     group: str | None = None
     poller: asyncio.Task | None = None
-    gap_timer: asyncio.Task | None = None
     closing = False
 
     async def connect(self) -> None:
@@ -104,12 +106,9 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHORIZED)
             return
         query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
-        since_raw = (query.get("since") or [""])[0]
         try:
-            since = int(since_raw) if since_raw != "" else None
+            since = parse_since(query)
         except ValueError:
-            since = -1
-        if since is not None and not 0 <= since < 2**63:  # seq is a bigint column
             await self.close(code=CLOSE_BAD_REQUEST)
             return
         self.company_id = user.company_id
@@ -120,12 +119,11 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         flow = (query.get("flowId") or [None])[0] or None
         self.flow_id = await self._resolve_flow(flow) if flow else None
         self.lock = asyncio.Lock()
-        self.held: dict[int, dict[str, Any]] = {}
         head = await self._head()
-        # A since beyond the newest event cannot be a seq of this company's stream (a
+        # A since beyond the stream's head cannot be a cursor this stream gave out (a
         # database restored from a backup, another server): start at the head instead of
         # silently skipping the events still to come up to it.
-        self.last_seq = head if since is None else min(since, head)
+        self.position = head if since is None else min(since, head)
         self.group = company_group(self.company_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await hub.subscribe(self.company_id)
@@ -135,68 +133,47 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
-        for task in (self.poller, self.gap_timer):
-            if task is not None:
-                task.cancel()
+        if self.poller is not None:
+            self.poller.cancel()
         if self.group:
             self.group = None
             await self.channel_layer.group_discard(company_group(self.company_id), self.channel_name)
             await hub.unsubscribe(self.company_id)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        # Clients only listen; {"type": "ping"} gets a pong with the last seq looked at.
+        # Clients only listen; {"type": "ping"} gets a pong with the position: the cursor to
+        # resume from if nothing arrived yet.
         try:
             content = json.loads(text_data or "")
         except ValueError:
             return
         if isinstance(content, dict) and content.get("type") == "ping" and not self.closing:
-            await self.send(text_data=json.dumps({"type": "pong", "seq": self.last_seq}))
+            await self.send(text_data=json.dumps({"type": "pong", "cursor": encode_cursor(self.position)}))
 
     # -- delivery -------------------------------------------------------------------------
 
     async def play_events(self, message: dict[str, Any]) -> None:
-        """Channel-layer handler: stored events of this company, in seq order per sender."""
+        """Channel-layer handler: the hub's next range of this company's events."""
         if self.closing:
             return
         async with self.lock:
             try:
+                if tuple(message["after"]) > self.position:
+                    # A range before this one never arrived (a full channel dropped it):
+                    # the table has it, and maybe this one's events already.
+                    await self._catch_up_locked()
+                mine = encode_cursor(self.position)
                 for payload in message["events"]:
-                    seq = payload["seq"]
-                    if seq <= self.last_seq:
-                        continue
-                    if seq == self.last_seq + 1:
+                    if payload["cursor"] > mine:  # fixed-width cursors sort as strings
                         await self._deliver(payload)
-                        await self._deliver_held()
-                        continue
-                    # Something before it is missing: still on its way from another worker
-                    # (their messages cross), or dropped by a full channel. Hold this one
-                    # briefly; if the gap does not close, read the table, which has it all
-                    # (this payload was published after its commit).
-                    self.held[seq] = payload
-                    if len(self.held) > MAX_HELD:
-                        await self._catch_up_locked()
-                    elif self.gap_timer is None or self.gap_timer.done():
-                        self.gap_timer = asyncio.create_task(self._close_gap())
+                self.position = max(self.position, tuple(message["reached"]))
             except TooSlow as exc:
                 await self._close_too_slow(str(exc))
 
     async def _deliver(self, payload: dict[str, Any]) -> None:
-        self.last_seq = payload["seq"]
+        self.position = decode_cursor(payload["cursor"])
         if self._wanted(payload):
             await self._send_event(payload)
-
-    async def _deliver_held(self) -> None:
-        while (payload := self.held.pop(self.last_seq + 1, None)) is not None:
-            await self._deliver(payload)
-
-    async def _close_gap(self) -> None:
-        await asyncio.sleep(GAP_GRACE_SECONDS)
-        try:
-            async with self.lock:
-                if self.held and not self.closing:
-                    await self._catch_up_locked()
-        except TooSlow as exc:
-            await self._close_too_slow(str(exc))
 
     def _wanted(self, payload: dict[str, Any]) -> bool:
         if self.play_id and payload.get("playId") != self.play_id:
@@ -225,48 +202,43 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
             if now - started > STALL_SECONDS:
                 raise TooSlow(f"send buffer over {SEND_LOW_WATER} bytes for {STALL_SECONDS:.0f} s")
             if now >= next_lag_check:
-                lag = await self._head() - self.last_seq
+                lag = await self._lag()
                 if lag > MAX_LAG:
                     raise TooSlow(f"{lag} events behind")
                 next_lag_check = now + 1.0
             await asyncio.sleep(0.05)
 
     async def _close_too_slow(self, why: str) -> None:
-        log.info("closing slow WebSocket client of company %s at seq %s: %s", self.company_id, self.last_seq, why)
+        log.info("closing slow WebSocket client of company %s at %s: %s", self.company_id, self.position, why)
         self.closing = True
         await self.close(code=CLOSE_TOO_SLOW, reason="too far behind; reconnect with since")
 
     async def _catch_up_locked(self) -> None:
         while not self.closing:
-            rows, newest = await self._read(self.last_seq)
-            for seq, payload in rows:
+            messages, reached = await self._read(self.position)
+            for payload in messages:
                 if self.closing:
                     return
-                self.last_seq = seq
+                self.position = decode_cursor(payload["cursor"])
                 await self._send_event(payload)
-            self.last_seq = max(self.last_seq, newest)
-            if len(rows) < CATCH_UP_BATCH:
+            self.position = max(self.position, reached)
+            if len(messages) < CATCH_UP_BATCH:
                 break
-        # Held payloads were committed before they were published, so the table had them.
-        self.held = {seq: payload for seq, payload in self.held.items() if seq > self.last_seq}
-        await self._deliver_held()
 
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()
         next_auth = loop.time() + AUTH_CHECK_SECONDS
         next_join = loop.time() + REJOIN_SECONDS
         rounds = 0
-        seen_head: int | None = None
         try:
             while not self.closing:
-                # The table is read when the hub knew of events a round ago that have not
-                # arrived here since (their message was dropped), when the hub knows nothing,
-                # on the first round (the ?since= replay), and every FULL_CHECK_ROUNDS anyway.
-                if seen_head is None or seen_head > self.last_seq or rounds % FULL_CHECK_ROUNDS == 0:
+                # The table is read on the first round (the ?since= replay), when the hub has
+                # gone further than this connection (the end of a burst did not arrive here),
+                # and every FULL_CHECK_ROUNDS anyway.
+                if rounds % FULL_CHECK_ROUNDS == 0 or hub.positions.get(self.company_id, START) > self.position:
                     async with self.lock:
                         await self._catch_up_locked()
                 rounds += 1
-                seen_head = hub.heads.get(self.company_id)
                 now = loop.time()
                 if now >= next_auth:
                     next_auth = now + AUTH_CHECK_SECONDS
@@ -290,28 +262,19 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
     # -- database -------------------------------------------------------------------------
 
     @db_read
-    def _read(self, after: int) -> tuple[list[tuple[int, dict[str, Any]]], int]:
-        """Events after ``after`` (filters applied) and the seq up to which all were looked at.
-
-        The head is read first: every event up to it is committed (commit order is seq
-        order), so rows at or below it are complete, and later ones wait for the next read.
-        """
-        head = Company.objects.filter(pk=self.company_id).values_list("event_seq", flat=True).first() or 0
-        if head <= after:
-            return [], after
-        events = Event.objects.filter(company_id=self.company_id, seq__gt=after, seq__lte=head)
-        if self.play_id:
-            events = events.filter(play_id=self.play_id)
-        if self.flow_id:
-            events = events.filter(flow_id=self.flow_id)
-        rows = list(events.order_by("seq").values_list("seq", "payload")[:CATCH_UP_BATCH])
-        if len(rows) == CATCH_UP_BATCH:
-            return rows, rows[-1][0]
-        return rows, head
+    def _read(self, after: Position) -> tuple[list[dict[str, Any]], Position]:
+        """This connection's events after ``after`` and the position read up to."""
+        return Event.objects.replay(self.company_id, after, CATCH_UP_BATCH, play_id=self.play_id, flow_id=self.flow_id)
 
     @db_read
-    def _head(self) -> int:
-        return Company.objects.filter(pk=self.company_id).values_list("event_seq", flat=True).first() or 0
+    def _head(self) -> Position:
+        return Event.objects.head(self.company_id)
+
+    @db_read
+    def _lag(self) -> int:
+        """How many of the company's events are after this connection's position (up to
+        MAX_LAG + 1)."""
+        return Event.objects.after(self.company_id, self.position)[: MAX_LAG + 1].count()
 
     @db_read
     def _resolve_flow(self, key: str) -> str:
@@ -337,41 +300,46 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         return True
 
 
-# --- The hub: one subscription per process --------------------------------------------
+# --- The hub: one reader per process --------------------------------------------------
 
 
 class Hub:
-    """Bring each company's events into this process once, for all its consumers here.
+    """Bring each company's events into this process once, in cursor order, for all its
+    consumers here.
 
-    Consumers join groups of the process-local channel layer (``"local"``). The hub feeds
-    those groups from one of two sources:
+    Consumers join groups of the process-local channel layer (``"local"``). For each
+    company with listeners here the hub keeps a position and reads the events after it
+    from the table (``Event.objects.replay``: only what is final in cursor order), then
+    hands them to the company's local group as one range (``after``, the events,
+    ``reached``). It reads when woken:
 
-    - with Redis: one channel of this process in each listened-to company's Redis group,
-      so a worker's ``group_send`` costs one Redis message per web process instead of one
-      per WebSocket, and one receive loop here hands it to every local consumer;
-    - without Redis (embedded), the workers cannot reach this process's memory at all: the
-      hub reads what they committed instead, every ``RELAY_SECONDS``: one query over the
-      heads of the companies that have listeners here, and for each head that moved, the
-      rows after the last one published (by ``seq``, which is commit order, so none is
-      passed over).
+    - with Redis, by the doorbell the writers ring after commit (``fanout.py``): one
+      channel of this process in each listened-to company's Redis group, so a commit
+      costs one Redis message per web process, not per WebSocket. When the events rung
+      for are not final yet (an older transaction still runs), it reads again shortly;
+      and it reads every ``POLL_SECONDS`` anyway, for doorbells Redis dropped;
+    - without Redis (embedded), every ``RELAY_SECONDS``.
 
-    Either way a message the hub misses (a full channel, Redis down) only costs latency:
-    consumers notice the hole in ``seq`` and read the table. The hub also knows each
-    company's newest seq (``heads``: from the table every second, or every relay round), so
-    a consumer can tell that it missed the end of a burst without a query of its own.
+    A range a consumer misses (a full channel) only costs latency: the consumer sees
+    that the next one starts past its position, or that the hub is ahead, and reads the
+    table.
     """
 
     RELAY_SECONDS = 0.05
+    RETRY_SECONDS = (0.002, 0.005, 0.01, 0.02, 0.05)
     BATCH = 1000
 
     def __init__(self) -> None:
         self.listeners: Counter[str] = Counter()
-        self.published: dict[str, int] = {}
+        self.positions: dict[str, Position] = {}
+        # Companies rung for, with the newest cursor rung.
+        self.rung: dict[str, str] = {}
+        self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
+        self.pump: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lock: asyncio.Lock | None = None
         self.channel: str | None = None
-        self.heads: dict[str, int] = {}
         self.watcher: asyncio.Task | None = None
         self.next_join = 0.0
 
@@ -379,37 +347,40 @@ class Hub:
         loop = asyncio.get_running_loop()
         if self.loop is not loop:
             # A new event loop (tests run one per case): what belonged to the old one is gone.
-            self.loop, self.lock, self.task, self.channel = loop, asyncio.Lock(), None, None
+            self.loop, self.lock, self.task, self.pump, self.channel = loop, asyncio.Lock(), None, None, None
             self.watcher = None
+            self.wake = asyncio.Event()
             self.listeners.clear()
-            self.published.clear()
-            self.heads.clear()
+            self.positions.clear()
+            self.rung.clear()
         assert self.lock is not None
         async with self.lock:
-            if self.task is None or self.task.done():
-                if settings.REDIS_URL:
-                    self.channel = await get_channel_layer().new_channel("flowplay-hub")
-                    self.next_join = loop.time() + REJOIN_SECONDS
-                    self.task = loop.create_task(self._bridge())
-                    self.watcher = loop.create_task(self._watch())
-                    await self._join(list(self.listeners))
-                else:
-                    self.task = loop.create_task(self._relay())
+            if self.listeners[company_id] == 0:
+                # New listeners catch up by themselves; the hub goes on from here.
+                self.positions[company_id] = await self._head(company_id)
             self.listeners[company_id] += 1
-            if self.listeners[company_id] == 1 and self.channel:
+            if self.pump is None or self.pump.done():
+                self.pump = loop.create_task(self._pump())
+            if settings.REDIS_URL and (self.task is None or self.task.done()):
+                self.channel = await get_channel_layer().new_channel("flowplay-hub")
+                self.next_join = loop.time() + REJOIN_SECONDS
+                self.task = loop.create_task(self._bridge())
+                self.watcher = loop.create_task(self._watch())
+                await self._join(list(self.listeners))
+            elif self.listeners[company_id] == 1 and self.channel:
                 await self._join([company_id])
 
     async def _join(self, companies: list[str]) -> None:
         """Put this process's hub channel in the companies' Redis groups.
 
-        Never fails the caller: without Redis the consumers read the event table, and the
+        Never fails the caller: without Redis the hub polls the event table, and the
         watcher joins again within ``REJOIN_SECONDS``.
         """
         try:
             for company in companies:
                 await get_channel_layer().group_add(company_group(company), self.channel)
         except Exception:
-            log.warning("event hub could not join its Redis groups; consumers read the event table", exc_info=True)
+            log.warning("event hub could not join its Redis groups; it polls the event table", exc_info=True)
             self.next_join = 0.0
 
     async def unsubscribe(self, company_id: str) -> None:
@@ -421,100 +392,116 @@ class Hub:
             self.listeners[company_id] -= 1
             if self.listeners[company_id] <= 0:
                 del self.listeners[company_id]
-                self.published.pop(company_id, None)
-                self.heads.pop(company_id, None)
+                self.positions.pop(company_id, None)
+                self.rung.pop(company_id, None)
                 if self.channel:
                     try:
                         await get_channel_layer().group_discard(company_group(company_id), self.channel)
                     except Exception:  # Redis down: the membership expires by itself
                         log.warning("event hub could not leave a Redis group", exc_info=True)
 
+    def ring(self, company_id: str, cursor: str) -> None:
+        """Events of the company up to ``cursor`` were committed: read them soon."""
+        if company_id in self.listeners and self.wake is not None:
+            self.rung[company_id] = max(self.rung.get(company_id, ""), cursor)
+            self.wake.set()
+
     async def _bridge(self) -> None:
-        redis_layer, local = get_channel_layer(), get_channel_layer(LOCAL_LAYER)
+        """With Redis: the writers' doorbells, from this process's hub channel."""
+        redis_layer = get_channel_layer()
         while True:
             try:
                 message = await redis_layer.receive(self.channel)
-                company = message.get("company")
-                if company in self.listeners:
-                    newest = max((p["seq"] for p in message.get("events", [])), default=0)
-                    self.heads[company] = max(self.heads.get(company, 0), newest)
-                    await local.group_send(company_group(company), message)
+                events = message.get("events") or []
+                if events:
+                    self.ring(message.get("company"), max(e["cursor"] for e in events))
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("event hub lost Redis; consumers read the event table meanwhile")
+                log.exception("event hub lost Redis; it polls the event table meanwhile")
                 self.next_join = 0.0  # a restarted Redis has forgotten the groups
                 await asyncio.sleep(1)
 
     async def _watch(self) -> None:
-        """With Redis: the heads from the table once a second, for messages Redis dropped;
-        and the group memberships renewed every ``REJOIN_SECONDS``."""
+        """With Redis: the group memberships renewed every ``REJOIN_SECONDS``."""
         loop = asyncio.get_running_loop()
         while True:
             if loop.time() >= self.next_join:
                 self.next_join = loop.time() + REJOIN_SECONDS
                 await self._join(list(self.listeners))
-            try:
-                companies = list(self.listeners)
-                if companies:
-                    for company_id, head in (await self._heads(companies)).items():
-                        if company_id in self.listeners:
-                            self.heads[company_id] = max(self.heads.get(company_id, 0), head)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("event hub could not read the heads")
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(min(POLL_SECONDS, REJOIN_SECONDS))
 
-    @db_read
-    def _heads(self, companies: list[str]) -> dict[str, int]:
-        return dict(Company.objects.filter(pk__in=companies).values_list("pk", "event_seq"))
-
-    async def _relay(self) -> None:
+    async def _pump(self) -> None:
+        assert self.wake is not None
+        loop = asyncio.get_running_loop()
         local = get_channel_layer(LOCAL_LAYER)
+        retries = 0
+        next_sweep = 0.0
         while True:
             try:
-                companies = list(self.listeners)
-                if companies:
-                    batches = await self._read(companies, dict(self.published))
-                    for company_id, last, payloads in batches:
-                        if company_id not in self.listeners:
-                            continue
-                        self.published[company_id] = last
-                        self.heads[company_id] = max(self.heads.get(company_id, 0), last)
-                        for start in range(0, len(payloads), 50):
-                            await local.group_send(
-                                company_group(company_id),
-                                {"type": "play.events", "company": company_id, "events": payloads[start : start + 50]},
-                            )
-                    if any(len(p) == self.BATCH for _, _, p in batches):
-                        continue
-                await asyncio.sleep(self.RELAY_SECONDS)
+                redis = bool(settings.REDIS_URL)
+                if self.rung and retries:
+                    timeout = self.RETRY_SECONDS[min(retries, len(self.RETRY_SECONDS)) - 1]
+                else:
+                    timeout = max(0.0, next_sweep - loop.time()) if redis else self.RELAY_SECONDS
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+                self.wake.clear()
+                if not redis or loop.time() >= next_sweep:
+                    companies = list(self.listeners)
+                    next_sweep = loop.time() + POLL_SECONDS
+                else:
+                    companies = [c for c in self.rung if c in self.listeners]
+                waiting = False
+                for company_id in companies:
+                    waiting |= await self._relay(local, company_id)
+                retries = retries + 1 if waiting else 0
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("event relay failed; consumers fall back to their own polling")
+                log.exception("event hub could not read the event table; consumers poll it themselves")
                 await asyncio.sleep(1)
 
+    async def _relay(self, local: Any, company_id: str) -> bool:
+        """Send the company's new events to its local group; True if some that were rung
+        for are not final yet."""
+        while company_id in self.listeners:
+            after = self.positions[company_id]
+            events, reached = await self._read(company_id, after)
+            if company_id not in self.listeners or self.positions.get(company_id) != after:
+                return False  # unsubscribed (and maybe subscribed again) meanwhile
+            if events:
+                last = decode_cursor(events[-1]["cursor"])
+                self.positions[company_id] = last
+                for start in range(0, len(events), 100):
+                    chunk = events[start : start + 100]
+                    await local.group_send(
+                        company_group(company_id),
+                        {
+                            "type": "play.events",
+                            "company": company_id,
+                            "after": list(after if start == 0 else decode_cursor(events[start - 1]["cursor"])),
+                            "events": chunk,
+                            "reached": list(decode_cursor(chunk[-1]["cursor"])),
+                        },
+                    )
+            if len(events) < self.BATCH:
+                break
+        rung = self.rung.get(company_id)
+        if rung is not None and rung > encode_cursor(self.positions.get(company_id, START)):
+            return True
+        self.rung.pop(company_id, None)
+        return False
+
     @db_read
-    def _read(self, companies: list[str], published: dict[str, int]) -> list[tuple[str, int, list[dict[str, Any]]]]:
-        out = []
-        for company_id, head in Company.objects.filter(pk__in=companies).values_list("pk", "event_seq"):
-            last = published.get(company_id)
-            if last is None:
-                # New listeners catch up by themselves; publish from here on.
-                out.append((company_id, head, []))
-                continue
-            if head <= last:
-                continue
-            rows = list(
-                Event.objects.filter(company_id=company_id, seq__gt=last, seq__lte=head)
-                .order_by("seq")
-                .values_list("seq", "payload")[: self.BATCH]
-            )
-            newest = rows[-1][0] if len(rows) == self.BATCH else head
-            out.append((company_id, newest, [payload for _, payload in rows]))
-        return out
+    def _read(self, company_id: str, after: Position) -> tuple[list[dict[str, Any]], Position]:
+        return Event.objects.replay(company_id, after, self.BATCH)
+
+    @db_read
+    def _head(self, company_id: str) -> Position:
+        return Event.objects.head(company_id)
 
 
 hub = Hub()

@@ -114,8 +114,118 @@ class EventType(models.TextChoices):
     PLAY_STATE = "play:state"
 
 
+# Where a reader of a company's event stream stands: the cursor (xid, id) of the last event
+# it has, or a horizon position (xid, 0) that no event of an older transaction is behind.
+Position = tuple[int, int]
+START: Position = (0, 0)
+CURSOR_HEX = 16
+
+
+def encode_cursor(position: Position) -> str:
+    """The opaque ``cursor`` of the API: fixed-width hex, so it also sorts as a string."""
+    xid, pk = position
+    return f"{xid:0{CURSOR_HEX}x}{pk:0{CURSOR_HEX}x}"
+
+
+def decode_cursor(cursor: str) -> Position:
+    """The position a cursor names; ValueError if it is not one."""
+    if len(cursor) != 2 * CURSOR_HEX or cursor.strip("0123456789abcdef"):
+        raise ValueError(f"not a cursor: {cursor[:40]!r}")
+    return int(cursor[:CURSOR_HEX], 16), int(cursor[CURSOR_HEX:], 16)
+
+
+class EventQuerySet(models.QuerySet):
+    def after(self, company_id: str, position: Position) -> EventQuerySet:
+        """The company's events after ``position``, in cursor order (final or not)."""
+        xid, pk = position
+        return self.filter(Q(xid__gt=xid) | Q(xid=xid, id__gt=pk), company_id=company_id).order_by("xid", "id")
+
+    def replay(
+        self,
+        company_id: str,
+        after: Position,
+        limit: int,
+        *,
+        play_id: str | None = None,
+        flow_id: str | None = None,
+    ) -> tuple[list[dict[str, Any]], Position]:
+        """The messages of the company's events after ``after`` in cursor order (at most
+        ``limit``, optionally of one play or flow), and the position read up to.
+
+        The cursor is (transaction id, id). On PostgreSQL the transaction id is the writing
+        transaction's ``pg_current_xact_id()``, stored with the row, and a reader takes only
+        rows of transactions older than the oldest one still running when its statement's
+        snapshot was taken (``pg_snapshot_xmin``): every such transaction has ended, so its
+        rows are all in the snapshot, and every transaction that can still write has a
+        larger id. The rows below that horizon are therefore a prefix of the final order
+        that never grows in the middle: a reader that resumes after the last cursor it saw
+        misses nothing and gets nothing twice, with no lock shared by two writers. (Rows of
+        the reading transaction itself are visible to it too; only tests read their own
+        uncommitted writes.) On SQLite one transaction writes at a time, so ids are in
+        commit order and the transaction id is 0.
+
+        When fewer than ``limit`` messages come back, the returned position is the horizon
+        (no event is between the last one returned and it), else the last event's cursor.
+        """
+        from django.db import connection
+
+        filters, params = "", []
+        if play_id:
+            filters += " AND play_id = %s"
+            params.append(play_id)
+        if flow_id:
+            filters += " AND flow_id = %s"
+            params.append(flow_id)
+        if connection.vendor == "postgresql":
+            sql = f"""
+                SELECT hz.h, e.id, e.xid, e.payload FROM (
+                    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS h,
+                        pg_current_xact_id_if_assigned()::text::bigint AS own
+                ) hz LEFT JOIN LATERAL (
+                    SELECT id, xid, payload FROM plays_event
+                    WHERE company_id = %s AND (xid, id) > (%s, %s) AND (xid < hz.h OR xid = hz.own){filters}
+                    ORDER BY xid, id LIMIT %s
+                ) e ON true
+            """
+            with connection.cursor() as cursor:
+                cursor.execute(sql, [company_id, after[0], after[1], *params, limit])
+                rows = cursor.fetchall()
+            horizon: Position = (rows[0][0], 0)
+            rows = [row[1:] for row in rows if row[1] is not None]
+        else:
+            # Read the newest id first: every row up to it is committed (one writer).
+            newest = self.filter(company_id=company_id).aggregate(m=models.Max("id"))["m"] or 0
+            horizon = (0, newest)
+            query = self.filter(company_id=company_id, id__gt=after[1], id__lte=newest)
+            if play_id:
+                query = query.filter(play_id=play_id)
+            if flow_id:
+                query = query.filter(flow_id=flow_id)
+            rows = list(query.order_by("id").values_list("id", "xid", "payload")[:limit])
+        load = Event._meta.get_field("payload").from_db_value
+        messages = []
+        for pk, xid, payload in rows:
+            if isinstance(payload, str):
+                payload = load(payload, None, connection)
+            messages.append({**payload, "cursor": encode_cursor((xid, pk))})
+        if len(rows) >= limit:
+            return messages, (rows[-1][1], rows[-1][0])
+        last = (rows[-1][1], rows[-1][0]) if rows else after
+        return messages, max(last, horizon, after)
+
+    def head(self, company_id: str) -> Position:
+        """The position of a reader that starts now: every event visible in cursor order
+        is behind it, every one still to come after it."""
+        return self.replay(company_id, (2**62, 0), 1)[1]
+
+
 class Event(models.Model):
-    """A stored state change: the history of a play and the outbox of the WebSocket."""
+    """A stored state change: the history of a play and the outbox of the WebSocket.
+
+    ``seq`` numbers the events of one play (1, 2, 3 …, reserved on the play's row, which
+    its writer holds anyway); ``(xid, id)`` is the company-wide cursor (see
+    ``EventQuerySet.replay``).
+    """
 
     company = models.ForeignKey(Company, on_delete=models.CASCADE, related_name="+")
     seq = models.BigIntegerField()
@@ -124,22 +234,32 @@ class Event(models.Model):
     type = models.CharField(max_length=32, choices=EventType)
     payload = models.JSONField()
     created_at = models.DateTimeField(default=timezone.now)
+    # The writing transaction's id on PostgreSQL (pg_current_xact_id()), 0 elsewhere.
+    xid = models.BigIntegerField(default=0)
+
+    objects = EventQuerySet.as_manager()
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["company", "seq"], name="plays_event_unique_seq"),
+            # GET /api/plays/{id}/events?since=<seq> and the play's history.
+            models.UniqueConstraint(fields=["play", "seq"], name="plays_event_unique_play_seq"),
         ]
         indexes = [
-            # GET /api/plays/{id}/events and the WebSocket's ?playId= replay.
-            models.Index(fields=["play", "seq"], name="plays_event_play_seq"),
+            # GET /api/events?since=<cursor> and the WebSocket's replay, in cursor order.
+            models.Index(fields=["company", "xid", "id"], name="plays_event_company_cursor"),
         ]
 
     def __str__(self) -> str:
-        return f"{self.seq} {self.type}"
+        return f"{self.play_id}#{self.seq} {self.type}"
+
+    @property
+    def cursor(self) -> str:
+        return encode_cursor((self.xid, self.pk))
 
     @property
     def message(self) -> dict[str, Any]:
-        return self.payload
+        """What /api/ws and the REST replays send: the payload with its cursor."""
+        return {**self.payload, "cursor": self.cursor}
 
 
 class _EventBatch(threading.local):
@@ -151,11 +271,10 @@ _batch = _EventBatch()
 
 @contextmanager
 def batched_events() -> Iterator[None]:
-    """Store the events emitted inside at the end of the block, in one seq reservation.
+    """Store the events emitted inside at the end of the block, one statement per play.
 
-    Enter it inside the transaction that writes them. The company row lock that orders a
-    company's events is then taken once, by the last statements before the commit, instead
-    of by each ``emit`` (the runner's step transactions: shorter lock, fewer statements).
+    Enter it inside the transaction that writes them (the runner's step transactions:
+    fewer statements).
     """
     if _batch.items is not None:  # nested: the outer block stores them
         yield
@@ -182,47 +301,81 @@ def emit(play: Play, items: Iterable[tuple[str, dict[str, Any]]]) -> list[Event]
         _batch.items.extend((play, kind, extra) for kind, extra in items)
         return []
     if not transaction.get_connection().in_atomic_block:
-        # In autocommit the seq reservation would commit (and free the company row lock)
-        # before the rows exist, so a later seq could become visible first and a WebSocket
-        # reader that resumes "after the newest seq it saw" would pass this one over.
+        # The seq reservation and the rows are one unit: both or neither.
         with transaction.atomic():
             return emit(play, items)
     return _store([(play, kind, extra) for kind, extra in items])
 
 
 def event_payload(play: Play, kind: str, seq: int, extra: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """The message of an event: what is stored in ``Event.payload`` and sent on /api/ws."""
+    """The message of an event without its cursor: what is stored in ``Event.payload``."""
     return {"type": kind, "seq": seq, "playId": play.id, "flowId": play.flow_id, **extra, "timestamp": iso(now)}
 
 
+# The events of one play in one statement on PostgreSQL: the play's seq counter moves on
+# (its row lock orders the play's events; whoever changes the play holds it already) and
+# the rows are inserted with the transaction's id. The VALUES rows are added per event.
+_STORE_SQL = """
+    WITH s AS (
+        UPDATE plays_play SET event_seq = event_seq + %s WHERE id = %s RETURNING event_seq
+    )
+    INSERT INTO plays_event (company_id, play_id, flow_id, seq, xid, type, payload, created_at)
+    SELECT %s, %s, %s, s.event_seq - %s + v.k, pg_current_xact_id()::text::bigint, v.type,
+        v.payload || jsonb_build_object('seq', s.event_seq - %s + v.k), %s
+    FROM s, (VALUES {values}) AS v (k, type, payload)
+    ORDER BY v.k
+    RETURNING id, seq, xid
+"""
+
+
 def _store(items: list[tuple[Play, str, dict[str, Any]]]) -> list[Event]:
-    by_company: dict[str, list[tuple[Play, str, dict[str, Any]]]] = {}
+    from django.db import connection
+
+    by_play: dict[str, list[tuple[Play, str, dict[str, Any]]]] = {}
     for item in items:
-        by_company.setdefault(item[0].company_id, []).append(item)
+        by_play.setdefault(item[0].pk, []).append(item)
     now = timezone.now()
     events = []
     from .fanout import publish_on_commit
 
-    for company_id, company_items in sorted(by_company.items()):  # one lock order: no deadlock
-        last = Company.next_event_seqs(company_id, len(company_items))
-        first = last - len(company_items) + 1
-        payloads = []
-        for offset, (play, kind, extra) in enumerate(company_items):
-            payload = event_payload(play, kind, first + offset, extra, now)
-            payloads.append(payload)
-            events.append(
-                Event(
-                    company_id=company_id,
-                    seq=first + offset,
-                    play_id=play.id,
-                    flow_id=play.flow_id,
-                    type=kind,
-                    payload=payload,
-                    created_at=now,
-                )
+    for play_id, play_items in sorted(by_play.items()):  # one lock order: no deadlock
+        play = play_items[0][0]
+        n = len(play_items)
+        payloads = [event_payload(play, kind, 0, extra, now) for _, kind, extra in play_items]
+        batch = [
+            Event(
+                company_id=play.company_id,
+                seq=0,
+                play_id=play_id,
+                flow_id=play.flow_id,
+                type=kind,
+                payload=payload,
+                created_at=now,
             )
-        publish_on_commit(company_id, payloads)
-    Event.objects.bulk_create(events)
+            for (_, kind, _), payload in zip(play_items, payloads, strict=True)
+        ]
+        if connection.vendor == "postgresql":
+            prep = Event._meta.get_field("payload").get_db_prep_save
+            values = ", ".join(["(%s, %s, %s::jsonb)"] * n)
+            params: list[Any] = [n, play_id, play.company_id, play_id, play.flow_id, n, n, now]
+            for k, event in enumerate(batch, 1):
+                params += [k, event.type, prep(event.payload, connection)]
+            with connection.cursor() as cursor:
+                cursor.execute(_STORE_SQL.format(values=values), params)
+                rows = cursor.fetchall()
+            if len(rows) != n:
+                raise Play.DoesNotExist(f"Play {play_id} does not exist")
+            for event, (pk, seq, xid) in zip(batch, rows, strict=True):
+                event.pk, event.seq, event.xid = pk, seq, xid
+                event.payload["seq"] = seq
+        else:
+            Play.objects.filter(pk=play_id).update(event_seq=F("event_seq") + n)
+            last = Play.objects.filter(pk=play_id).values_list("event_seq", flat=True).get()
+            for k, event in enumerate(batch, 1):
+                event.seq = event.payload["seq"] = last - n + k
+            Event.objects.bulk_create(batch)
+        publish_on_commit(play.company_id, [event.message for event in batch])
+        events += batch
     return events
 
 
@@ -270,6 +423,8 @@ class Play(models.Model):
     # The runner that currently executes this play, and how long its lease lasts without a heartbeat.
     runner = models.CharField(max_length=64, blank=True, default="")
     lease_until = models.DateTimeField(null=True, blank=True)
+    # The seq of the play's newest event (see _store): its events are numbered 1, 2, 3 …
+    event_seq = models.BigIntegerField(default=0, editable=False)
 
     objects = PlayQuerySet.as_manager()
 
@@ -508,8 +663,8 @@ class Play(models.Model):
         instead of seven. Every part of a ``WITH`` runs to completion, so none has a
         condition of its own: ``ok`` checks and locks the play and the layer (``FOR UPDATE``
         re-checks a row a concurrent commit changed), and each write runs only if ``ok``
-        found them — all or nothing. Rows are locked in the general path's order (play,
-        layer, then the company row that orders events) so neither can deadlock the other.
+        found them — all or nothing. The play's row is locked first, as in the general
+        path, and its update also reserves the two events' ``seq`` (see ``_store``).
         """
         from django.db import connection
 
@@ -532,7 +687,8 @@ class Play(models.Model):
                     AND ll.id = %s AND ll.play_id = pp.id AND ll.state IN ('RUN', 'WAIT')
                 FOR UPDATE
             ), p AS (
-                UPDATE plays_play SET next_index = %s, lease_until = %s WHERE id = %s AND EXISTS (SELECT FROM ok)
+                UPDATE plays_play SET next_index = %s, lease_until = %s, event_seq = event_seq + 2
+                WHERE id = %s AND EXISTS (SELECT FROM ok) RETURNING event_seq
             ), d AS (
                 UPDATE plays_layer SET state = 'DONE', out = %s, error = NULL, completed_at = %s,
                     started_at = COALESCE(started_at, %s)
@@ -540,36 +696,34 @@ class Play(models.Model):
             ), n AS (
                 INSERT INTO plays_layer ({", ".join(connection.ops.quote_name(f.column) for f in fields)})
                 SELECT {", ".join(["%s"] * len(fields))} WHERE EXISTS (SELECT FROM ok)
-            ), s AS (
-                UPDATE flows_company SET event_seq = event_seq + 2
-                WHERE id = %s AND EXISTS (SELECT FROM ok) RETURNING event_seq
-            ), e AS (
-                INSERT INTO plays_event (company_id, seq, play_id, flow_id, type, payload, created_at)
-                SELECT %s, s.event_seq - 2 + v.k, %s, %s, v.type,
-                    v.payload || jsonb_build_object('seq', s.event_seq - 2 + v.k), %s
-                FROM s, (VALUES (1, %s, %s::jsonb), (2, %s, %s::jsonb)) AS v (k, type, payload)
             )
-            SELECT event_seq FROM s
+            INSERT INTO plays_event (company_id, play_id, flow_id, seq, xid, type, payload, created_at)
+            SELECT %s, %s, %s, p.event_seq - 2 + v.k, pg_current_xact_id()::text::bigint, v.type,
+                v.payload || jsonb_build_object('seq', p.event_seq - 2 + v.k), %s
+            FROM p, (VALUES (1, %s, %s::jsonb), (2, %s, %s::jsonb)) AS v (k, type, payload)
+            ORDER BY v.k
+            RETURNING id, seq, xid
         """
         params = [
             *(self.pk, runner, done.pk),
             *(step["index"], lease_until, self.pk),
             *(Layer._meta.get_field("out").get_db_prep_save(out, connection), now, now, done.pk),
             *(f.get_db_prep_save(getattr(layer, f.attname), connection) for f in fields),
-            self.company_id,
             *(self.company_id, self.pk, self.flow_id, now),
             *(events[0][0], prep(payloads[0], connection), events[1][0], prep(payloads[1], connection)),
         ]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            row = cursor.fetchone()
-        if row is None:
+            rows = cursor.fetchall()
+        if not rows:
             return None
-        for offset, payload in enumerate(payloads):
-            payload["seq"] = row[0] - 1 + offset
+        messages = []
+        for payload, (pk, seq, xid) in zip(payloads, rows, strict=True):
+            payload["seq"] = seq
+            messages.append({**payload, "cursor": encode_cursor((xid, pk))})
         from .fanout import publish_on_commit
 
-        publish_on_commit(self.company_id, payloads)
+        publish_on_commit(self.company_id, messages)
         self.next_index, self.lease_until = step["index"], lease_until
         done.state, done.out, done.error, done.completed_at = LayerState.DONE, out, None, now
         done.started_at = done.started_at or now

@@ -30,7 +30,7 @@ from django.views.decorators.http import require_POST
 
 from flows.api import ApiError, PagePagination
 from flows.audit import PLAY_VERBS, record
-from flows.models import Company, Flow, User
+from flows.models import Flow, User
 from flows.views import LoginThrottle
 
 from .models import (
@@ -38,11 +38,13 @@ from .models import (
     NON_TERMINAL,
     TERMINAL,
     Decision,
+    Event,
     InvalidState,
     Layer,
     Play,
     State,
     duration_ms,
+    encode_cursor,
     iso,
 )
 from .redaction import redact
@@ -118,13 +120,13 @@ class LogoutPage(auth_views.LogoutView):
 # --- Helpers --------------------------------------------------------------------------
 
 
-def _head_seq(company_id: str) -> int:
-    """The company's newest event seq.
+def _head_cursor(company_id: str) -> str:
+    """The company's event stream position now, as a cursor.
 
-    Read *before* the page's data: seq order is commit order, so every event up to it is
-    already reflected in what the page renders, and ``/api/ws?since=<it>`` brings the rest.
+    Read *before* the page's data: every event behind it is committed, so it is already
+    reflected in what the page renders, and ``/api/ws?since=<it>`` brings the rest.
     """
-    return Company.objects.filter(pk=company_id).values_list("event_seq", flat=True).first() or 0
+    return encode_cursor(Event.objects.head(company_id))
 
 
 def _plays(request: HttpRequest) -> Any:
@@ -259,7 +261,7 @@ def _history(request: HttpRequest, flow: Flow | None) -> HttpResponse:
         # The filter form sends state=FAIL&state=RUN and empty fields: redirect to the API's
         # form of the query (state=FAIL,RUN), which is the URL people bookmark and share.
         return HttpResponseRedirect(f"{request.path}?{query}" if query else request.path)
-    seq = _head_seq(request.user.company_id)
+    since = _head_cursor(request.user.company_id)
     errors: list[str] = []
     try:
         page, size = PagePagination.parse(_Query(request.GET))
@@ -316,7 +318,7 @@ def _history(request: HttpRequest, flow: Flow | None) -> HttpResponse:
         if flow is None
         else [],
         "sizes": [10, 25, 50, 100],
-        "live": {"flowId": flow.pk if flow else None, "since": seq, "page": page},
+        "live": {"flowId": flow.pk if flow else None, "since": since, "page": page},
         "api_url": (f"/api/flows/{flow.pk}/plays" if flow else "/api/plays") + (f"?{query}" if query else ""),
     }
     return render(request, "flowplay/play_history.html", context, status=400 if errors else 200)
@@ -336,7 +338,7 @@ def _bar(layer: Layer, start: datetime, span_ms: int, now: datetime) -> tuple[fl
 
 @login_required
 def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
-    seq = _head_seq(request.user.company_id)
+    since = _head_cursor(request.user.company_id)
     play = get_object_or_404(
         _plays(request).select_related("flow", "flow_version", "parent", "retry_of", "triggered_by"), pk=play_id
     )
@@ -380,7 +382,7 @@ def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
         "is_terminal": play.state in TERMINAL,
         "live": {
             "playId": play.pk,
-            "since": seq,
+            "since": since,
             "state": play.state,
             "startedAt": iso(play.started_at),
             "completedAt": iso(play.completed_at),

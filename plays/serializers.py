@@ -141,7 +141,8 @@ class PayloadSerializer(serializers.Serializer):
     """An event as stored and sent on the WebSocket (see the spec's event table)."""
 
     type = serializers.CharField()
-    seq = serializers.IntegerField()
+    seq = serializers.IntegerField(help_text="The event's number within its play: 1, 2, 3 …")
+    cursor = serializers.CharField(help_text="Opaque; increases in the order events become visible, company-wide")
     playId = serializers.CharField()
     flowId = serializers.CharField()
     timestamp = serializers.DateTimeField()

@@ -2,10 +2,11 @@
  *
  * Reads the page's config from <script id="live-config" type="application/json">:
  *   { since, playId?, flowId?, state?, startedAt?, completedAt?, createdAt?, steps? }
- * and subscribes to /api/ws?since=<seq>[&playId=|&flowId=] with the session cookie.
- * `since` is the company's event seq read before the page was rendered, so the server
+ * and subscribes to /api/ws?since=<cursor>[&playId=|&flowId=] with the session cookie.
+ * `since` is the company's event cursor read before the page was rendered, so the server
  * replays exactly what happened after it. On a dropped connection the script reconnects
- * (backing off up to 30 s) with the last seq it saw: no event is lost or applied twice.
+ * (backing off up to 30 s) with the last cursor it saw: no event is lost or applied twice.
+ * Cursors are opaque fixed-width strings: a later event's cursor sorts after an earlier's.
  * No dependencies, no build step.
  */
 (function () {
@@ -18,7 +19,7 @@
   var announceNode = document.getElementById("live-announce");
   var TERMINAL = { DONE: 1, FAIL: 1, SKIP: 1, FILTERED: 1 };
 
-  var lastSeq = typeof cfg.since === "number" ? cfg.since : null;
+  var lastCursor = typeof cfg.since === "string" && cfg.since ? cfg.since : null;
   // Server clock minus this browser's: durations of running steps are measured against the
   // server's timestamps, so a browser whose clock is off must not stretch or shrink them.
   var skew = cfg.serverNow ? Date.parse(cfg.serverNow) - Date.now() : 0;
@@ -81,7 +82,7 @@
 
   function socketUrl() {
     var params = [];
-    if (lastSeq !== null) params.push("since=" + encodeURIComponent(lastSeq));
+    if (lastCursor !== null) params.push("since=" + encodeURIComponent(lastCursor));
     if (cfg.playId) params.push("playId=" + encodeURIComponent(cfg.playId));
     if (cfg.flowId) params.push("flowId=" + encodeURIComponent(cfg.flowId));
     var scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
@@ -101,9 +102,9 @@
     socket.onmessage = function (message) {
       var event;
       try { event = JSON.parse(message.data); } catch (err) { return; }
-      if (!event || typeof event.seq !== "number" || event.type === "pong") return;
-      if (lastSeq !== null && event.seq <= lastSeq) return;
-      lastSeq = event.seq;
+      if (!event || typeof event.cursor !== "string" || event.type === "pong") return;
+      if (lastCursor !== null && event.cursor <= lastCursor) return;
+      lastCursor = event.cursor;
       var at = Date.parse(event.timestamp);
       if (!isNaN(at)) skew = Math.max(skew, at - Date.now());
       try { handle(event); } catch (err) { if (window.console) console.error("flowplay live:", err); }

@@ -1,0 +1,14 @@
+"""Issue 15: events no longer take their numbers from a company-wide counter."""
+
+from django.db import migrations
+
+
+class Migration(migrations.Migration):
+    dependencies = [
+        ("flows", "0002_audit_and_retention_keep"),
+        ("plays", "0004_i15_event_cursor"),
+    ]
+
+    operations = [
+        migrations.RemoveField(model_name="company", name="event_seq"),
+    ]
