@@ -131,7 +131,10 @@ def decode_cursor(cursor: str) -> Position:
     """The position a cursor names; ValueError if it is not one."""
     if len(cursor) != 2 * CURSOR_HEX or cursor.strip("0123456789abcdef"):
         raise ValueError(f"not a cursor: {cursor[:40]!r}")
-    return int(cursor[:CURSOR_HEX], 16), int(cursor[CURSOR_HEX:], 16)
+    position = int(cursor[:CURSOR_HEX], 16), int(cursor[CURSOR_HEX:], 16)
+    if max(position) >= 2**63:  # both are bigint columns
+        raise ValueError(f"not a cursor: {cursor!r}")
+    return position
 
 
 class EventQuerySet(models.QuerySet):
@@ -208,15 +211,15 @@ class EventQuerySet(models.QuerySet):
             if isinstance(payload, str):
                 payload = load(payload, None, connection)
             messages.append({**payload, "cursor": encode_cursor((xid, pk))})
-        if len(rows) >= limit:
+        if rows and len(rows) >= limit:
             return messages, (rows[-1][1], rows[-1][0])
         last = (rows[-1][1], rows[-1][0]) if rows else after
-        return messages, max(last, horizon, after)
+        return messages, max(last, horizon)
 
     def head(self, company_id: str) -> Position:
         """The position of a reader that starts now: every event visible in cursor order
         is behind it, every one still to come after it."""
-        return self.replay(company_id, (2**62, 0), 1)[1]
+        return self.replay(company_id, START, 0)[1]
 
 
 class Event(models.Model):

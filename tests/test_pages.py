@@ -15,8 +15,8 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from flows.models import AuditEntry, Company, Flow, User
-from plays.models import Layer, Play, State
+from flows.models import AuditEntry, Flow, User
+from plays.models import Event, Layer, Play, State, encode_cursor
 
 from .conftest import PASSWORD, make_flow
 
@@ -310,7 +310,7 @@ def test_detail_shows_header_timeline_and_live_config(api: Any, alice: User, dra
     assert "STEP_FAILED" in html
     config = json.loads(re.search(r'<script id="live-config" type="application/json">(.*?)</script>', html, re.S).group(1))
     assert config["playId"] == play.pk
-    assert config["since"] == Company.objects.get(pk=alice.company_id).event_seq
+    assert config["since"] == encode_cursor(Event.objects.head(alice.company_id))
     assert config["steps"] == {"fetch": "var", "parse": "json-parse"}
     assert '/static/flowplay/live.js' in html and 'aria-live="polite"' in html
 

@@ -263,17 +263,17 @@ def test_a_runner_that_died_mid_step_is_resumed_and_counts_the_attempt(api: Any,
 
 def test_each_step_is_one_transaction_that_also_starts_the_next_one(api: Any, drain: Any, monkeypatch: Any) -> None:
     """A success, the cursor and the next step's start (or the play's end) commit together:
-    one seq reservation (one transaction that writes events) per step, events still in order."""
-    from flows.models import Company
+    one store of events (one transaction that writes events) per step, events still in order."""
+    from plays import models as play_models
 
     reservations: list[int] = []
-    reserve = Company.next_event_seqs
+    store = play_models._store
 
-    def counting(company_id: str, count: int = 1) -> int:
-        reservations.append(count)
-        return reserve(company_id, count)
+    def counting(items: list) -> list:
+        reservations.append(len(items))
+        return store(items)
 
-    monkeypatch.setattr(Company, "next_event_seqs", staticmethod(counting))
+    monkeypatch.setattr(play_models, "_store", counting)
     flow = make_flow(api, [{"ref": f"s{i}", "appId": "var", "args": {"values": {"i": i}}} for i in range(6)])
     play_id = run(api, flow)["playId"]
     with CaptureQueriesContext(connection) as queries:
@@ -283,7 +283,7 @@ def test_each_step_is_one_transaction_that_also_starts_the_next_one(api: Any, dr
     # the next step's start, or with play:completed after the last one.
     if connection.vendor == "postgresql":
         # Steps 0-4 hand over to the next one in a single statement (Play.step_on), which
-        # reserves its two seqs itself; the last step finishes the play.
+        # stores its two events itself; the last step finishes the play.
         assert len([q for q in queries.captured_queries if "WITH ok AS" in q["sql"]]) == 5
         assert reservations == [1, 1, 2]
     else:
@@ -406,15 +406,14 @@ def test_step_on_writes_all_or_nothing(api: Any, no_enqueue: Any) -> None:
 
     from django.utils import timezone
 
-    from flows.models import Company
     from plays.models import LayerState
 
     play, steps, first = leased_play_with_a_running_first_step(api)
     play_id = play.pk
     lease = timezone.now() + timedelta(seconds=30)
 
-    def seq() -> int:
-        return Company.objects.get(pk=play.company_id).event_seq
+    def seq() -> tuple[int, int]:
+        return Play.objects.get(pk=play_id).event_seq, Event.objects.filter(play_id=play_id).count()
 
     def snapshot() -> tuple:
         p = Play.objects.get(pk=play_id)
@@ -443,7 +442,9 @@ def test_step_on_writes_all_or_nothing(api: Any, no_enqueue: Any) -> None:
     assert (b.state, b.attempts, b.started_at is not None, b.completed_at) == ("RUN", 1, True, None)
     events = list(Event.objects.filter(play_id=play_id).order_by("seq"))[-2:]
     assert [e.type for e in events] == ["play:layer:completed", "play:layer:started"]
-    assert [e.seq for e in events] == [seq() - 1, seq()]
+    counter, count = seq()
+    assert counter == count  # seq numbers the play's events 1, 2, 3 … with no gap
+    assert [e.seq for e in events] == [count - 1, count]
     assert [e.payload["seq"] for e in events] == [e.seq for e in events]
     assert events[0].payload | {"timestamp": None} == {
         "type": "play:layer:completed", "seq": events[0].seq, "playId": play_id, "flowId": play.flow_id,

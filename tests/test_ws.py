@@ -14,7 +14,7 @@ from channels.testing import WebsocketCommunicator
 from flows.models import ApiKey, Flow, User
 from plays import consumers
 from plays.fanout import company_group
-from plays.models import Event, EventType, Play, emit
+from plays.models import Event, EventType, Play, decode_cursor, emit, encode_cursor
 from plays.wsauth import SEND_BACKLOG
 
 from .conftest import make_flow
@@ -35,8 +35,8 @@ def _one_database_thread(monkeypatch: Any) -> None:
     where the real file database in WAL mode lets readers run beside the writer.
     """
     for owner, name in [
-        (consumers.PlayEventsConsumer, n) for n in ("_read", "_head", "_resolve_flow", "_still_authorized")
-    ] + [(consumers.Hub, "_read")]:
+        (consumers.PlayEventsConsumer, n) for n in ("_read", "_head", "_lag", "_resolve_flow", "_still_authorized")
+    ] + [(consumers.Hub, "_read"), (consumers.Hub, "_head")]:
         monkeypatch.setattr(owner, name, sync_to_async(owner.__dict__[name].func))
 
 
@@ -76,8 +76,19 @@ def communicator(path: str, headers: list[tuple[bytes, bytes]] | None = None) ->
     return WebsocketCommunicator(application, path, headers=headers or [])
 
 
-async def receive_seqs(comm: WebsocketCommunicator, n: int, timeout: float = 10) -> list[int]:
-    return [(await comm.receive_json_from(timeout=timeout))["seq"] for _ in range(n)]
+async def receive_cursors(comm: WebsocketCommunicator, n: int, timeout: float = 10) -> list[str]:
+    return [(await comm.receive_json_from(timeout=timeout))["cursor"] for _ in range(n)]
+
+
+def head(play: Play) -> str:
+    return encode_cursor(Event.objects.head(play.company_id))
+
+
+def stored_after(play: Play, since: str, only_play: bool = False) -> list[str]:
+    events = Event.objects.after(play.company_id, decode_cursor(since))
+    if only_play:
+        events = events.filter(play=play)
+    return [e.cursor for e in events]
 
 
 def test_it_refuses_a_handshake_without_credentials() -> None:
@@ -100,137 +111,160 @@ def test_it_refuses_a_revoked_or_unknown_token(alice: User) -> None:
     assert run(go("fp_nothing_here")) is False
 
 
-def test_it_refuses_a_bad_since(token: str) -> None:
+@pytest.mark.parametrize("since", ["-3", "12", "g" * 32, "f" * 32])
+def test_it_refuses_a_bad_since(token: str, since: str) -> None:
     async def go() -> Any:
-        return await communicator(f"/api/ws?token={token}&since=-3").connect()
+        return await communicator(f"/api/ws?token={token}&since={since}").connect()
 
     assert run(go()) == (False, 4400)
 
 
 def test_it_replays_after_since_then_goes_live_without_duplicates(token: str, play: Play) -> None:
-    before = [e.seq for _ in range(4) for e in step(play, "before")]
+    before = [e.cursor for _ in range(4) for e in step(play, "before")]
     other = other_play(play)  # its events are filtered out by playId
     step(other, "other")
 
-    async def go() -> list[int]:
+    async def go() -> list[str]:
         comm = communicator(f"/api/ws?token={token}&since={before[1]}&playId={play.id}")
         assert (await comm.connect())[0]
-        replayed = await receive_seqs(comm, 2)
+        replayed = await receive_cursors(comm, 2)
         live = []
         for _ in range(3):
             await sync_to_async(step)(play, "live")
             await sync_to_async(step)(other, "other")
-            live += await receive_seqs(comm, 1)
+            live += await receive_cursors(comm, 1)
         assert await comm.receive_nothing(timeout=0.5)
         await comm.disconnect()
         return replayed + live
 
-    seqs = run(go())
-    assert seqs[:2] == before[2:]
-    stored = list(Event.objects.filter(play=play, seq__gt=before[1]).order_by("seq").values_list("seq", flat=True))
-    assert seqs == stored and len(seqs) == 5
+    cursors = run(go())
+    assert cursors[:2] == before[2:]
+    assert cursors == stored_after(play, before[1], only_play=True) and len(cursors) == 5
+    assert cursors == sorted(cursors)
 
 
 def test_a_replay_longer_than_one_batch_arrives_whole_at_once(token: str, play: Play, monkeypatch: Any) -> None:
     monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
+    since = head(play)
     backlog = emit(
         play, [(EventType.LAYER_STARTED, {"layerId": "L", "ref": f"r{i}", "state": "RUN"}) for i in range(1100)]
     )
 
-    async def go() -> list[int]:
-        comm = communicator(f"/api/ws?token={token}&since={backlog[0].seq - 1}&playId={play.id}")
+    async def go() -> list[str]:
+        comm = communicator(f"/api/ws?token={token}&since={since}&playId={play.id}")
         assert (await comm.connect())[0]
-        seqs = await receive_seqs(comm, 1100)
+        cursors = await receive_cursors(comm, 1100)
         await comm.disconnect()
-        return seqs
+        return cursors
 
-    assert run(go()) == [e.seq for e in backlog]
+    assert run(go()) == [e.cursor for e in backlog]
+    assert [e.seq for e in backlog] == list(range(1, 1101))
 
 
 def test_a_long_replay_meets_the_live_stream_without_gap_or_duplicate(token: str, play: Play) -> None:
-    backlog = emit(
-        play, [(EventType.LAYER_STARTED, {"layerId": "L", "ref": f"r{i}", "state": "RUN"}) for i in range(1200)]
-    )
-    since = backlog[0].seq - 1
+    since = head(play)
+    emit(play, [(EventType.LAYER_STARTED, {"layerId": "L", "ref": f"r{i}", "state": "RUN"}) for i in range(1200)])
 
-    async def go() -> list[int]:
+    async def go() -> list[str]:
         comm = communicator(f"/api/ws?token={token}&since={since}")
         assert (await comm.connect())[0]
-        received: list[int] = []
+        received: list[str] = []
         for i in range(20):  # written while the replay is under way
             await sync_to_async(step)(play, f"live{i}")
-            received += await receive_seqs(comm, 50)
-        total = await sync_to_async(Event.objects.filter(seq__gt=since, company_id=play.company_id).count)()
-        received += await receive_seqs(comm, total - len(received))
+            received += await receive_cursors(comm, 50)
+        total = await sync_to_async(lambda: len(stored_after(play, since)))()
+        received += await receive_cursors(comm, total - len(received))
         assert await comm.receive_nothing(timeout=0.5)
         await comm.disconnect()
         return received
 
     got = run(go())
-    stored = list(
-        Event.objects.filter(company_id=play.company_id, seq__gt=since).order_by("seq").values_list("seq", flat=True)
-    )
-    assert got == stored and len(got) == 1220
+    assert got == stored_after(play, since) and len(got) == 1220
 
 
-def test_a_since_beyond_the_newest_event_starts_at_the_newest(token: str, play: Play) -> None:
-    newest = step(play, "before")[0].seq
+def test_a_since_beyond_the_head_starts_at_the_head(token: str, play: Play) -> None:
+    step(play, "before")
+    beyond = encode_cursor((2**40, 0))
 
-    async def go() -> int:
-        comm = communicator(f"/api/ws?token={token}&since={newest + 1000}")
+    async def go() -> str:
+        comm = communicator(f"/api/ws?token={token}&since={beyond}")
         assert (await comm.connect())[0]
         await sync_to_async(step)(play, "after")
-        seq = (await comm.receive_json_from(timeout=10))["seq"]
+        got = await comm.receive_json_from(timeout=10)
         await comm.disconnect()
-        return seq
+        return got
 
-    assert run(go()) == newest + 1
+    got = run(go())
+    assert got["ref"] == "after" and got["cursor"] == Event.objects.filter(play=play).latest("seq").cursor
 
 
-def test_it_reads_from_the_table_what_the_channel_layer_dropped(token: str, play: Play, settings: Any) -> None:
-    async def go() -> list[int]:
+def test_a_range_that_starts_past_the_position_makes_it_read_the_table(
+    token: str, play: Play, monkeypatch: Any
+) -> None:
+    """A range from the hub that does not start where the consumer is (the ones between
+    were dropped by a full channel) is filled from the table: nothing lost, nothing twice."""
+    monkeypatch.setattr(consumers.Hub, "RELAY_SECONDS", 3600)
+    monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
+
+    async def go() -> tuple[list[str], list[str]]:
         comm = communicator(f"/api/ws?token={token}")
         assert (await comm.connect())[0]
-        # Events stored but never published, then a payload that shows the gap.
-        consumers.hub.listeners.clear()
+        await asyncio.sleep(0.2)  # the poller's first round (the replay) is done
         events = await sync_to_async(lambda: [e for _ in range(3) for e in step(play, "x")])()
         await get_channel_layer(consumers.LOCAL_LAYER).group_send(
-            company_group(play.company_id), {"type": "play.events", "events": [events[-1].payload]}
+            company_group(play.company_id),
+            {
+                "type": "play.events",
+                "after": list(decode_cursor(events[1].cursor)),
+                "events": [events[2].message],
+                "reached": list(decode_cursor(events[2].cursor)),
+            },
         )
-        seqs = await receive_seqs(comm, 3)
+        cursors = await receive_cursors(comm, 3)
+        assert await comm.receive_nothing(timeout=0.3)
         await comm.disconnect()
-        return seqs, [e.seq for e in events]
+        return cursors, [e.cursor for e in events]
 
     got, stored = run(go())
     assert got == stored
 
 
-def test_crossed_messages_are_put_in_order_without_reading_the_table(token: str, play: Play, monkeypatch: Any) -> None:
+def test_contiguous_ranges_are_delivered_without_reading_the_table(token: str, play: Play, monkeypatch: Any) -> None:
     monkeypatch.setattr(consumers.Hub, "RELAY_SECONDS", 3600)
     monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
     reads = []
     real_read = consumers.PlayEventsConsumer.__dict__["_read"].func
 
-    def counting_read(self: Any, after: int) -> Any:
+    def counting_read(self: Any, after: Any) -> Any:
         reads.append(after)
         return real_read(self, after)
 
     monkeypatch.setattr(consumers.PlayEventsConsumer, "_read", sync_to_async(counting_read))
 
-    async def go() -> tuple[list[int], list[int]]:
+    async def go() -> tuple[list[str], list[str], int]:
+        start = await sync_to_async(Event.objects.head)(play.company_id)
         comm = communicator(f"/api/ws?token={token}")
         assert (await comm.connect())[0]
         await asyncio.sleep(0.3)  # the poller's first round (the replay) is done
         first_reads = len(reads)
         events = await sync_to_async(lambda: step(play, "one") + step(play, "two") + step(play, "three"))()
         group = company_group(play.company_id)
-        for i in (1, 2, 0):  # two workers' messages crossing
+        positions = [start] + [decode_cursor(e.cursor) for e in events]
+        # Three ranges, one of them sent twice (a hub that read again): no duplicate.
+        for i in (0, 1, 1, 2):
             await get_channel_layer(consumers.LOCAL_LAYER).group_send(
-                group, {"type": "play.events", "events": [events[i].payload]}
+                group,
+                {
+                    "type": "play.events",
+                    "after": list(positions[i]),
+                    "events": [events[i].message],
+                    "reached": list(positions[i + 1]),
+                },
             )
-        seqs = await receive_seqs(comm, 3)
+        cursors = await receive_cursors(comm, 3)
+        assert await comm.receive_nothing(timeout=0.3)
         await comm.disconnect()
-        return seqs, [e.seq for e in events], len(reads) - first_reads
+        return cursors, [e.cursor for e in events], len(reads) - first_reads
 
     got, stored, extra_reads = run(go())
     assert got == stored
@@ -245,18 +279,18 @@ def test_the_poll_delivers_the_end_of_a_burst_whose_messages_were_dropped(
     async def full_channel(self: Any, group: str, message: dict) -> None:
         pass  # every consumer channel is full: the group_send reaches nobody
 
-    async def go() -> tuple[list[int], list[int], list[int]]:
+    async def go() -> tuple[list[str], list[str]]:
         comm = communicator(f"/api/ws?token={token}")
         assert (await comm.connect())[0]
         first = await sync_to_async(step)(play, "delivered")
-        got = await receive_seqs(comm, 1)
+        got = await receive_cursors(comm, 1)
         with monkeypatch.context() as m:
             m.setattr(InMemoryChannelLayer, "group_send", full_channel)
             events = await sync_to_async(lambda: step(play, "dropped") + step(play, "dropped"))()
-            # Nothing comes after them to show the gap: the hub's head does.
-            got += await receive_seqs(comm, 2, timeout=consumers.POLL_SECONDS * 5)
+            # Nothing comes after them to show the gap: the hub's position does.
+            got += await receive_cursors(comm, 2, timeout=consumers.POLL_SECONDS * 5)
         await comm.disconnect()
-        return got, [first[0].seq] + [e.seq for e in events]
+        return got, [first[0].cursor] + [e.cursor for e in events]
 
     got, stored = run(go())
     assert got == stored
@@ -365,18 +399,25 @@ class FlakyRedisLayer:
 
 def test_hub_survives_redis_restarts_and_joins_its_groups_again(monkeypatch: Any, settings: Any) -> None:
     """A Redis that restarted (pooled connections closed, groups forgotten) never fails a
-    handshake; the hub joins again and goes on bridging."""
+    handshake; the hub joins again and goes on: a doorbell makes it read the table and
+    hand what it found to the process-local group."""
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     redis = FlakyRedisLayer()
     local = get_channel_layer(consumers.LOCAL_LAYER)
     monkeypatch.setattr(consumers, "get_channel_layer", lambda alias="default": redis if alias == "default" else local)
     monkeypatch.setattr(consumers, "REJOIN_SECONDS", 0.05)
-    monkeypatch.setattr(consumers, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
+    table: list[dict[str, Any]] = []
 
-    async def no_heads(self: Any, companies: list[str]) -> dict[str, int]:
-        return {}
+    async def head(self: Any, company_id: str) -> Any:
+        return (0, 0)
 
-    monkeypatch.setattr(consumers.Hub, "_heads", no_heads)
+    async def read(self: Any, company_id: str, after: Any) -> Any:
+        found = [e for e in table if decode_cursor(e["cursor"]) > after]
+        return found, decode_cursor(found[-1]["cursor"]) if found else after
+
+    monkeypatch.setattr(consumers.Hub, "_head", head)
+    monkeypatch.setattr(consumers.Hub, "_read", read)
     hub = consumers.Hub()
     group = company_group("c1")
 
@@ -389,13 +430,16 @@ def test_hub_survives_redis_restarts_and_joins_its_groups_again(monkeypatch: Any
                 break
             await asyncio.sleep(0.01)
         assert redis.groups[group] == {"flowplay-hub!test"}
-        # Messages from Redis reach the process-local group.
+        # A doorbell from Redis: the hub reads the table and feeds the process-local group.
         mine = await local.new_channel()
         await local.group_add(group, mine)
-        events = [{"seq": 1, "type": "play:started"}]
+        await asyncio.sleep(0.05)  # the first sweep has read the (empty) table
+        events = [{"cursor": encode_cursor((7, 1)), "seq": 1, "type": "play:started"}]
+        table.extend(events)
         await redis.inbox.put({"type": "play.events", "company": "c1", "events": events})
-        assert (await asyncio.wait_for(local.receive(mine), 2))["events"] == events
-        assert hub.heads["c1"] == 1
+        got = await asyncio.wait_for(local.receive(mine), 2)
+        assert got["events"] == events and got["after"] == [0, 0] and got["reached"] == [7, 1]
+        assert hub.positions["c1"] == (7, 1)
         # Redis restarts: the receive fails, the groups are gone; the hub joins again.
         redis.groups.clear()
         await redis.inbox.put(ConnectionError("Connection closed by server."))
@@ -407,7 +451,7 @@ def test_hub_survives_redis_restarts_and_joins_its_groups_again(monkeypatch: Any
         redis.down = True
         await hub.unsubscribe("c1")  # Redis down again: leaving does not fail either
         assert "c1" not in hub.listeners
-        for task in (hub.task, hub.watcher):
+        for task in (hub.task, hub.watcher, hub.pump):
             assert task is not None
             task.cancel()
 
