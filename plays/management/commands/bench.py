@@ -46,7 +46,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 from django.utils import timezone
 
-SCENARIOS = ["sequential", "throughput", "trigger", "api", "history", "memory", "scaling"]
+SCENARIOS = ["sequential", "throughput", "trigger", "api", "history", "memory", "scaling", "floor"]
 TERMINAL = ("DONE", "FAIL", "SKIP", "FILTERED")
 ROOT = Path(settings.BASE_DIR)
 
@@ -175,7 +175,7 @@ class Command(BaseCommand):
         for s in only or SCENARIOS:
             name = SCENARIOS[int(s) - 1] if s.isdigit() and 1 <= int(s) <= len(SCENARIOS) else s
             if name not in SCENARIOS:
-                raise CommandError(f"unknown scenario {s!r}; choose from 1-7 or {', '.join(SCENARIOS)}")
+                raise CommandError(f"unknown scenario {s!r}; choose from 1-8 or {', '.join(SCENARIOS)}")
             chosen.append(name)
         self.queue = f"bench-{secrets.token_hex(4)}"
         self.procs = Procs()
@@ -428,26 +428,28 @@ class Command(BaseCommand):
             "ratio_chain_over_flowplay": round(chain_wall / wall, 2),
         }
 
-    def server(self) -> tuple[subprocess.Popen, str]:
+    def server(self, processes: int = 1, app: str = "flowplay.asgi:application") -> tuple[subprocess.Popen, str]:
+        """The web server as in production (flowplay.serve: daphne processes on one socket)."""
         import httpx
 
         port = free_port()
         proc = self.procs.start(
-            f"daphne-{port}",
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "flowplay.asgi:application"],
+            f"web-{port}",
+            [sys.executable, "-m", "flowplay.serve", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--processes", str(processes), "--app", app],
         )
         url = f"http://127.0.0.1:{port}"
         ends = time.monotonic() + 60
         while time.monotonic() < ends:
             if proc.poll() is not None:
-                raise CommandError(f"daphne exited with {proc.returncode}; see bench/logs/")
+                raise CommandError(f"the web server exited with {proc.returncode}; see bench/logs/")
             try:
                 if httpx.get(url + "/api/health", timeout=2).status_code < 500:
                     return proc, url
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise CommandError("daphne did not start within 60 s")
+        raise CommandError("the web server did not start within 60 s")
 
     def s_trigger(self) -> dict[str, Any]:
         import httpx
@@ -728,6 +730,82 @@ class Command(BaseCommand):
             out[str(n)] = round(plays * 5 / wall, 1)
         return {"plays": plays, "steps_per_s": out}
 
+    def s_floor(self) -> dict[str, Any]:
+        """POST /run against the API floor (a bare DRF view that inserts and commits one
+        row, plays/bench/floor.py) on the same server in the same run, with 1 and 2 web
+        processes, while 2 worker processes run the triggered plays."""
+        import httpx
+
+        from plays.bench import floor
+
+        floor.create_table()
+        flow = self.make_flow([{"ref": "a", "appId": "var", "args": {"values": {}}}], "bench floor")
+        worker = self.workers(2)
+        clients, seconds = self.opts["clients"], min(self.opts["seconds"], 10.0)
+        serial = 20 if self.opts["quick"] else 200
+        paths = {"floor": "/bench/floor", "run": f"/api/flows/{flow.pk}/run"}
+        out: dict[str, Any] = {}
+
+        async def load(url: str, target: str) -> dict[str, Any]:
+            latencies: list[float] = []
+            errors = 0
+            ends = time.monotonic() + seconds
+            async with httpx.AsyncClient(
+                base_url=url,
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=30,
+                limits=httpx.Limits(max_connections=clients),
+            ) as client:
+
+                async def one() -> None:
+                    nonlocal errors
+                    while time.monotonic() < ends:
+                        t0 = time.perf_counter()
+                        try:
+                            r = await client.post(target, json={"args": {}})
+                        except httpx.HTTPError:
+                            errors += 1
+                            continue
+                        latencies.append((time.perf_counter() - t0) * 1000)
+                        errors += r.status_code >= 300
+
+                t0 = time.monotonic()
+                await asyncio.gather(*(one() for _ in range(clients)))
+                took = time.monotonic() - t0
+            return {"req_per_s": round(len(latencies) / took, 1), "p50_ms": pct(latencies, 50), "errors": errors}
+
+        try:
+            for processes in (1, 2):
+                server, url = self.server(processes, "plays.bench.floor:application")
+                row: dict[str, Any] = {}
+                try:
+                    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {self.token}"}) as client:
+                        for name, target in paths.items():
+                            times = []
+                            for _ in range(serial):
+                                t0 = time.perf_counter()
+                                r = client.post(target, json={"args": {}})
+                                times.append((time.perf_counter() - t0) * 1000)
+                                if r.status_code >= 300:
+                                    raise CommandError(f"POST {target}: {r.status_code} {r.text[:200]}")
+                            row[f"{name}_serial_p50_ms"] = pct(times, 50)
+                    for name, target in paths.items():
+                        row[f"{name}_{clients}_clients"] = asyncio.run(load(url, target))
+                finally:
+                    self.procs.stop(server)
+                row["run_over_floor_req_per_s"] = round(
+                    row[f"run_{clients}_clients"]["req_per_s"] / max(row[f"floor_{clients}_clients"]["req_per_s"], 0.1),
+                    2,
+                )
+                row["run_over_floor_serial_p50"] = round(
+                    row["run_serial_p50_ms"] / max(row["floor_serial_p50_ms"], 0.01), 2
+                )
+                out[str(processes)] = row
+        finally:
+            self.procs.stop(worker)
+            floor.drop_table()
+        return {"clients": clients, "seconds": seconds, "serial": serial, "web_processes": out}
+
 
 def table(results: dict[str, Any]) -> str:
     s = results["scenarios"]
@@ -786,4 +864,18 @@ def table(results: dict[str, Any]) -> str:
             + ", ".join(f"{k}: {v}" for k, v in r["steps_per_s"].items())
             + " | | |"
         )
+    if not err("floor"):
+        r = s["floor"]
+        c = r["clients"]
+        for n, w in r["web_processes"].items():
+            run, floor = w[f"run_{c}_clients"], w[f"floor_{c}_clients"]
+            lines.append(
+                f"| 8 API floor, {n} web process{'es' if n != '1' else ''}, {c} clients | POST /run req/s vs floor (p50) | "
+                f"{run['req_per_s']} ({run['p50_ms']} ms) | floor {floor['req_per_s']} ({floor['p50_ms']} ms) | "
+                f"{w['run_over_floor_req_per_s']} (run/floor) |"
+            )
+            lines.append(
+                f"| | serial POST p50 | {w['run_serial_p50_ms']} ms | floor {w['floor_serial_p50_ms']} ms | "
+                f"{w['run_over_floor_serial_p50']}× |"
+            )
     return "\n".join(lines) + "\n"
