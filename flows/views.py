@@ -7,7 +7,7 @@ from typing import Any
 import django_filters
 from django.contrib.auth import authenticate, login, logout
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import ensure_csrf_cookie
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 
 from .api import ApiError, not_found, validation_error
 from .audit import record
-from .models import ApiKey, Flow, Flowlet, User
+from .models import ApiKey, Flow, Flowlet, FlowVersion, User
 from .serializers import (
     ApiKeyCreatedSerializer,
     ApiKeySerializer,
@@ -104,7 +104,17 @@ class FlowViewSet(viewsets.ModelViewSet):
     def run(self, request: Any, flow_id: str) -> Response:
         from plays.views import trigger
 
-        return trigger(request, get_flow(request, flow_id))
+        # The flow and its current version's snapshot in one query (the version is
+        # created on a flow's first run: then the flow alone).
+        version = (
+            FlowVersion.objects.select_related("flow")
+            .filter(flow__deleted_at__isnull=True, flow__company_id=request.user.company_id)
+            .filter(Q(flow_id=flow_id) | Q(flow__permanent_id=flow_id), version=F("flow__version"))
+            .first()
+        )
+        if version is None:
+            return trigger(request, get_flow(request, flow_id))
+        return trigger(request, version.flow, version)
 
 
 class FlowletViewSet(

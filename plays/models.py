@@ -509,6 +509,7 @@ class Play(models.Model):
         parent: Play | None = None,
         parent_layer: Layer | None = None,
         on_created: Callable[[Play], Any] | None = None,
+        version: FlowVersion | None = None,
     ) -> tuple[Play, bool]:
         """Create a play of ``flow`` and start it; return (play, created).
 
@@ -517,14 +518,17 @@ class Play(models.Model):
         Two concurrent requests with one key race on the partial unique constraint: the
         loser catches the IntegrityError and returns the winner's play. ``on_created`` runs in
         the transaction that creates the play (the API writes its audit entry there, so a play
-        never exists without the record of who triggered it).
+        never exists without the record of who triggered it). ``version``: the flow's current
+        snapshot when the caller has it already.
         """
         digest = args_digest(args)
         if idempotency_key:
             existing = cls._existing_for_key(flow, idempotency_key, digest)
             if existing is not None:
                 return existing, False
-        version = flow.snapshot()
+        version = version or flow.snapshot()
+        at_once = start and cls._starts_at_once(version.definition, run_at)
+        now = timezone.now()
         try:
             with transaction.atomic():
                 play = cls.objects.create(
@@ -538,8 +542,13 @@ class Play(models.Model):
                     triggered_by=user if getattr(user, "pk", None) else None,
                     parent=parent,
                     parent_layer=parent_layer,
+                    **(cls._started(version.definition, now) if at_once else {}),
                 )
-                if start:
+                if at_once:
+                    # What start() does from NEW, written with the row (one statement less).
+                    emit(play, [(EventType.PLAY_STARTED, {"state": State.RUN})])
+                    play.enqueue()
+                elif start:
                     play.start()
                 if on_created is not None:
                     on_created(play)
@@ -604,10 +613,7 @@ class Play(models.Model):
             return True
         changes: dict[str, Any] = {"state": State.RUN, "run_at": None, "runner": "", "lease_until": None}
         if self.started_at is None:
-            changes["started_at"] = now
-            timeout = self.definition.get("execution", {}).get("timeout")
-            if timeout:
-                changes["deadline_at"] = now + timedelta(seconds=timeout)
+            changes.update(self._started(self.definition, now))
             events.append((EventType.PLAY_STARTED, {"state": State.RUN}))
         else:
             events.append((EventType.PLAY_STATE, {"state": State.RUN, "previousState": reported_from or previous}))
@@ -616,6 +622,22 @@ class Play(models.Model):
         emit(self, events)
         self.enqueue()
         return True
+
+    @staticmethod
+    def _starts_at_once(definition: dict[str, Any], run_at: datetime | None) -> bool:
+        """Whether start() would take a new play straight to RUN whatever the database
+        holds: not deferred, no flow filters, no concurrency limit."""
+        execution = definition.get("execution", {})
+        return run_at is None and not definition.get("filters") and not execution.get("maxConcurrency")
+
+    @staticmethod
+    def _started(definition: dict[str, Any], now: datetime) -> dict[str, Any]:
+        """The fields start() sets when a play first starts."""
+        fields: dict[str, Any] = {"state": State.RUN, "started_at": now, "updated_at": now}
+        timeout = definition.get("execution", {}).get("timeout")
+        if timeout:
+            fields["deadline_at"] = now + timedelta(seconds=timeout)
+        return fields
 
     def _slot_free(self) -> bool:
         limit = self.definition.get("execution", {}).get("maxConcurrency")

@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 
 from flows.api import ApiError, invalid_state, not_found
 from flows.audit import PLAY_VERBS, record
-from flows.models import Flow
+from flows.models import Flow, FlowVersion
 from flows.views import get_flow
 
 from .models import (
@@ -46,7 +46,7 @@ from .serializers import (
 # --- Trigger --------------------------------------------------------------------------
 
 
-def trigger(request: Any, flow: Flow) -> Response:
+def trigger(request: Any, flow: Flow, version: FlowVersion | None = None) -> Response:
     """POST /api/flows/{flowId}/run."""
     limit = settings.FLOWPLAY["MAX_ARGS_BYTES"]
     if len(request.body or b"") > limit + 4096:
@@ -66,6 +66,7 @@ def trigger(request: Any, flow: Flow) -> Response:
         play, created = Play.trigger(
             flow, args, idempotency_key=values.get("idempotencyKey"), run_at=run_at, user=request.user,
             start=values.get("start", True),
+            version=version,
             on_created=lambda play: record(request.user, "play.triggered", play, flowId=flow.id),
         )
     except IdempotencyConflict as exc:

@@ -134,7 +134,7 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
             expected = {}
             for play_id in play_ids:
                 r = await http.get(f"/api/plays/{play_id}/events")
-                expected[play_id] = [e["seq"] for e in r.json()]
+                expected[play_id] = [e["cursor"] for e in r.json()]
             stored = sum(len(v) for v in expected.values())
             # Wait (bounded) until every client has every stored event, then stop listening.
             deadline = time.monotonic() + min(timeout, 120)
@@ -147,13 +147,14 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
             for ws in sockets:
                 await ws.close()
 
-    wanted = {seq: play_id for play_id, seqs in expected.items() for seq in seqs}
+    # Cursors are company-wide and sort as strings; seq numbers only one play's events.
+    wanted = {cursor: play_id for play_id, cursors in expected.items() for cursor in cursors}
     lost = duplicates = out_of_order = unexpected = 0
     details: list[str] = []
     latencies: list[float] = []
     delivered = 0
     for i, events in enumerate(received):
-        seqs = [e["seq"] for e, _ in events]
+        seqs = [e["cursor"] for e, _ in events]
         delivered += len(seqs)
         if len(seqs) != len(set(seqs)):
             duplicates += len(seqs) - len(set(seqs))
@@ -165,7 +166,7 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
         if extra:
             unexpected += len(extra)
             details.append(f"client {i}: {len(extra)} events of other plays")
-        per_play: dict[str, list[int]] = {}
+        per_play: dict[str, list[str]] = {}
         for seq in seqs:
             if seq in wanted:
                 per_play.setdefault(wanted[seq], []).append(seq)
