@@ -239,7 +239,7 @@ def test_charlie_sees_no_event_of_alice_on_the_websocket(transactional_db: Any, 
     drain()
 
     async def listen() -> list[Any]:
-        communicator = WebsocketCommunicator(application, f"/api/ws?token={token}&since=0&playId={play_id}")
+        communicator = WebsocketCommunicator(application, f"/api/ws?token={token}&since={'0' * 32}&playId={play_id}")
         connected, _ = await communicator.connect(timeout=5)
         assert connected
         got = []
