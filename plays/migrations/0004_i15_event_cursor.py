@@ -28,6 +28,32 @@ COUNTERS = """
 """
 
 
+# Backwards: company-wide numbers again, in cursor order, and the companies' counters.
+UNNUMBER = {
+    "postgresql": """
+        UPDATE plays_event e SET seq = r.n, payload = jsonb_set(e.payload, '{seq}', to_jsonb(r.n))
+        FROM (SELECT id, row_number() OVER (PARTITION BY company_id ORDER BY xid, id) AS n FROM plays_event) r
+        WHERE e.id = r.id
+    """,
+    "sqlite": """
+        UPDATE plays_event SET seq = r.n, payload = json_set(plays_event.payload, '$.seq', r.n)
+        FROM (SELECT id, row_number() OVER (PARTITION BY company_id ORDER BY xid, id) AS n FROM plays_event) AS r
+        WHERE plays_event.id = r.id
+    """,
+}
+COMPANY_COUNTERS = """
+    UPDATE flows_company SET event_seq = COALESCE(
+        (SELECT MAX(seq) FROM plays_event WHERE plays_event.company_id = flows_company.id), 0)
+"""
+
+
+def unnumber(apps, schema_editor):
+    connection = schema_editor.connection
+    with connection.cursor() as cursor:
+        cursor.execute(UNNUMBER.get(connection.vendor, UNNUMBER["sqlite"]))
+        cursor.execute(COMPANY_COUNTERS)
+
+
 def renumber(apps, schema_editor):
     connection = schema_editor.connection
     with connection.cursor() as cursor:
@@ -54,7 +80,7 @@ class Migration(migrations.Migration):
             name="event_seq",
             field=models.BigIntegerField(default=0, editable=False),
         ),
-        migrations.RunPython(renumber, migrations.RunPython.noop),
+        migrations.RunPython(renumber, unnumber),
         migrations.AddConstraint(
             model_name="event",
             constraint=models.UniqueConstraint(fields=("play", "seq"), name="plays_event_unique_play_seq"),
