@@ -153,7 +153,8 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
     # -- delivery -------------------------------------------------------------------------
 
     async def play_events(self, message: dict[str, Any]) -> None:
-        """Channel-layer handler: the hub's next range of this company's events."""
+        """Channel-layer handler: the hub's next range of this company's events, each as
+        ``[cursor, playId, flowId, text]`` (encoded once for all the process's consumers)."""
         if self.closing:
             return
         async with self.lock:
@@ -163,17 +164,14 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
                     # the table has it, and maybe this one's events already.
                     await self._catch_up_locked()
                 mine = encode_cursor(self.position)
-                for payload in message["events"]:
-                    if payload["cursor"] > mine:  # fixed-width cursors sort as strings
-                        await self._deliver(payload)
+                for cursor, play_id, flow_id, text in message["events"]:
+                    if cursor > mine:  # fixed-width cursors sort as strings
+                        self.position = decode_cursor(cursor)
+                        if self._wanted({"playId": play_id, "flowId": flow_id}):
+                            await self._send_text(text)
                 self.position = max(self.position, tuple(message["reached"]))
             except TooSlow as exc:
                 await self._close_too_slow(str(exc))
-
-    async def _deliver(self, payload: dict[str, Any]) -> None:
-        self.position = decode_cursor(payload["cursor"])
-        if self._wanted(payload):
-            await self._send_event(payload)
 
     def _wanted(self, payload: dict[str, Any]) -> bool:
         if self.play_id and payload.get("playId") != self.play_id:
@@ -183,9 +181,12 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         return True
 
     async def _send_event(self, payload: dict[str, Any]) -> None:
+        await self._send_text(json.dumps(payload))
+
+    async def _send_text(self, text: str) -> None:
         if self.closing:
             return  # closed by us (too slow, revoked) while this task was on its way here
-        await self.send(text_data=json.dumps(payload))
+        await self.send(text_data=text)
         backlog = self.scope.get(SEND_BACKLOG)
         if backlog is not None and backlog() > SEND_HIGH_WATER:
             await self._drain(backlog)
@@ -483,7 +484,7 @@ class Hub:
                             "type": "play.events",
                             "company": company_id,
                             "after": list(after if start == 0 else decode_cursor(events[start - 1]["cursor"])),
-                            "events": chunk,
+                            "events": [hub_event(e) for e in chunk],
                             "reached": list(decode_cursor(chunk[-1]["cursor"])),
                         },
                     )
@@ -502,6 +503,11 @@ class Hub:
     @db_read
     def _head(self, company_id: str) -> Position:
         return Event.objects.head(company_id)
+
+
+def hub_event(message: dict[str, Any]) -> list[Any]:
+    """An event as the hub hands it to its consumers: what they filter on, and its text."""
+    return [message["cursor"], message.get("playId"), message.get("flowId"), json.dumps(message)]
 
 
 hub = Hub()

@@ -216,7 +216,7 @@ def test_a_range_that_starts_past_the_position_makes_it_read_the_table(
             {
                 "type": "play.events",
                 "after": list(decode_cursor(events[1].cursor)),
-                "events": [events[2].message],
+                "events": [consumers.hub_event(events[2].message)],
                 "reached": list(decode_cursor(events[2].cursor)),
             },
         )
@@ -257,7 +257,7 @@ def test_contiguous_ranges_are_delivered_without_reading_the_table(token: str, p
                 {
                     "type": "play.events",
                     "after": list(positions[i]),
-                    "events": [events[i].message],
+                    "events": [consumers.hub_event(events[i].message)],
                     "reached": list(positions[i + 1]),
                 },
             )
@@ -438,7 +438,8 @@ def test_hub_survives_redis_restarts_and_joins_its_groups_again(monkeypatch: Any
         table.extend(events)
         await redis.inbox.put({"type": "play.events", "company": "c1", "events": events})
         got = await asyncio.wait_for(local.receive(mine), 2)
-        assert got["events"] == events and got["after"] == [0, 0] and got["reached"] == [7, 1]
+        assert got["events"] == [consumers.hub_event(e) for e in events]
+        assert got["after"] == [0, 0] and got["reached"] == [7, 1]
         assert hub.positions["c1"] == (7, 1)
         # Redis restarts: the receive fails, the groups are gone; the hub joins again.
         redis.groups.clear()
