@@ -199,6 +199,19 @@ def _ssl_context() -> Any:
     return httpx.create_ssl_context()
 
 
+def _apply_credential(name: str, material: dict | None, headers: dict[str, str]) -> tuple[dict[str, str], Any]:
+    """Headers and basic auth for the credential the runner resolved (flows.credentials)."""
+    if not material or material.get("credential") != name:
+        raise StepError(f"Credential {name!r} was not resolved for this step", "CREDENTIAL_ERROR", retryable=False)
+    if material["scheme"] == "basic":
+        return headers, (material["username"], material["password"])
+    header, value = ("Authorization", f"Bearer {material['token']}") if material["scheme"] == "bearer" else (
+        material["header"], material["value"])
+    headers = {k: v for k, v in headers.items() if k.lower() != header.lower()}
+    headers[header] = value
+    return headers, None
+
+
 def _is_json_type(content_type: str) -> bool:
     mime = content_type.split(";", 1)[0].strip().lower()
     return mime in ("application/json", "text/json") or mime.endswith("+json")
@@ -209,6 +222,7 @@ class Curl(Module):
     app_id = "curl"
     name = "HTTP request (curl)"
     summary = "Make an HTTP request; a non-2xx status is an ordinary result, not a failure."
+    uses_credentials = True
     args_schema = _obj(
         {
             "method": {
@@ -241,6 +255,11 @@ class Curl(Module):
                 {"username": {"type": "string"}, "password": {"type": "string"}}, ["username", "password"]
             ),
             "bearerToken": {"type": "string", "minLength": 1},
+            "auth": {
+                "type": "string",
+                "minLength": 1,
+                "description": "the name of a credential: a bearer token, basic, a header or an OAuth2 client",
+            },
         },
         ["url"],
     )
@@ -276,6 +295,8 @@ class Curl(Module):
             yield "bodyForm", "cannot be combined with body"
         if args.get("basicAuth") is not None and args.get("bearerToken") is not None:
             yield "bearerToken", "cannot be combined with basicAuth"
+        if args.get("auth") is not None and (args.get("basicAuth") is not None or args.get("bearerToken") is not None):
+            yield "auth", "cannot be combined with basicAuth or bearerToken"
 
     def execute(self, args: dict, ctx: RunContext) -> Any:
         budget = min(float(args["timeout"]), ctx.timeout)
@@ -290,6 +311,8 @@ class Curl(Module):
         auth = None
         if "basicAuth" in args:
             auth = (args["basicAuth"]["username"], args["basicAuth"]["password"])
+        if "auth" in args:
+            headers, auth = _apply_credential(args["auth"], ctx.auth, headers)
         body, form = args.get("body"), args.get("bodyForm")
 
         started = time.monotonic()
