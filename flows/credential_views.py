@@ -58,7 +58,7 @@ class CredentialSerializer(serializers.ModelSerializer):
 
 _WRITE = inline_serializer("CredentialWrite", {
     "name": serializers.CharField(),
-    "kind": serializers.ChoiceField(choices=CredentialKind.values),
+    "kind": serializers.ChoiceField(choices=CredentialKind.choices),
     "value": serializers.JSONField(help_text='a string for "token"; {username, password} for "basic"; '
                                    '{header, value} for "header"; {tokenUrl, clientId, clientSecret, scopes?, '
                                    'clientAuth?} for "oauth2-client"'),
@@ -66,7 +66,7 @@ _WRITE = inline_serializer("CredentialWrite", {
 })
 _ROTATE = inline_serializer("CredentialRotate", {
     "value": serializers.JSONField(required=False),
-    "kind": serializers.ChoiceField(choices=CredentialKind.values, required=False),
+    "kind": serializers.ChoiceField(choices=CredentialKind.choices, required=False),
     "description": serializers.CharField(required=False),
 })
 
