@@ -58,13 +58,34 @@ class CredentialForm(forms.ModelForm):
 
 class CredentialAdmin(admin.ModelAdmin):
     form = CredentialForm
-    list_display = ["name", "kind", "company", "fingerprint", "last4", "created_by", "created_at", "last_used_at",
-                    "use_count"]
+    list_display = [
+        "name",
+        "kind",
+        "company",
+        "fingerprint",
+        "last4",
+        "created_by",
+        "created_at",
+        "last_used_at",
+        "use_count",
+    ]
     list_filter = ["kind"]
     search_fields = ["name", "description"]
     list_select_related = ["company", "created_by"]
-    readonly_fields = ["id", "company", "public", "fingerprint", "last4", "created_by", "created_at", "rotated_at",
-                       "last_used_at", "last_used_play_id", "use_count", "access_token_expires_at"]
+    readonly_fields = [
+        "id",
+        "company",
+        "public",
+        "fingerprint",
+        "last4",
+        "created_by",
+        "created_at",
+        "rotated_at",
+        "last_used_at",
+        "last_used_play_id",
+        "use_count",
+        "access_token_expires_at",
+    ]
     actions = ["delete_credentials"]
 
     def get_queryset(self, request: Any) -> Any:
@@ -85,11 +106,22 @@ class CredentialAdmin(admin.ModelAdmin):
         try:
             if change:
                 saved = credentials.change(
-                    request.user, Credential.objects.get(pk=obj.pk), kind=data["kind"] if data["parsed"] else None,
-                    value=data["parsed"], description=data.get("description", ""), source="admin")
+                    request.user,
+                    Credential.objects.get(pk=obj.pk),
+                    kind=data["kind"] if data["parsed"] else None,
+                    value=data["parsed"],
+                    description=data.get("description", ""),
+                    source="admin",
+                )
             else:
-                saved = credentials.create(request.user, data["name"], data["kind"], data["parsed"],
-                                           data.get("description", ""), source="admin")
+                saved = credentials.create(
+                    request.user,
+                    data["name"],
+                    data["kind"],
+                    data["parsed"],
+                    data.get("description", ""),
+                    source="admin",
+                )
         except credentials.Invalid as exc:  # checked in the form; a race may still get here
             raise ValidationError(str(exc)) from None
         obj.pk = saved.pk

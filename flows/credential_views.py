@@ -46,8 +46,22 @@ class CredentialSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Credential
-        fields = ["id", "name", "kind", "description", "public", "fingerprint", "last4", "createdBy", "createdAt",
-                  "rotatedAt", "lastUsedAt", "lastUsedPlayId", "useCount", "accessTokenExpiresAt"]
+        fields = [
+            "id",
+            "name",
+            "kind",
+            "description",
+            "public",
+            "fingerprint",
+            "last4",
+            "createdBy",
+            "createdAt",
+            "rotatedAt",
+            "lastUsedAt",
+            "lastUsedPlayId",
+            "useCount",
+            "accessTokenExpiresAt",
+        ]
 
     def get_createdBy(self, obj: Credential) -> str | None:  # noqa: N802 - the API's camelCase
         return obj.created_by.display_name if obj.created_by_id and obj.created_by else None
@@ -56,24 +70,35 @@ class CredentialSerializer(serializers.ModelSerializer):
         return obj.last_used_play_id or None
 
 
-_WRITE = inline_serializer("CredentialWrite", {
-    "name": serializers.CharField(),
-    "kind": serializers.ChoiceField(choices=CredentialKind.choices),
-    "value": serializers.JSONField(help_text='a string for "token"; {username, password} for "basic"; '
-                                   '{header, value} for "header"; {tokenUrl, clientId, clientSecret, scopes?, '
-                                   'clientAuth?} for "oauth2-client"'),
-    "description": serializers.CharField(required=False),
-})
-_ROTATE = inline_serializer("CredentialRotate", {
-    "value": serializers.JSONField(required=False),
-    "kind": serializers.ChoiceField(choices=CredentialKind.choices, required=False),
-    "description": serializers.CharField(required=False),
-})
+_WRITE = inline_serializer(
+    "CredentialWrite",
+    {
+        "name": serializers.CharField(),
+        "kind": serializers.ChoiceField(choices=CredentialKind.choices),
+        "value": serializers.JSONField(
+            help_text='a string for "token"; {username, password} for "basic"; '
+            '{header, value} for "header"; {tokenUrl, clientId, clientSecret, scopes?, '
+            'clientAuth?} for "oauth2-client"'
+        ),
+        "description": serializers.CharField(required=False),
+    },
+)
+_ROTATE = inline_serializer(
+    "CredentialRotate",
+    {
+        "value": serializers.JSONField(required=False),
+        "kind": serializers.ChoiceField(choices=CredentialKind.choices, required=False),
+        "description": serializers.CharField(required=False),
+    },
+)
 
 
 def forbidden() -> ApiError:
-    return ApiError("FORBIDDEN", "Only company admins (and their API keys with the 'credentials' scope) "
-                    "can see or change credentials", 403)
+    return ApiError(
+        "FORBIDDEN",
+        "Only company admins (and their API keys with the 'credentials' scope) can see or change credentials",
+        403,
+    )
 
 
 class CredentialViewSet(viewsets.GenericViewSet):
@@ -97,8 +122,10 @@ class CredentialViewSet(viewsets.GenericViewSet):
         if not credentials.can_manage(self.request):
             raise forbidden()
 
-    @extend_schema(responses={200: CredentialSerializer(many=True)},
-                   description="Company admins get each credential's metadata; others its id, name and kind.")
+    @extend_schema(
+        responses={200: CredentialSerializer(many=True)},
+        description="Company admins get each credential's metadata; others its id, name and kind.",
+    )
     def list(self, request: Any) -> Response:
         rows = self.get_queryset()
         if credentials.can_manage(request):
@@ -121,8 +148,9 @@ class CredentialViewSet(viewsets.GenericViewSet):
         if missing:
             raise validation_error(missing)
         try:
-            credential = credentials.create(request.user, data["name"], data["kind"], data["value"],
-                                            data.get("description", ""))
+            credential = credentials.create(
+                request.user, data["name"], data["kind"], data["value"], data.get("description", "")
+            )
         except credentials.Invalid as exc:
             raise validation_error(exc.details, "The credential is not valid") from None
         except IntegrityError:  # a concurrent create with the same name
@@ -138,11 +166,17 @@ class CredentialViewSet(viewsets.GenericViewSet):
             raise validation_error({"body": ["must be a JSON object"]})
         unknown = sorted(set(data) - {"value", "kind", "description"})
         if unknown:
-            raise validation_error({k: ["cannot be changed" if k == "name" else "is not an allowed property"]
-                                    for k in unknown})
+            raise validation_error(
+                {k: ["cannot be changed" if k == "name" else "is not an allowed property"] for k in unknown}
+            )
         try:
-            credential = credentials.change(request.user, credential, kind=data.get("kind"), value=data.get("value"),
-                                            description=data.get("description"))
+            credential = credentials.change(
+                request.user,
+                credential,
+                kind=data.get("kind"),
+                value=data.get("value"),
+                description=data.get("description"),
+            )
         except credentials.Invalid as exc:
             raise validation_error(exc.details, "The credential is not valid") from None
         return Response(CredentialSerializer(credential).data)
@@ -165,17 +199,28 @@ def _value_from_form(kind: str, form: Any) -> Any:
         return {"username": form.get("username", ""), "password": form.get("secret", "")}
     if kind == CredentialKind.HEADER:
         return {"header": form.get("header", ""), "value": form.get("secret", "")}
-    return {"tokenUrl": form.get("token_url", ""), "clientId": form.get("client_id", ""),
-            "clientSecret": form.get("secret", ""), "scopes": form.get("scopes", "")}
+    return {
+        "tokenUrl": form.get("token_url", ""),
+        "clientId": form.get("client_id", ""),
+        "clientSecret": form.get("secret", ""),
+        "scopes": form.get("scopes", ""),
+    }
 
 
 @login_required
 def credential_list(request: HttpRequest) -> HttpResponse:
     admin = credentials.is_company_admin(request.user)
     rows = Credential.objects.filter(company_id=request.user.company_id).select_related("created_by").order_by("name")
-    return render(request, "flowplay/credentials.html", {
-        "nav": "credentials", "credentials": rows, "admin": admin, "kinds": CredentialKind.choices,
-    })
+    return render(
+        request,
+        "flowplay/credentials.html",
+        {
+            "nav": "credentials",
+            "credentials": rows,
+            "admin": admin,
+            "kinds": CredentialKind.choices,
+        },
+    )
 
 
 @login_required
@@ -190,8 +235,14 @@ def credential_action(request: HttpRequest) -> HttpResponse:
     try:
         if action == "create":
             kind = form.get("kind", "")
-            credential = credentials.create(request.user, form.get("name", ""), kind, _value_from_form(kind, form),
-                                            form.get("description", ""), source="page")
+            credential = credentials.create(
+                request.user,
+                form.get("name", ""),
+                kind,
+                _value_from_form(kind, form),
+                form.get("description", ""),
+                source="page",
+            )
             messages.success(request, f"Created credential {credential.name}.")
             return back
         credential = Credential.objects.filter(company_id=request.user.company_id, pk=form.get("id", "")).first()
@@ -199,13 +250,22 @@ def credential_action(request: HttpRequest) -> HttpResponse:
             messages.error(request, "No such credential.")
             return back
         if action == "rotate":
-            credentials.change(request.user, credential, value=_value_from_form(credential.kind, {**form, 
-                "username": form.get("username") or credential.public.get("username", ""),
-                "header": form.get("header") or credential.public.get("header", ""),
-                "token_url": form.get("token_url") or credential.public.get("tokenUrl", ""),
-                "client_id": form.get("client_id") or credential.public.get("clientId", ""),
-                "scopes": form.get("scopes") or " ".join(credential.public.get("scopes") or []),
-            }), source="page")
+            credentials.change(
+                request.user,
+                credential,
+                value=_value_from_form(
+                    credential.kind,
+                    {
+                        **form,
+                        "username": form.get("username") or credential.public.get("username", ""),
+                        "header": form.get("header") or credential.public.get("header", ""),
+                        "token_url": form.get("token_url") or credential.public.get("tokenUrl", ""),
+                        "client_id": form.get("client_id") or credential.public.get("clientId", ""),
+                        "scopes": form.get("scopes") or " ".join(credential.public.get("scopes") or []),
+                    },
+                ),
+                source="page",
+            )
             messages.success(request, f"Rotated credential {credential.name}.")
         elif action == "delete":
             credentials.delete(request.user, credential, source="page")

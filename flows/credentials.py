@@ -124,7 +124,9 @@ def parse_value(kind: str, value: Any) -> tuple[dict[str, Any], dict[str, Any], 
         if isinstance(scopes, str):
             scopes = scopes.split()
         if not isinstance(scopes, list) or not all(isinstance(s, str) and s and " " not in s for s in scopes):
-            errors.setdefault("value.scopes", []).append("must be a list of scope names (or one space-separated string)")
+            errors.setdefault("value.scopes", []).append(
+                "must be a list of scope names (or one space-separated string)"
+            )
             scopes = []
         client_auth = value.get("clientAuth", "basic")
         if client_auth not in ("basic", "body"):
@@ -181,6 +183,7 @@ def find(company_id: str, name: str) -> Credential:
 
 
 # --- OAuth2 client credentials -----------------------------------------------------------
+
 
 def _cached(credential: Credential, now: datetime) -> str | None:
     if not credential.access_token:
@@ -251,7 +254,9 @@ def _request_token(credential: Credential) -> tuple[str, float]:
         ) from None
     except Exception as exc:  # StepError from the outbound policy, among others
         message = getattr(exc, "message", None) or str(exc)
-        raise CredentialError(vault.mask_text(f"Credential {credential.name!r}: {message}"), "CREDENTIAL_ERROR") from None
+        raise CredentialError(
+            vault.mask_text(f"Credential {credential.name!r}: {message}"), "CREDENTIAL_ERROR"
+        ) from None
     try:
         body = response.json()
     except ValueError:
@@ -364,17 +369,23 @@ def check_flow(layers: list[dict[str, Any]], company_id: str | None, add: Any) -
         args = layer.get("args") or {}
         raw = module.raw_args if module is not None else frozenset()
         allowed = module is not None and module.uses_credentials
-        for path, names in expr.credential_paths({k: v for k, v in args.items() if k not in raw}
-                                                 if isinstance(args, dict) else args):
+        for path, names in expr.credential_paths(
+            {k: v for k, v in args.items() if k not in raw} if isinstance(args, dict) else args
+        ):
             full = f"layers[{i}].args.{path}" if path and not path.startswith("[") else f"layers[{i}].args{path}"
             if not allowed:
-                add(full, f"{where}: $credentials cannot be used in {layer.get('app_id') or layer.get('appId')!r} "
-                          "(its value could come back in the step's output); use it in a curl step")
+                add(
+                    full,
+                    f"{where}: $credentials cannot be used in {layer.get('app_id') or layer.get('appId')!r} "
+                    "(its value could come back in the step's output); use it in a curl step",
+                )
             for name in names:
                 wanted.setdefault(name, []).append(full)
         for path, _ in expr.credential_paths(layer.get("filters") or []):
-            add(f"layers[{i}].filters{path if path.startswith('[') else '.' + path}",
-                f"{where}: $credentials cannot be used in filters")
+            add(
+                f"layers[{i}].filters{path if path.startswith('[') else '.' + path}",
+                f"{where}: $credentials cannot be used in filters",
+            )
         auth = args.get("auth") if isinstance(args, dict) and allowed else None
         if isinstance(auth, str):
             if expr.is_expression(auth):
@@ -428,8 +439,15 @@ def create(user: Any, name: Any, kind: Any, value: Any, description: Any = "", *
 
 
 @transaction.atomic
-def change(user: Any, credential: Credential, *, kind: Any = None, value: Any = None, description: Any = None,
-           source: str = "api") -> Credential:
+def change(
+    user: Any,
+    credential: Credential,
+    *,
+    kind: Any = None,
+    value: Any = None,
+    description: Any = None,
+    source: str = "api",
+) -> Credential:
     """Rotate the value (with ``value``; ``kind`` may change with it) and/or the description."""
     from .audit import record
 
@@ -454,8 +472,16 @@ def change(user: Any, credential: Credential, *, kind: Any = None, value: Any = 
     if value is not None:
         set_value(locked, kind, secret, public, shown)
         locked.rotated_at = timezone.now()
-        fields += ["kind", "secret", "public", "fingerprint", "last4", "access_token", "access_token_expires_at",
-                   "rotated_at"]
+        fields += [
+            "kind",
+            "secret",
+            "public",
+            "fingerprint",
+            "last4",
+            "access_token",
+            "access_token_expires_at",
+            "rotated_at",
+        ]
     if fields:
         locked.save(update_fields=fields)
     if value is not None:

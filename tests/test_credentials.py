@@ -79,8 +79,9 @@ class _TokenServer(BaseHTTPRequestHandler):
             server.requests.append({"form": form, "authorization": self.headers.get("Authorization", "")})  # type: ignore[attr-defined]
             n = len(server.requests)  # type: ignore[attr-defined]
         time.sleep(server.delay)  # type: ignore[attr-defined]
-        payload = json.dumps({"access_token": f"access-token-number-{n:04d}", "token_type": "Bearer",
-                              "expires_in": server.expires_in}).encode()  # type: ignore[attr-defined]
+        payload = json.dumps(
+            {"access_token": f"access-token-number-{n:04d}", "token_type": "Bearer", "expires_in": server.expires_in}
+        ).encode()  # type: ignore[attr-defined]
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -207,12 +208,15 @@ def test_the_embedded_default_generates_its_key_once_into_the_var_folder(setting
 
 
 def test_kv_values_are_stored_encrypted_and_read_plain(api: APIClient, drain: Any) -> None:
-    flow = make_flow(api, [
-        {"ref": "put", "appId": "kv-set", "args": {"key": "pin", "value": {"code": "kv-plaintext-4711"}}},
-        {"ref": "count", "appId": "kv-set", "args": {"key": "n", "increment": 2}},
-        {"ref": "more", "appId": "kv-append", "args": {"key": "list", "value": "x"}},
-        {"ref": "get", "appId": "kv-get", "args": {"key": "pin"}},
-    ])
+    flow = make_flow(
+        api,
+        [
+            {"ref": "put", "appId": "kv-set", "args": {"key": "pin", "value": {"code": "kv-plaintext-4711"}}},
+            {"ref": "count", "appId": "kv-set", "args": {"key": "n", "increment": 2}},
+            {"ref": "more", "appId": "kv-append", "args": {"key": "list", "value": "x"}},
+            {"ref": "get", "appId": "kv-get", "args": {"key": "pin"}},
+        ],
+    )
     play_id = run(api, flow, drain)
     assert Layer.objects.get(play_id=play_id, ref="get").out == {"value": {"code": "kv-plaintext-4711"}, "found": True}
     raw = KV.objects.get(key="pin").value
@@ -230,9 +234,20 @@ def _dump(tmp_path: Path) -> bytes:
     assert shutil.which("pg_dump"), "pg_dump is needed for this test on PostgreSQL"
     settings_dict = connection.settings_dict
     out = subprocess.run(
-        ["pg_dump", "-h", settings_dict["HOST"] or "127.0.0.1", "-p", str(settings_dict["PORT"] or 5432),
-         "-U", settings_dict["USER"] or "postgres", "--no-owner", settings_dict["NAME"]],
-        capture_output=True, check=True, env={"PGPASSWORD": settings_dict["PASSWORD"] or "", "PATH": "/usr/bin:/bin"},
+        [
+            "pg_dump",
+            "-h",
+            settings_dict["HOST"] or "127.0.0.1",
+            "-p",
+            str(settings_dict["PORT"] or 5432),
+            "-U",
+            settings_dict["USER"] or "postgres",
+            "--no-owner",
+            settings_dict["NAME"],
+        ],
+        capture_output=True,
+        check=True,
+        env={"PGPASSWORD": settings_dict["PASSWORD"] or "", "PATH": "/usr/bin:/bin"},
     )
     return out.stdout
 
@@ -244,10 +259,13 @@ def test_a_database_dump_holds_no_plaintext(transactional_db: Any, tmp_path: Pat
     api = client_for(User.objects.get(pk=alice.pk))
     create(api)
     create(api, "site", "basic", {"username": "robot", "password": PASSWORD_VALUE})
-    flow = make_flow(api, [
-        {"ref": "call", "appId": "curl", "args": {"url": f"{echo.url}/pay", "auth": "stripe"}},
-        {"ref": "basic", "appId": "curl", "args": {"url": f"{echo.url}/b", "auth": "site"}},
-    ])
+    flow = make_flow(
+        api,
+        [
+            {"ref": "call", "appId": "curl", "args": {"url": f"{echo.url}/pay", "auth": "stripe"}},
+            {"ref": "basic", "appId": "curl", "args": {"url": f"{echo.url}/b", "auth": "site"}},
+        ],
+    )
     play_id = run(api, flow, drain)
     assert Play.objects.get(pk=play_id).state == "DONE"
     # A KV value written by kv-set (the value in a flow's args or a step's out is not the KV store's).
@@ -265,13 +283,22 @@ def test_a_bearer_credential_reaches_the_server_and_comes_back_masked_everywhere
     admin_api: APIClient, admin_alice: User, echo: Any, drain: Any
 ) -> None:
     create(admin_api)
-    flow = make_flow(admin_api, [
-        {"ref": "byName", "appId": "curl", "args": {"url": f"{echo.url}/pay", "auth": "stripe"}},
-        {"ref": "byExpression", "appId": "curl", "args": {
-            "url": echo.url + "/q?key={{ $credentials.stripe.token }}",
-            "headers": {"X-Custom": "Token {{ $credentials.stripe.token }}"},
-            "body": {"nested": "{{ $credentials.stripe.token }}"}, "method": "POST"}},
-    ])
+    flow = make_flow(
+        admin_api,
+        [
+            {"ref": "byName", "appId": "curl", "args": {"url": f"{echo.url}/pay", "auth": "stripe"}},
+            {
+                "ref": "byExpression",
+                "appId": "curl",
+                "args": {
+                    "url": echo.url + "/q?key={{ $credentials.stripe.token }}",
+                    "headers": {"X-Custom": "Token {{ $credentials.stripe.token }}"},
+                    "body": {"nested": "{{ $credentials.stripe.token }}"},
+                    "method": "POST",
+                },
+            },
+        ],
+    )
     play_id = run(admin_api, flow, drain)
     play = Play.objects.get(pk=play_id)
     assert play.state == "DONE", play.error
@@ -299,8 +326,11 @@ def test_a_bearer_credential_reaches_the_server_and_comes_back_masked_everywhere
     admin = Client()
     admin.force_login(root)
     credential = Credential.objects.get(name="stripe")
-    for url in (f"/admin/plays/play/{play_id}/change/", "/admin/flows/credential/",
-                f"/admin/flows/credential/{credential.pk}/change/"):
+    for url in (
+        f"/admin/plays/play/{play_id}/change/",
+        "/admin/flows/credential/",
+        f"/admin/flows/credential/{credential.pk}/change/",
+    ):
         response = admin.get(url)
         assert response.status_code == 200, url
         everything.append(response.content)
@@ -312,15 +342,24 @@ def test_a_bearer_credential_reaches_the_server_and_comes_back_masked_everywhere
 def test_basic_and_header_credentials_are_masked_by_value(admin_api: APIClient, echo: Any, drain: Any) -> None:
     create(admin_api, "site", "basic", {"username": "robot", "password": PASSWORD_VALUE})
     create(admin_api, "apikey", "header", {"header": "X-Api-Key", "value": "hdr-secret-value-99"})
-    flow = make_flow(admin_api, [
-        {"ref": "basic", "appId": "curl", "args": {"url": f"{echo.url}/b", "auth": "site"}},
-        {"ref": "header", "appId": "curl", "args": {"url": f"{echo.url}/h", "auth": "apikey"}},
-        # A header name that says nothing about credentials, and a password in a JSON body.
-        {"ref": "fields", "appId": "curl", "args": {"url": f"{echo.url}/f", "method": "POST",
-                                                     "headers": {"X-Whatever": "{{ $credentials.site.password }}"},
-                                                     "body": {"user": "{{ $credentials.site.username }}",
-                                                              "pw": "{{ $credentials.site.password }}"}}},
-    ])
+    flow = make_flow(
+        admin_api,
+        [
+            {"ref": "basic", "appId": "curl", "args": {"url": f"{echo.url}/b", "auth": "site"}},
+            {"ref": "header", "appId": "curl", "args": {"url": f"{echo.url}/h", "auth": "apikey"}},
+            # A header name that says nothing about credentials, and a password in a JSON body.
+            {
+                "ref": "fields",
+                "appId": "curl",
+                "args": {
+                    "url": f"{echo.url}/f",
+                    "method": "POST",
+                    "headers": {"X-Whatever": "{{ $credentials.site.password }}"},
+                    "body": {"user": "{{ $credentials.site.username }}", "pw": "{{ $credentials.site.password }}"},
+                },
+            },
+        ],
+    )
     play_id = run(admin_api, flow, drain)
     outs = {layer.ref: layer.out for layer in Layer.objects.filter(play_id=play_id)}
     assert outs["basic"]["body"]["headers"]["Authorization"] == "[REDACTED]"
@@ -356,11 +395,18 @@ def leaky() -> Iterator[None]:
 
 def test_errors_retries_and_retry_copies_are_masked(admin_api: APIClient, leaky: None, drain: Any) -> None:
     create(admin_api)
-    flow = make_flow(admin_api, [
-        {"ref": "ok", "appId": "test-leaky", "args": {"value": "{{ $credentials.stripe.token }}"}},
-        {"ref": "bad", "appId": "test-leaky", "args": {"value": "{{ $credentials.stripe.token }}", "fail": True},
-         "retry": {"count": 2, "delayMs": 0}},
-    ])
+    flow = make_flow(
+        admin_api,
+        [
+            {"ref": "ok", "appId": "test-leaky", "args": {"value": "{{ $credentials.stripe.token }}"}},
+            {
+                "ref": "bad",
+                "appId": "test-leaky",
+                "args": {"value": "{{ $credentials.stripe.token }}", "fail": True},
+                "retry": {"count": 2, "delayMs": 0},
+            },
+        ],
+    )
     play_id = run(admin_api, flow, drain)
     play = Play.objects.get(pk=play_id)
     assert play.state == "FAIL"
@@ -371,17 +417,27 @@ def test_errors_retries_and_retry_copies_are_masked(admin_api: APIClient, leaky:
     assert retry.status_code == 201
     drain()
     for pid in (play_id, retry.json()["playId"]):
-        for blob in (admin_api.get(f"/api/plays/{pid}/layers").content, admin_api.get(f"/api/plays/{pid}/events").content,
-                     admin_api.get(f"/api/plays/{pid}").content):
+        for blob in (
+            admin_api.get(f"/api/plays/{pid}/layers").content,
+            admin_api.get(f"/api/plays/{pid}/events").content,
+            admin_api.get(f"/api/plays/{pid}").content,
+        ):
             assert TOKEN.encode() not in blob
     assert Layer.objects.get(play_id=retry.json()["playId"], ref="ok").reused_from_id is not None
 
 
 def test_an_expression_error_does_not_quote_the_credential(admin_api: APIClient, echo: Any, drain: Any) -> None:
     create(admin_api)
-    flow = make_flow(admin_api, [
-        {"ref": "call", "appId": "curl", "args": {"url": f"{echo.url}/", "timeout": "{{ $credentials.stripe.token }}"}},
-    ])
+    flow = make_flow(
+        admin_api,
+        [
+            {
+                "ref": "call",
+                "appId": "curl",
+                "args": {"url": f"{echo.url}/", "timeout": "{{ $credentials.stripe.token }}"},
+            },
+        ],
+    )
     play_id = run(admin_api, flow, drain)
     layer = Layer.objects.get(play_id=play_id, ref="call")
     assert layer.state == "FAIL" and TOKEN not in json.dumps(layer.error)
@@ -391,7 +447,9 @@ def test_revealed_values_are_masked_in_log_lines(admin_alice: User) -> None:
     credential = credentials.create(admin_alice, "stripe", "token", TOKEN)
     credentials.secret_of(credential)
     record = logging.LogRecord("httpx", logging.INFO, __file__, 1, "HTTP Request: GET http://x/?key=%s", (TOKEN,), None)
-    assert vault.SecretLogFilter().filter(record) and record.getMessage() == "HTTP Request: GET http://x/?key=[REDACTED]"
+    assert (
+        vault.SecretLogFilter().filter(record) and record.getMessage() == "HTTP Request: GET http://x/?key=[REDACTED]"
+    )
 
 
 def test_the_logging_configuration_wires_the_secret_filter() -> None:
@@ -434,25 +492,68 @@ def test_a_rotated_value_is_used_by_the_next_play(admin_api: APIClient, echo: An
 # --- Save-time validation ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layer, path, words", [
-    ({"ref": "call", "appId": "curl", "args": {"url": "http://x", "headers": {"Authorization": "Bearer {{ $credentials.nope.token }}"}}},
-     "layers[0].args.headers.Authorization", "unknown credential 'nope'"),
-    ({"ref": "call", "appId": "curl", "args": {"url": "http://x", "auth": "nope"}}, "layers[0].args.auth",
-     "unknown credential 'nope'"),
-    ({"ref": "v", "appId": "var", "args": {"values": {"t": "{{ $credentials.stripe.token }}"}}},
-     "layers[0].args.values.t", "cannot be used in 'var'"),
-    ({"ref": "t", "appId": "template", "args": {"template": "x", "data": {"t": "{{ $credentials.stripe.token }}"}}},
-     "layers[0].args.data.t", "cannot be used in 'template'"),
-    ({"ref": "k", "appId": "kv-set", "args": {"key": "k", "value": "{{ $credentials.stripe.token }}"}},
-     "layers[0].args.value", "cannot be used in 'kv-set'"),
-    ({"ref": "call", "appId": "curl", "args": {"url": "http://x"},
-      "filters": [{"leftValue": "{{ $credentials.stripe.token }}", "operator": "eq", "rightValue": "x"}]},
-     "layers[0].filters[0].leftValue", "cannot be used in filters"),
-    ({"ref": "call", "appId": "curl", "args": {"url": "http://x", "bearerToken": "{{ $credentials.stripe.token | upper }}"}},
-     "layers[0].args.bearerToken", "can only be used whole"),
-    ({"ref": "call", "appId": "curl", "args": {"url": "http://x", "bearerToken": "{{ $credentials.stripe }}"}},
-     "layers[0].args.bearerToken", "can only be used whole"),
-])
+@pytest.mark.parametrize(
+    "layer, path, words",
+    [
+        (
+            {
+                "ref": "call",
+                "appId": "curl",
+                "args": {"url": "http://x", "headers": {"Authorization": "Bearer {{ $credentials.nope.token }}"}},
+            },
+            "layers[0].args.headers.Authorization",
+            "unknown credential 'nope'",
+        ),
+        (
+            {"ref": "call", "appId": "curl", "args": {"url": "http://x", "auth": "nope"}},
+            "layers[0].args.auth",
+            "unknown credential 'nope'",
+        ),
+        (
+            {"ref": "v", "appId": "var", "args": {"values": {"t": "{{ $credentials.stripe.token }}"}}},
+            "layers[0].args.values.t",
+            "cannot be used in 'var'",
+        ),
+        (
+            {
+                "ref": "t",
+                "appId": "template",
+                "args": {"template": "x", "data": {"t": "{{ $credentials.stripe.token }}"}},
+            },
+            "layers[0].args.data.t",
+            "cannot be used in 'template'",
+        ),
+        (
+            {"ref": "k", "appId": "kv-set", "args": {"key": "k", "value": "{{ $credentials.stripe.token }}"}},
+            "layers[0].args.value",
+            "cannot be used in 'kv-set'",
+        ),
+        (
+            {
+                "ref": "call",
+                "appId": "curl",
+                "args": {"url": "http://x"},
+                "filters": [{"leftValue": "{{ $credentials.stripe.token }}", "operator": "eq", "rightValue": "x"}],
+            },
+            "layers[0].filters[0].leftValue",
+            "cannot be used in filters",
+        ),
+        (
+            {
+                "ref": "call",
+                "appId": "curl",
+                "args": {"url": "http://x", "bearerToken": "{{ $credentials.stripe.token | upper }}"},
+            },
+            "layers[0].args.bearerToken",
+            "can only be used whole",
+        ),
+        (
+            {"ref": "call", "appId": "curl", "args": {"url": "http://x", "bearerToken": "{{ $credentials.stripe }}"}},
+            "layers[0].args.bearerToken",
+            "can only be used whole",
+        ),
+    ],
+)
 def test_saving_a_flow_names_bad_credential_use(admin_api: APIClient, layer: dict, path: str, words: str) -> None:
     create(admin_api)
     r = admin_api.post("/api/flows", {"name": "f", "layers": [layer]}, format="json")
@@ -464,19 +565,37 @@ def test_saving_a_flow_names_bad_credential_use(admin_api: APIClient, layer: dic
 
 def test_a_known_credential_saves(admin_api: APIClient) -> None:
     create(admin_api)
-    make_flow(admin_api, [{"ref": "call", "appId": "curl", "args": {
-        "url": "http://x", "auth": "stripe", "headers": {"X-T": "{{ $credentials.stripe.token }}"}}}])
+    make_flow(
+        admin_api,
+        [
+            {
+                "ref": "call",
+                "appId": "curl",
+                "args": {"url": "http://x", "auth": "stripe", "headers": {"X-T": "{{ $credentials.stripe.token }}"}},
+            }
+        ],
+    )
 
 
-def test_a_missing_field_or_a_deleted_credential_fails_the_step_clearly(admin_api: APIClient, echo: Any,
-                                                                          drain: Any) -> None:
+def test_a_missing_field_or_a_deleted_credential_fails_the_step_clearly(
+    admin_api: APIClient, echo: Any, drain: Any
+) -> None:
     create(admin_api)
-    flow = make_flow(admin_api, [{"ref": "call", "appId": "curl", "args": {
-        "url": echo.url, "headers": {"X-T": "{{ $credentials.stripe.password }}"}}}])
+    flow = make_flow(
+        admin_api,
+        [
+            {
+                "ref": "call",
+                "appId": "curl",
+                "args": {"url": echo.url, "headers": {"X-T": "{{ $credentials.stripe.password }}"}},
+            }
+        ],
+    )
     play_id = run(admin_api, flow, drain)
     assert "has no field 'password'" in Layer.objects.get(play_id=play_id).error["message"]
-    flow = make_flow(admin_api, [{"ref": "call", "appId": "curl", "args": {"url": echo.url, "auth": "stripe"}}],
-                     name="second")
+    flow = make_flow(
+        admin_api, [{"ref": "call", "appId": "curl", "args": {"url": echo.url, "auth": "stripe"}}], name="second"
+    )
     assert admin_api.delete("/api/credentials/stripe").status_code == 204
     play_id = run(admin_api, flow, drain)
     error = Layer.objects.get(play_id=play_id).error
@@ -487,9 +606,18 @@ def test_a_missing_field_or_a_deleted_credential_fails_the_step_clearly(admin_ap
 
 
 def _oauth(api: APIClient, server: Any, **extra: Any) -> dict:
-    return create(api, "partner", "oauth2-client", {
-        "tokenUrl": f"{server.url}/token", "clientId": "flowplay-client", "clientSecret": "client-secret-xyz-123",
-        "scopes": ["read", "write"], **extra})
+    return create(
+        api,
+        "partner",
+        "oauth2-client",
+        {
+            "tokenUrl": f"{server.url}/token",
+            "clientId": "flowplay-client",
+            "clientSecret": "client-secret-xyz-123",
+            "scopes": ["read", "write"],
+            **extra,
+        },
+    )
 
 
 def test_oauth2_token_is_fetched_cached_and_refreshed_before_expiry(
@@ -517,14 +645,24 @@ def test_oauth2_token_is_fetched_cached_and_refreshed_before_expiry(
     assert credential.access_token_expires_at - refresh_at == timedelta(seconds=credentials.REFRESH_MARGIN_SECONDS)
     # Once the refresh time has passed, the next use fetches a new token.
     Credential.objects.filter(pk=credential.pk).update(
-        access_token=vault.encrypt({**cached, "refreshAt": (timezone.now() - timedelta(seconds=1)).isoformat()}))
+        access_token=vault.encrypt({**cached, "refreshAt": (timezone.now() - timedelta(seconds=1)).isoformat()})
+    )
     run(admin_api, flow, drain)
     assert len(token_server.requests) == 2
     assert vault.decrypt(Credential.objects.get(pk=credential.pk).access_token)["token"] == "access-token-number-0002"
     # A rotation forgets the cached token.
-    admin_api.patch("/api/credentials/partner", {"value": {
-        "tokenUrl": f"{token_server.url}/token", "clientId": "flowplay-client", "clientSecret": "another-secret-456",
-        "clientAuth": "body"}}, format="json")
+    admin_api.patch(
+        "/api/credentials/partner",
+        {
+            "value": {
+                "tokenUrl": f"{token_server.url}/token",
+                "clientId": "flowplay-client",
+                "clientSecret": "another-secret-456",
+                "clientAuth": "body",
+            }
+        },
+        format="json",
+    )
     assert Credential.objects.get(pk=credential.pk).access_token == ""
     run(admin_api, flow, drain)
     assert len(token_server.requests) == 3 and "client_secret=another-secret-456" in token_server.requests[2]["form"]
@@ -532,18 +670,25 @@ def test_oauth2_token_is_fetched_cached_and_refreshed_before_expiry(
 
 def test_a_short_lived_token_is_refreshed_at_half_its_lifetime(admin_alice: User, token_server: Any) -> None:
     token_server.expires_in = 10
-    credential = credentials.create(admin_alice, "partner", "oauth2-client", {
-        "tokenUrl": f"{token_server.url}/token", "clientId": "c", "clientSecret": "client-secret-xyz-123"})
+    credential = credentials.create(
+        admin_alice,
+        "partner",
+        "oauth2-client",
+        {"tokenUrl": f"{token_server.url}/token", "clientId": "c", "clientSecret": "client-secret-xyz-123"},
+    )
     credentials.access_token(credential)
     credential.refresh_from_db()
     refresh_at = timezone.datetime.fromisoformat(vault.decrypt(credential.access_token)["refreshAt"])
     assert credential.access_token_expires_at - refresh_at == timedelta(seconds=5)
 
 
-def test_a_token_endpoint_error_fails_the_step_without_the_secret(admin_api: APIClient, echo: Any,
-                                                                  drain: Any) -> None:
-    create(admin_api, "partner", "oauth2-client", {"tokenUrl": f"{echo.url}/not-a-token-endpoint",
-                                                   "clientId": "c", "clientSecret": "client-secret-xyz-123"})
+def test_a_token_endpoint_error_fails_the_step_without_the_secret(admin_api: APIClient, echo: Any, drain: Any) -> None:
+    create(
+        admin_api,
+        "partner",
+        "oauth2-client",
+        {"tokenUrl": f"{echo.url}/not-a-token-endpoint", "clientId": "c", "clientSecret": "client-secret-xyz-123"},
+    )
     flow = make_flow(admin_api, [{"ref": "call", "appId": "curl", "args": {"url": echo.url, "auth": "partner"}}])
     play_id = run(admin_api, flow, drain)
     layer = Layer.objects.get(play_id=play_id)
@@ -551,8 +696,12 @@ def test_a_token_endpoint_error_fails_the_step_without_the_secret(admin_api: API
     assert "client-secret-xyz-123" not in json.dumps(layer.error)
 
 
-def test_one_refresh_for_20_concurrent_plays(concurrent_db: Any, no_enqueue: list[str], token_server: Any,  # noqa: F811
-                                             echo: Any) -> None:
+def test_one_refresh_for_20_concurrent_plays(
+    concurrent_db: Any,  # noqa: F811 - the fixture imported above
+    no_enqueue: list[str],
+    token_server: Any,
+    echo: Any,
+) -> None:
     from plays import runner
 
     token_server.delay = 0.3  # long enough for the others to queue behind the refresher
@@ -564,8 +713,9 @@ def test_one_refresh_for_20_concurrent_plays(concurrent_db: Any, no_enqueue: lis
         api = client_for(User.objects.get(pk=alice.pk))
         _oauth(api, token_server)
         flow = make_flow(api, [{"ref": "call", "appId": "curl", "args": {"url": echo.url, "auth": "partner"}}])
-        return [api.post(f"/api/flows/{flow['id']}/run", {"args": {}}, format="json").json()["playId"]
-                for _ in range(20)]
+        return [
+            api.post(f"/api/flows/{flow['id']}/run", {"args": {}}, format="json").json()["playId"] for _ in range(20)
+        ]
 
     play_ids = _in_thread(setup)
     barrier = threading.Barrier(20)
@@ -602,9 +752,22 @@ def test_one_refresh_for_20_concurrent_plays(concurrent_db: Any, no_enqueue: lis
 
 def test_the_api_never_returns_a_value(admin_api: APIClient) -> None:
     created = create(admin_api, description="Stripe live key")
-    assert set(created) == {"id", "name", "kind", "description", "public", "fingerprint", "last4", "createdBy",
-                            "createdAt", "rotatedAt", "lastUsedAt", "lastUsedPlayId", "useCount",
-                            "accessTokenExpiresAt"}
+    assert set(created) == {
+        "id",
+        "name",
+        "kind",
+        "description",
+        "public",
+        "fingerprint",
+        "last4",
+        "createdBy",
+        "createdAt",
+        "rotatedAt",
+        "lastUsedAt",
+        "lastUsedPlayId",
+        "useCount",
+        "accessTokenExpiresAt",
+    }
     assert created["last4"] == TOKEN[-4:] and len(created["fingerprint"]) == 16 and created["createdBy"] == "Alice"
     short = create(admin_api, "short", value="abcd1234")
     assert short["last4"] == ""  # too short to show any of it
@@ -617,18 +780,27 @@ def test_the_api_never_returns_a_value(admin_api: APIClient) -> None:
     assert TOKEN not in json.dumps(list(AuditEntry.objects.values("details")))
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"name": "x", "kind": "password", "value": "abcdefgh"}, "kind"),
-    ({"name": "bad-name", "kind": "token", "value": "abcdefgh"}, "name"),
-    ({"name": "x", "kind": "token", "value": "ab"}, "value"),
-    ({"name": "x", "kind": "token"}, "value"),
-    ({"name": "x", "kind": "basic", "value": {"username": "u"}}, "value.password"),
-    ({"name": "x", "kind": "basic", "value": "abcdefgh"}, "value"),
-    ({"name": "x", "kind": "header", "value": {"header": "Bad Header", "value": "abcdefgh"}}, "value.header"),
-    ({"name": "x", "kind": "oauth2-client", "value": {"tokenUrl": "ftp://x", "clientId": "c", "clientSecret": "abcdefgh"}},
-     "value.tokenUrl"),
-    ({"name": "x", "kind": "token", "value": "abcdefgh", "description": 7}, "description"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"name": "x", "kind": "password", "value": "abcdefgh"}, "kind"),
+        ({"name": "bad-name", "kind": "token", "value": "abcdefgh"}, "name"),
+        ({"name": "x", "kind": "token", "value": "ab"}, "value"),
+        ({"name": "x", "kind": "token"}, "value"),
+        ({"name": "x", "kind": "basic", "value": {"username": "u"}}, "value.password"),
+        ({"name": "x", "kind": "basic", "value": "abcdefgh"}, "value"),
+        ({"name": "x", "kind": "header", "value": {"header": "Bad Header", "value": "abcdefgh"}}, "value.header"),
+        (
+            {
+                "name": "x",
+                "kind": "oauth2-client",
+                "value": {"tokenUrl": "ftp://x", "clientId": "c", "clientSecret": "abcdefgh"},
+            },
+            "value.tokenUrl",
+        ),
+        ({"name": "x", "kind": "token", "value": "abcdefgh", "description": 7}, "description"),
+    ],
+)
 def test_bad_input_is_a_validation_error(admin_api: APIClient, body: dict, field: str) -> None:
     r = admin_api.post("/api/credentials", body, format="json")
     assert r.status_code == 400 and r.json()["error"] == "VALIDATION_ERROR" and field in r.json()["details"], r.json()
@@ -652,8 +824,12 @@ def test_changes_are_in_the_audit_log(admin_api: APIClient) -> None:
     admin_api.patch("/api/credentials/stripe", {"description": "new words"}, format="json")
     admin_api.delete("/api/credentials/stripe")
     entries = AuditEntry.objects.filter(object_type="credential", object_id=created["id"]).order_by("id")
-    assert [e.action for e in entries] == ["credential.created", "credential.rotated", "credential.changed",
-                                           "credential.deleted"]
+    assert [e.action for e in entries] == [
+        "credential.created",
+        "credential.rotated",
+        "credential.changed",
+        "credential.deleted",
+    ]
     assert {e.actor_name for e in entries} == {"alice"}
 
 
@@ -691,8 +867,9 @@ def test_permission_matrix(people: dict[str, APIClient]) -> None:
         assert detail.status_code == (200 if manager else 403), who
         if not manager:
             assert detail.json()["error"] == "FORBIDDEN"
-        made = client.post("/api/credentials", {"name": f"n{abs(hash(who))}", "kind": "token", "value": "abcdefgh"},
-                           format="json")
+        made = client.post(
+            "/api/credentials", {"name": f"n{abs(hash(who))}", "kind": "token", "value": "abcdefgh"}, format="json"
+        )
         assert made.status_code == (201 if manager else 403), who
         rotated = client.patch("/api/credentials/stripe", {"value": f"rotated-by-{len(who)}"}, format="json")
         assert rotated.status_code == (200 if manager else 403), who
@@ -711,13 +888,19 @@ def test_members_can_still_use_credentials_in_their_flows(people: dict[str, APIC
 def test_the_page_shows_names_to_members_and_lets_admins_manage(admin_alice: User, bob: User) -> None:
     admin = Client()
     admin.force_login(admin_alice)
-    r = admin.post("/credentials/change/", {"action": "create", "name": "stripe", "kind": "token", "secret": TOKEN,
-                                            "description": "live"}, follow=True)
+    r = admin.post(
+        "/credentials/change/",
+        {"action": "create", "name": "stripe", "kind": "token", "secret": TOKEN, "description": "live"},
+        follow=True,
+    )
     assert r.status_code == 200 and b"Created credential stripe" in r.content
     credential = Credential.objects.get(name="stripe")
     assert credential.fingerprint.encode() in r.content and TOKEN.encode() not in r.content
-    r = admin.post("/credentials/change/", {"action": "rotate", "id": credential.pk, "secret": "sk_rotated_from_page_77"},
-                   follow=True)
+    r = admin.post(
+        "/credentials/change/",
+        {"action": "rotate", "id": credential.pk, "secret": "sk_rotated_from_page_77"},
+        follow=True,
+    )
     assert b"Rotated credential stripe" in r.content and b"sk_rotated_from_page_77" not in r.content
     assert credentials.secret_of(Credential.objects.get(pk=credential.pk)) == {"token": "sk_rotated_from_page_77"}
 
@@ -737,20 +920,29 @@ def test_the_admin_creates_and_rotates_write_only(acme: Company, olga: User) -> 
     staff_admin.groups.add(ensure_company_admins())
     client = Client()
     client.force_login(staff_admin)
-    r = client.post("/admin/flows/credential/add/", {"name": "stripe", "kind": "token", "description": "",
-                                                     "value": TOKEN})
+    r = client.post(
+        "/admin/flows/credential/add/", {"name": "stripe", "kind": "token", "description": "", "value": TOKEN}
+    )
     assert r.status_code == 302, r.content.decode()[:3000]
     credential = Credential.objects.get(name="stripe")
     assert credentials.secret_of(credential) == {"token": TOKEN} and credential.created_by == staff_admin
     page = client.get(f"/admin/flows/credential/{credential.pk}/change/")
     assert page.status_code == 200 and TOKEN.encode() not in page.content
-    r = client.post(f"/admin/flows/credential/{credential.pk}/change/",
-                    {"kind": "basic", "description": "now basic", "value": json.dumps({"username": "u", "password": PASSWORD_VALUE})})
+    r = client.post(
+        f"/admin/flows/credential/{credential.pk}/change/",
+        {
+            "kind": "basic",
+            "description": "now basic",
+            "value": json.dumps({"username": "u", "password": PASSWORD_VALUE}),
+        },
+    )
     assert r.status_code == 302, r.content.decode()[:3000]
     credential.refresh_from_db()
     assert credential.kind == "basic" and credential.public == {"username": "u"}
-    assert list(AuditEntry.objects.filter(object_id=credential.pk).values_list("action", flat=True).order_by("id")) \
-        == ["credential.created", "credential.rotated"]
+    assert list(AuditEntry.objects.filter(object_id=credential.pk).values_list("action", flat=True).order_by("id")) == [
+        "credential.created",
+        "credential.rotated",
+    ]
     operator = Client()
     operator.force_login(olga)
     assert operator.get("/admin/flows/credential/").status_code == 403

@@ -28,35 +28,66 @@ def unseal_kv_values(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('flows', '0002_audit_and_retention_keep'),
+        ("flows", "0002_audit_and_retention_keep"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Credential',
+            name="Credential",
             fields=[
-                ('id', models.CharField(default=flows.ids.new_id, editable=False, max_length=24, primary_key=True, serialize=False)),
-                ('name', models.CharField(max_length=100)),
-                ('kind', models.CharField(choices=[('token', 'Token'), ('basic', 'Basic'), ('header', 'Header'), ('oauth2-client', 'Oauth2 Client')], max_length=16)),
-                ('description', models.CharField(blank=True, default='', max_length=500)),
-                ('public', models.JSONField(blank=True, default=dict)),
-                ('secret', models.TextField(editable=False)),
-                ('fingerprint', models.CharField(editable=False, max_length=32)),
-                ('last4', models.CharField(blank=True, default='', editable=False, max_length=4)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('rotated_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('last_used_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('last_used_play_id', models.CharField(blank=True, default='', editable=False, max_length=24)),
-                ('use_count', models.PositiveBigIntegerField(default=0, editable=False)),
-                ('access_token', models.TextField(blank=True, default='', editable=False)),
-                ('access_token_expires_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('company', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='credentials', to='flows.company')),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.CharField(
+                        default=flows.ids.new_id, editable=False, max_length=24, primary_key=True, serialize=False
+                    ),
+                ),
+                ("name", models.CharField(max_length=100)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("token", "Token"),
+                            ("basic", "Basic"),
+                            ("header", "Header"),
+                            ("oauth2-client", "Oauth2 Client"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("description", models.CharField(blank=True, default="", max_length=500)),
+                ("public", models.JSONField(blank=True, default=dict)),
+                ("secret", models.TextField(editable=False)),
+                ("fingerprint", models.CharField(editable=False, max_length=32)),
+                ("last4", models.CharField(blank=True, default="", editable=False, max_length=4)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now, editable=False)),
+                ("rotated_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("last_used_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("last_used_play_id", models.CharField(blank=True, default="", editable=False, max_length=24)),
+                ("use_count", models.PositiveBigIntegerField(default=0, editable=False)),
+                ("access_token", models.TextField(blank=True, default="", editable=False)),
+                ("access_token_expires_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                (
+                    "company",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="credentials", to="flows.company"
+                    ),
+                ),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('company', 'name'), name='flows_credential_unique_name')],
+                "constraints": [
+                    models.UniqueConstraint(fields=("company", "name"), name="flows_credential_unique_name")
+                ],
             },
         ),
         migrations.RunPython(seal_kv_values, unseal_kv_values),

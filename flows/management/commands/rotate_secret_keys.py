@@ -37,9 +37,12 @@ class Command(BaseCommand):
             credentials = self._credentials()
             kv = self._kv()
         except vault.SecretKeyError as exc:
-            raise CommandError(f"{exc}; keep the old keys in FLOWPLAY_SECRET_KEYS until this command succeeds") from None
-        self.stdout.write(f"Re-encrypted {credentials} credential(s) and {kv} KV value(s) under the first of "
-                          f"{len(keys)} key(s).")
+            raise CommandError(
+                f"{exc}; keep the old keys in FLOWPLAY_SECRET_KEYS until this command succeeds"
+            ) from None
+        self.stdout.write(
+            f"Re-encrypted {credentials} credential(s) and {kv} KV value(s) under the first of {len(keys)} key(s)."
+        )
 
     def _credentials(self) -> int:
         n = 0
@@ -66,7 +69,10 @@ class Command(BaseCommand):
             with transaction.atomic():
                 for entry in KV.objects.select_for_update().filter(pk__in=pks).only("pk", "value"):
                     stored = entry.value
-                    sealed = {vault.ENCRYPTED: vault.rotate(stored[vault.ENCRYPTED])} if vault.is_sealed(stored) \
+                    sealed = (
+                        {vault.ENCRYPTED: vault.rotate(stored[vault.ENCRYPTED])}
+                        if vault.is_sealed(stored)
                         else vault.seal(stored)
+                    )
                     KV.objects.filter(pk=entry.pk).update(value=sealed)
                     n += 1
