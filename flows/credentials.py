@@ -73,8 +73,8 @@ def _text(value: Any, field: str, errors: dict[str, list[str]], *, min_length: i
             f"must be a string of at least {min_length} characters"
         )
         return ""
-    if "\r" in value or "\n" in value:
-        errors.setdefault(f"value.{field}" if field else "value", []).append("must not contain line breaks")
+    if "\r" in value or "\n" in value or "\x00" in value:
+        errors.setdefault(f"value.{field}" if field else "value", []).append("must not contain line breaks or NUL")
     return value
 
 
@@ -413,6 +413,10 @@ class Invalid(Exception):
         self.details = details
 
 
+def _good_description(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= 500 and "\x00" not in value
+
+
 @transaction.atomic
 def create(user: Any, name: Any, kind: Any, value: Any, description: Any = "", *, source: str = "api") -> Credential:
     from .audit import record
@@ -424,7 +428,7 @@ def create(user: Any, name: Any, kind: Any, value: Any, description: Any = "", *
         errors["name"] = [f"a credential named {name!r} already exists"]
     if kind not in CredentialKind.values:
         errors["kind"] = [f"must be one of: {', '.join(CredentialKind.values)}"]
-    if not isinstance(description, str) or len(description) > 500:
+    if not _good_description(description):
         errors["description"] = ["must be text of at most 500 characters"]
     if "kind" not in errors:
         secret, public, shown, problems = parse_value(kind, value)
@@ -457,7 +461,7 @@ def change(
         errors["kind"] = [f"must be one of: {', '.join(CredentialKind.values)}"]
     elif kind != credential.kind and value is None:
         errors["value"] = ["is required to change the kind"]
-    if description is not None and (not isinstance(description, str) or len(description) > 500):
+    if description is not None and not _good_description(description):
         errors["description"] = ["must be text of at most 500 characters"]
     if value is not None and "kind" not in errors:
         secret, public, shown, problems = parse_value(kind, value)
