@@ -204,6 +204,7 @@ def _value_from_form(kind: str, form: Any) -> Any:
         "clientId": form.get("client_id", ""),
         "clientSecret": form.get("secret", ""),
         "scopes": form.get("scopes", ""),
+        "clientAuth": form.get("client_auth") or "basic",
     }
 
 
@@ -262,6 +263,7 @@ def credential_action(request: HttpRequest) -> HttpResponse:
                         "token_url": form.get("token_url") or credential.public.get("tokenUrl", ""),
                         "client_id": form.get("client_id") or credential.public.get("clientId", ""),
                         "scopes": form.get("scopes") or " ".join(credential.public.get("scopes") or []),
+                        "client_auth": form.get("client_auth") or credential.public.get("clientAuth", "basic"),
                     },
                 ),
                 source="page",

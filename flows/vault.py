@@ -59,6 +59,9 @@ def _key_file() -> Path:
     return Path(getattr(settings, "VAR_DIR", "var")) / KEY_FILE
 
 
+_file_keys: dict[str, list[str]] = {}
+
+
 def key_list() -> list[str]:
     """The keys in use, first = the one that encrypts."""
     keys = _configured_keys()
@@ -69,19 +72,28 @@ def key_list() -> list[str]:
     if getattr(settings, "PRODUCTION", False):
         raise SecretKeyError("FLOWPLAY_SECRET_KEYS must be set when FLOWPLAY_PRODUCTION is on")
     path = _key_file()
+    found = _file_keys.get(str(path))
+    if found is not None:
+        return found
     with _lock:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: two processes starting at once must not write two different keys.
+            # Written aside, then linked into place: link fails if another process was first,
+            # and nobody ever reads a half-written file.
+            scratch = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(Fernet.generate_key().decode() + "\n")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.link(scratch, path)
             except FileExistsError:
                 pass
-            else:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(Fernet.generate_key().decode() + "\n")
+            finally:
+                os.unlink(scratch)
         text = path.read_text()
-    return [line.strip() for line in text.replace(",", "\n").splitlines() if line.strip()]
+    found = [line.strip() for line in text.replace(",", "\n").splitlines() if line.strip()]
+    _file_keys[str(path)] = found
+    return found
 
 
 def fernet() -> MultiFernet:

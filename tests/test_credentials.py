@@ -957,3 +957,32 @@ def test_expression_values_are_read_lazily(admin_alice: User) -> None:
     assert Credential.objects.get(name="stripe").use_count == 0
     assert view["stripe"]["token"] == TOKEN
     assert Credential.objects.get(name="stripe").use_count == 1
+
+
+def test_the_page_creates_and_rotates_an_oauth2_client_keeping_its_settings(admin_alice: User) -> None:
+    page = Client()
+    page.force_login(admin_alice)
+    page.post(
+        "/credentials/change/",
+        {
+            "action": "create",
+            "name": "partner",
+            "kind": "oauth2-client",
+            "secret": "client-secret-xyz-123",
+            "token_url": "https://auth.example/token",
+            "client_id": "cid",
+            "scopes": "read write",
+            "client_auth": "body",
+        },
+    )
+    credential = Credential.objects.get(name="partner")
+    assert credential.public == {
+        "tokenUrl": "https://auth.example/token",
+        "clientId": "cid",
+        "scopes": ["read", "write"],
+        "clientAuth": "body",
+    }
+    page.post("/credentials/change/", {"action": "rotate", "id": credential.pk, "secret": "client-secret-new-456"})
+    credential.refresh_from_db()
+    assert credential.public["clientAuth"] == "body" and credential.rotated_at is not None
+    assert credentials.secret_of(credential)["clientSecret"] == "client-secret-new-456"
