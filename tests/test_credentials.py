@@ -986,3 +986,33 @@ def test_the_page_creates_and_rotates_an_oauth2_client_keeping_its_settings(admi
     credential.refresh_from_db()
     assert credential.public["clientAuth"] == "body" and credential.rotated_at is not None
     assert credentials.secret_of(credential)["clientSecret"] == "client-secret-new-456"
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", self.server.target)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_credential_header_does_not_follow_a_redirect_to_another_origin(
+    admin_api: APIClient, echo: Any, drain: Any
+) -> None:
+    create(admin_api, "apikey", "header", {"header": "X-Api-Key", "value": "hdr-secret-value-99"})
+    servers = _serve(_Redirect)
+    redirect = next(servers)
+    redirect.target = f"{echo.url}/elsewhere"
+    try:
+        flow = make_flow(
+            admin_api, [{"ref": "call", "appId": "curl", "args": {"url": f"{redirect.url}/go", "auth": "apikey"}}]
+        )
+        play_id = run(admin_api, flow, drain)
+    finally:
+        next(servers, None)
+    out = Layer.objects.get(play_id=play_id).out
+    assert out["statusCode"] == 200 and out["body"]["path"] == "/elsewhere"
+    assert "X-Api-Key" not in out["body"]["headers"]

@@ -212,6 +212,22 @@ def _apply_credential(name: str, material: dict | None, headers: dict[str, str])
     return headers, None
 
 
+def _same_origin_only(url: str, header: str) -> Any:
+    """A request hook that sends a credential's header to the step's own origin only."""
+    try:
+        first = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        first = None
+
+    def hook(request: httpx.Request) -> None:
+        if first is None or (request.url.scheme, request.url.host, request.url.port) != (
+            first.scheme, first.host, first.port
+        ):
+            request.headers.pop(header, None)
+
+    return hook
+
+
 def _is_json_type(content_type: str) -> bool:
     mime = content_type.split(";", 1)[0].strip().lower()
     return mime in ("application/json", "text/json") or mime.endswith("+json")
@@ -311,8 +327,12 @@ class Curl(Module):
         auth = None
         if "basicAuth" in args:
             auth = (args["basicAuth"]["username"], args["basicAuth"]["password"])
+        hooks = None
         if "auth" in args:
             headers, auth = _apply_credential(args["auth"], ctx.auth, headers)
+            if ctx.auth and ctx.auth.get("scheme") == "header":
+                # httpx drops Authorization on a redirect to another origin, not other headers.
+                hooks = {"request": [_same_origin_only(args["url"], ctx.auth["header"])]}
         body, form = args.get("body"), args.get("bodyForm")
 
         started = time.monotonic()
@@ -326,6 +346,7 @@ class Curl(Module):
             follow_redirects=args["followRedirects"],
             max_redirects=MAX_REDIRECTS,
             trust_env=False,
+            event_hooks=hooks,
         ) as client:
             try:
                 url = httpx.URL(args["url"])
