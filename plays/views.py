@@ -30,6 +30,7 @@ from .models import (
     Layer,
     Play,
     State,
+    TriggerKind,
     decode_cursor,
     encode_cursor,
     iso,
@@ -155,6 +156,7 @@ class PlayFilter(django_filters.FilterSet):
     to = MomentFilter(field_name="created_at", lookup_expr="lte")
     idempotencyKey = django_filters.CharFilter(field_name="idempotency_key")
     flowId = django_filters.CharFilter(method="filter_flow")
+    trigger = django_filters.ChoiceFilter(field_name="trigger_kind", choices=TriggerKind.choices)
 
     class Meta:
         model = Play
@@ -207,6 +209,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             OpenApiParameter("to", str, description="Created at or before (date = the whole day)"),
             OpenApiParameter("idempotencyKey", str),
             OpenApiParameter("flowId", str),
+            OpenApiParameter("trigger", str, enum=TriggerKind.values, description="What started the play"),
         ]
     )
     def list(self, request: Any, *args: Any, **kwargs: Any) -> Response:

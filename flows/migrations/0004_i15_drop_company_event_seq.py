@@ -5,8 +5,8 @@ from django.db import migrations
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("flows", "0002_audit_and_retention_keep"),
-        ("plays", "0004_i15_event_cursor"),
+        ("flows", "0003_i18_credentials"),
+        ("plays", "0005_i15_event_cursor"),
     ]
 
     operations = [

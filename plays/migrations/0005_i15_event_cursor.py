@@ -64,7 +64,7 @@ def renumber(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("plays", "0003_operate_permission"),
+        ("plays", "0004_play_trigger"),
     ]
 
     operations = [
