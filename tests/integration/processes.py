@@ -424,14 +424,14 @@ def wait_terminal(client: httpx.Client, play_ids: list[str], timeout: float) -> 
 
 
 class EventCollector:
-    """A WebSocket client that reconnects with ``?since=<last seq>`` whenever it is cut off."""
+    """A WebSocket client that reconnects with ``?since=<last cursor>`` whenever it is cut off."""
 
     def __init__(self, ws_url: str, cookies: httpx.Cookies):
         self.ws_url = ws_url
         self.cookie = "; ".join(f"{k}={v}" for k, v in cookies.items())
         self.events: list[dict[str, Any]] = []
         self.reconnects = 0
-        self.last_seq: int | None = None
+        self.last_cursor: str | None = None
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -445,22 +445,22 @@ class EventCollector:
         from websockets.sync.client import connect
 
         while not self._stop.is_set():
-            url = self.ws_url if self.last_seq is None else f"{self.ws_url}?since={self.last_seq}"
+            url = self.ws_url if self.last_cursor is None else f"{self.ws_url}?since={self.last_cursor}"
             try:
                 with connect(url, additional_headers={"Cookie": self.cookie}, open_timeout=5) as ws:
-                    # The pong carries the connection's starting seq: the point to resume from.
+                    # The pong carries the connection's starting cursor: the point to resume from.
                     ws.send(json.dumps({"type": "ping"}))
                     while not self._stop.is_set():
                         try:
                             message = json.loads(ws.recv(timeout=0.5))
                         except TimeoutError:
                             continue
-                        if "seq" in message and "playId" in message:
+                        if "cursor" in message and "playId" in message:
                             self.events.append(message)
-                            self.last_seq = message["seq"]
+                            self.last_cursor = message["cursor"]
                         elif message.get("type") == "pong":
-                            if self.last_seq is None:
-                                self.last_seq = message.get("seq")
+                            if self.last_cursor is None:
+                                self.last_cursor = message.get("cursor")
                             self._connected.set()
                     return
             except Exception:  # noqa: BLE001 - cut off: reconnect with since
@@ -469,18 +469,20 @@ class EventCollector:
                 self.reconnects += 1
                 time.sleep(0.3)
 
-    def seqs_for(self, play_ids: set[str]) -> list[int]:
-        return [e["seq"] for e in self.events if e["playId"] in play_ids]
+    def seqs_for(self, play_ids: set[str]) -> list[str]:
+        """The cursors of the plays' events received (company-wide, so comparable)."""
+        return [e["cursor"] for e in self.events if e["playId"] in play_ids]
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
 
 
-def seqs_of(client: httpx.Client, play_id: str) -> list[int]:
+def seqs_of(client: httpx.Client, play_id: str) -> list[str]:
+    """The cursors of a play's stored events."""
     r = client.get(f"/api/plays/{play_id}/events")
     assert r.status_code == 200, r.text
-    return [e["seq"] for e in r.json()]
+    return [e["cursor"] for e in r.json()]
 
 
 def scrape(pattern: str, text: str) -> list[str]:

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 TERMINAL_EVENTS = {"play:completed", "play:failed"}
 JS_DIR = Path(__file__).parent / "js"
 
-# The keys of each event type (spec section 4), beyond type, seq, playId, flowId, timestamp.
+# The keys of each event type (spec section 4), beyond type, seq, cursor, playId, flowId, timestamp.
 EXTRA_KEYS = {
     "play:started": {"state"},
     "play:layer:started": {"layerId", "ref", "state"},
@@ -129,7 +129,7 @@ def quiet(ws: ClientConnection, seconds: float = 1.5) -> list[dict[str, Any]]:
 
 def assert_shape(events: list[dict[str, Any]]) -> None:
     for e in events:
-        assert set(e) >= {"type", "seq", "playId", "flowId", "timestamp"} | EXTRA_KEYS[e["type"]], e
+        assert set(e) >= {"type", "seq", "cursor", "playId", "flowId", "timestamp"} | EXTRA_KEYS[e["type"]], e
         assert e["timestamp"].endswith("Z")
 
 
@@ -364,15 +364,15 @@ def test_reconnecting_with_since_loses_nothing_while_the_play_runs(server: Serve
         first.socket.shutdown(socket.SHUT_RDWR)
     assert alice.get(f"/api/plays/{play_id}").json()["state"] not in ("DONE", "FAIL")
     time.sleep(1.0)  # events are written while nobody listens
-    with connect(ws_url(server, token=token, flowId=flow["id"], since=before[-1]["seq"])) as second:
+    with connect(ws_url(server, token=token, flowId=flow["id"], since=before[-1]["cursor"])) as second:
         after = collect(second, ended(play_id), timeout=90)
         after += quiet(second, 1.0)
 
     union = before + after
-    seqs = [m["seq"] for m in union]
-    assert len(seqs) == len(set(seqs)), "duplicate at the seam"
+    cursors = [m["cursor"] for m in union]
+    assert len(cursors) == len(set(cursors)), "duplicate at the seam"
     assert union == stored(alice, play_id)
-    assert after and after[0]["seq"] > before[-1]["seq"]
+    assert after and after[0]["cursor"] > before[-1]["cursor"]
     assert union[-1]["type"] == "play:completed"
 
 
@@ -514,7 +514,7 @@ def test_a_client_that_stops_reading_is_closed_without_holding_up_others(server:
     with connect(ws_url(server, token=token, flowId=flow["id"]), max_size=None) as reader:
         plays = [run_play(alice, flow, {"blob": blob}) for _ in range(25)]
         got = collect(reader, lambda g: all(ended(p)(g) for p in plays), timeout=120)
-    assert [m["seq"] for m in got] == sorted(m["seq"] for p in plays for m in stored(alice, p))
+    assert [m["cursor"] for m in got] == sorted(m["cursor"] for p in plays for m in stored(alice, p))
     # The server gives up on the stalled socket once its buffer stays full for 15 s
     # (STALL_SECONDS); the log says so. Only then does the client start reading: it finds
     # a prefix of the stream, in order, and then the end of the connection.
@@ -529,6 +529,6 @@ def test_a_client_that_stops_reading_is_closed_without_holding_up_others(server:
     stalled.close()
     if frame is not None:
         assert struct.unpack("!H", frame[1][:2])[0] == 4008
-    seqs = [json.loads(payload)["seq"] for opcode, payload in frames if opcode == 0x1]
-    assert seqs == [m["seq"] for m in got][: len(seqs)]
-    assert len(seqs) < len(got), "the stalled client was cut off before it had everything"
+    cursors = [json.loads(payload)["cursor"] for opcode, payload in frames if opcode == 0x1]
+    assert cursors == [m["cursor"] for m in got][: len(cursors)]
+    assert len(cursors) < len(got), "the stalled client was cut off before it had everything"
