@@ -336,13 +336,20 @@ class Runner:
         if update_lease:
             changes["lease_until"] = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
         if self.iteration is not None:
-            if not Play.objects.filter(pk=self.play.pk, state=State.RUN).exists():
+            # Lock the play row first, as every writer of the play does (its events take
+            # their seq on it): taken after this iteration's layer, it could deadlock with
+            # a cancel that holds the play and ends that layer.
+            if self.lock_play() != State.RUN:
                 raise Stop
             query = Iteration.objects.filter(pk=self.iteration.pk, runner=self.runner, state=IterationState.RUN)
         else:
             query = Play.objects.filter(pk=self.play.pk, runner=self.runner, state=State.RUN)
         if not (query.update(**changes) if changes else query.exists()):
             raise Stop
+
+    def lock_play(self) -> str | None:
+        """Lock the play's row for this transaction; its state."""
+        return Play.objects.select_for_update().filter(pk=self.play.pk).values_list("state", flat=True).first()
 
     def advance(self, index: int, to: int | None = None) -> None:
         """Move the cursor past step ``index`` (or to ``to``)."""
@@ -702,6 +709,7 @@ class Runner:
                 return True
             self.advance(index)  # ON_HOLD: recorded, nothing new starts
             return False
+        self.lock_play()  # before the iteration's rows (see own)
         self.advance(index)
         try:
             self.own()
