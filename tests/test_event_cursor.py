@@ -260,3 +260,29 @@ def test_any_interleaving_of_concurrent_plays_replays_exactly_the_stored_events(
     for play in plays:
         seqs = list(play.events.order_by("seq").values_list("seq", flat=True))
         assert seqs == list(range(1, len(seqs) + 1))
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_events_of_one_play_are_numbered_on_its_row(flow: Flow) -> None:
+    """Two transactions writing events of the same play: the second waits for the first on
+    the play's row (here it gives up at its lock timeout), so seq has no gap and no twin."""
+    from django.db.utils import OperationalError
+
+    play = new_play(flow)
+    a, b = Writer(), Writer()
+    try:
+        a.begin()
+        a.do(lambda: emit(play, [event("first")]))
+        b.begin()
+        with pytest.raises(OperationalError, match="lock timeout"):
+            b.do(lambda: emit(play, [event("second")]))
+        b.do(lambda: b.atomic.__exit__(OperationalError, OperationalError(), None))  # rolled back
+        a.commit()
+        b.begin()
+        b.do(lambda: emit(play, [event("second")]))
+        b.commit()
+    finally:
+        a.stop()
+        b.stop()
+    assert list(play.events.order_by("seq").values_list("seq", "payload__ref")) == [(1, "first"), (2, "second")]
