@@ -3,7 +3,7 @@
 Expressions are Jinja2 expressions (never statements) compiled by a locked-down
 ``ImmutableSandboxedEnvironment``:
 
-* Only ``$prev``, ``$flowId``, ``$playId``, ``$date`` and ``$rand`` exist (plain names
+* Only ``$prev``, ``$flowId``, ``$playId``, ``$date``, ``$rand`` and ``$schedule`` exist (plain names
   in ``render_template``). The source is rewritten (``$prev`` -> ``_prev``) outside
   string literals, then every name becomes a lookup in one root mapping, so nothing
   else (``range``, ``lipsum``, ``self``...) is reachable.
@@ -50,7 +50,14 @@ __all__ = [
 ]
 
 # `$name` -> internal Jinja name; the `_` prefix keeps user-typed names apart (see _prepare).
-_SIGILS = {"prev": "_prev", "flowId": "_flowId", "playId": "_playId", "date": "_date", "rand": "_rand"}
+_SIGILS = {
+    "prev": "_prev",
+    "flowId": "_flowId",
+    "playId": "_playId",
+    "date": "_date",
+    "rand": "_rand",
+    "schedule": "_schedule",
+}
 _INTERNAL_NAMES = {internal: name for name, internal in _SIGILS.items()}
 _ROOT = "fp_root"
 _PREV = "_prev"
@@ -67,6 +74,8 @@ class Scope:
     prev: Mapping[str, Any]
     flow_id: str = ""
     play_id: str = ""
+    # A schedule's fire ({"id", "firedAt"}) while its args are rendered; null elsewhere.
+    schedule: Mapping[str, Any] | None = None
 
 
 def is_expression(value: Any) -> bool:
@@ -358,7 +367,7 @@ def _prepare(body: str, template_mode: bool) -> str:
                     raise _CompileError("unexpected '$' (template variables have no '$')")
                 if not name:
                     raise _CompileError("unexpected '$'")
-                raise _CompileError(f"unknown variable '${name}' (use $prev, $flowId, $playId, $date or $rand)")
+                raise _CompileError(f"unknown variable '${name}' (use $prev, $flowId, $playId, $date, $rand or $schedule)")
             out.append(_SIGILS[name])
             i = match.end()  # type: ignore[union-attr]
             after_dot = False
@@ -569,7 +578,7 @@ class _Transformer:
             return self._root_lookup(name)
         if name in _INTERNAL_NAMES:
             return self._root_lookup(_INTERNAL_NAMES[name])
-        raise _CompileError(f"unknown name '{name}' (use $prev, $flowId, $playId, $date or $rand; text needs quotes)")
+        raise _CompileError(f"unknown name '{name}' (use $prev, $flowId, $playId, $date, $rand or $schedule; text needs quotes)")
 
     def _filter(self, node: nodes.Filter) -> None:
         func = PIPES.get(node.name)
@@ -809,6 +818,7 @@ def render(value: Any, scope: Scope) -> Any:
         "playId": scope.play_id,
         "date": _DATE,
         "rand": _RAND,
+        "schedule": scope.schedule,
     }
     evaluation = _Evaluation(root)
     try:
