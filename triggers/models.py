@@ -258,8 +258,8 @@ def fire_due_one(now: datetime | None = None) -> bool:
         # skip_locked: several schedulers share the work; the fire's key keeps each fire
         # single even if two ever handled one schedule.
         schedule = (
-            Schedule.objects.select_for_update(skip_locked=True)
-            .filter(enabled=True, next_fire_at__lte=now)
+            Schedule.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(enabled=True, next_fire_at__lte=now, flow__deleted_at__isnull=True)
             .order_by("next_fire_at")
             .first()
         )
