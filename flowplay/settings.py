@@ -85,6 +85,7 @@ INSTALLED_APPS = [
     "channels",
     "flows",
     "plays",
+    "triggers",
 ]
 
 MIDDLEWARE = [
@@ -202,6 +203,8 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 10},
     },
     "expire-timed-out-plays": {"task": "plays.tasks.expire_timed_out", "schedule": 2.0, "options": {"expires": 10}},
+    # Schedules fire from this one sweep (no ETA tasks: a broker may redeliver those).
+    "fire-schedules": {"task": "triggers.tasks.fire_schedules", "schedule": 1.0, "options": {"expires": 5}},
     "prune-old-plays": {
         "task": "plays.tasks.prune_old_plays",
         "schedule": env_float("FLOWPLAY_RETENTION_EVERY_SECONDS", 300.0),
@@ -358,6 +361,9 @@ FLOWPLAY = {
     "RETENTION_FILTERED_DAYS": env_int("FLOWPLAY_RETENTION_FILTERED_DAYS", 7),
     "RETENTION_KEEP": env_int("FLOWPLAY_RETENTION_KEEP", 100),
     "RETENTION_BATCH": env_int("FLOWPLAY_RETENTION_BATCH", 200),
+    # A schedule's fire this late is still on time; older ones were missed (the scheduler
+    # was down) and follow the schedule's catch-up policy.
+    "SCHEDULE_GRACE_SECONDS": env_float("FLOWPLAY_SCHEDULE_GRACE_SECONDS", 60.0),
 }
 
 # Keys that encrypt credentials and KV values (flows/vault.py): the first encrypts, all decrypt.
