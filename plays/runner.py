@@ -38,8 +38,10 @@ from django.utils import timezone
 
 from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, render
 from flows.modules import Park, RunContext, StepError, get_module
+from flows.modules.base import check_output_size, json_size, max_output_bytes
 from flows.modules.iterator import loop_end
 
+from . import killable
 from .models import (
     LAYER_TERMINAL,
     TERMINAL,
@@ -569,8 +571,15 @@ class Runner:
         try:
             if module.inline:
                 out = module.run(args, ctx)
+            elif module.cpu_bound and config("KILLABLE_STEPS") and killable.available():
+                # A forked child that a timeout or a cancel kills (plays/killable.py).
+                out = killable.call(
+                    _call, module, args, ctx, False, timeout=timeout, ended=self.ended, max_bytes=max_output_bytes()
+                )
             else:
                 out = self.wait(_executor.submit(_call, module, args, ctx), timeout)
+        except killable.Cancelled:
+            raise Stop from None
         except FutureTimeout:
             if self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at:
                 self.fail_play(error_body("PLAY_TIMEOUT", "The play exceeded its timeout", step["ref"]))
@@ -744,11 +753,13 @@ class _Done(Exception):
     """The play reached a terminal state or was handed back: the runner is finished."""
 
 
-def _call(module: Any, args: dict[str, Any], ctx: RunContext) -> Any:
+def _call(module: Any, args: dict[str, Any], ctx: RunContext, own_connection: bool = True) -> Any:
     # Credentials in the step's args never reach its stored out, error, events or logs.
     secrets = secrets_of(args)
     try:
-        return redact(module.run(args, ctx), secrets)
+        out = redact(module.run(args, ctx), secrets)
+        check_output_size(json_size(out))  # FLOWPLAY_MAX_OUTPUT_BYTES → OUTPUT_TOO_LARGE
+        return out
     except StepError as exc:
         exc.message = redact_text(exc.message, secrets)
         exc.args = (exc.message,)
@@ -761,5 +772,7 @@ def _call(module: Any, args: dict[str, Any], ctx: RunContext) -> Any:
             raise StepError(redact_text(f"{type(exc).__name__}: {exc}", secrets)) from None
         raise
     finally:
-        # Modules that touch the ORM (kv, subflow) open a connection in this thread.
-        close_old_connections()
+        # Modules that touch the ORM (kv, subflow) open a connection in this thread. A
+        # forked child (own_connection=False) must not close the connection it inherited.
+        if own_connection:
+            close_old_connections()
