@@ -50,7 +50,17 @@ class Regex(Module):
     args_schema = _obj(
         {
             "input": {"type": "string", "maxLength": MAX_REGEX_INPUT},
-            "pattern": {"type": "string", "minLength": 1, "maxLength": MAX_REGEX_PATTERN},
+            "pattern": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_REGEX_PATTERN,
+                "description": (
+                    "Python syntax, matched by RE2 in linear time: no backreferences, lookaround, "
+                    "atomic groups or possessive quantifiers (refused when the flow is saved); "
+                    "\\d \\w \\s \\b are ASCII-only (\\p{L}, \\p{N} for any script); "
+                    "$ without the m flag matches only at the very end"
+                ),
+            },
             "flags": {"type": "string", "pattern": "^[imsx]*$", "description": "must be letters from i, m, s, x"},
             "operation": {
                 "type": "string",
