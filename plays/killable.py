@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import math
 import os
 import pickle
@@ -146,6 +147,9 @@ def _outcome(pid: int, data: bytes) -> Any:
 
 def _child(fd: int, timeout: float, fn: Callable[..., Any], args: tuple[Any, ...], libc: Any, parent: int) -> None:
     code = 0
+    # A collection would walk (and so copy, page by page) the whole heap shared with the
+    # worker; the child lives for one step.
+    gc.disable()
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)

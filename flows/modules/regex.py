@@ -46,6 +46,9 @@ class Regex(Module):
         "Regular expressions (Python syntax, matched in linear time by RE2: no backreferences "
         "or lookaround): match, find, findAll, replace, split."
     )
+    # One RE2 search is linear, but findAll/replace/split search again after each match,
+    # and a pattern such as a(?:.*z)? rescans the rest of the input each time (quadratic:
+    # 3 s for 40,000 characters, half an hour for 1 MiB), holding the GIL.
     cpu_bound = True
     args_schema = _obj(
         {
