@@ -167,7 +167,7 @@ def test_patterns_re2_cannot_run_are_refused_at_save_time(api: Any, pattern: str
     body = r.json()
     assert body["error"] == "VALIDATION_ERROR"
     messages = " ".join(body["details"]["layers[1].args.pattern"])
-    assert what in messages and "RE2" in messages
+    assert what in messages and "RE2" in messages and "Flowlet 'words'" in messages
     filtered = [
         {
             "ref": "v",

@@ -6,7 +6,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("plays", "0003_operate_permission"),
+        ("plays", "0004_play_trigger"),
     ]
 
     operations = [
