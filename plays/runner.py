@@ -571,7 +571,7 @@ class Runner:
         try:
             if module.inline:
                 out = module.run(args, ctx)
-            elif module.cpu_bound and config("KILLABLE_STEPS") and killable.available():
+            elif module.cpu_bound and not module.cheap(args) and config("KILLABLE_STEPS") and killable.available():
                 # A forked child that a timeout or a cancel kills (plays/killable.py).
                 out = killable.call(
                     _call, module, args, ctx, False, timeout=timeout, ended=self.ended, max_bytes=max_output_bytes()

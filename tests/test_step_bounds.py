@@ -88,6 +88,29 @@ def test_a_timed_out_cpu_bound_step_leaves_nothing_running(api: Any, drain: Any,
     assert not Path(f"/proc/{os.getpid()}/task/{tid}").exists()
 
 
+def busiest_thread_share(seconds: float = 1.0) -> float:
+    """The largest share of a core one thread of this process used over ``seconds``."""
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    before = {t.name: cpu_ticks(os.getpid(), int(t.name)) or 0 for t in tasks.iterdir()}
+    time.sleep(seconds)
+    after = {t.name: cpu_ticks(os.getpid(), int(t.name)) or 0 for t in tasks.iterdir()}
+    top = max((after[k] - before.get(k, 0) for k in after), default=0)
+    return top / os.sysconf("SC_CLK_TCK") / seconds
+
+
+@pytest.mark.timeout(120)
+def test_a_quadratic_regex_is_stopped_at_its_timeout(api: Any, drain: Any) -> None:
+    # RE2 searches again after each match; a(?:.*z)? rescans the rest of the input every
+    # time: minutes for 200,000 characters. In a thread, it went on after the timeout.
+    args = {"input": "a" * 200_000, "pattern": "a(?:.*z)?", "operation": "replace", "replacement": "b"}
+    flow = make_flow(api, [{"ref": "r", "appId": "regex", "args": args, "timeout": 1}])
+    play_id = run(api, flow)
+    drain()
+    got = layer(api, play_id)
+    assert (got["state"], got["error"]["code"]) == ("FAIL", "TIMEOUT")
+    assert busiest_thread_share() < 0.5
+
+
 @pytest.mark.timeout(60)
 def test_a_cancel_kills_the_child_at_once(tmp_path: Path) -> None:
     pidfile = tmp_path / "spin.pid"

@@ -248,6 +248,11 @@ class Module:
     # (plays/killable.py): a thread cannot be stopped, and it would keep the CPU and the GIL.
     cpu_bound: ClassVar[bool] = False
 
+    def cheap(self, args: Any) -> bool:
+        """For a cpu_bound module: True when these (rendered) args are small enough for its
+        worst case to be short, so that the step runs in a thread and no fork is paid."""
+        return False
+
     def __init__(self) -> None:
         Draft202012Validator.check_schema(self.args_schema)
         Draft202012Validator.check_schema(self.out_schema)
