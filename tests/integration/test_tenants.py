@@ -186,6 +186,7 @@ def test_a_timed_out_step_leaves_no_thread_or_process_using_cpu(cluster: Cluster
     assert (play["state"], layer["error"]["code"]) == ("FAIL", "TIMEOUT"), layer
     time.sleep(2)  # the observation: 2 s after the timeout
     share, deltas = busiest_thread(pgid)
+    print(f"busiest thread of the worker 2 s after the timeout: {share:.0%} of a core")
     # An idle worker polls the filesystem broker (a few % of a core); the step, before the
     # fix, kept a thread at about a whole core for a minute.
     assert share < 0.5, deltas
