@@ -67,9 +67,20 @@ class Pattern:
     def template(self, replacement: str) -> Any:
         """Parse a replacement as ``re.sub`` does; raise PatternError if it is invalid."""
         try:
-            return re._parser.parse_template(replacement, self.python)  # type: ignore[attr-defined]
+            parsed = re._parser.parse_template(replacement, self.python)  # type: ignore[attr-defined]
         except (re.error, IndexError) as exc:
             raise PatternError(f"is not a valid replacement: {exc}") from None
+        if isinstance(parsed, tuple):  # Python 3.11: (groups, literals)
+            return parsed
+        # Python 3.12+: [literal, group, literal, group, …, literal]
+        groups, literals = [], []
+        for position, part in enumerate(parsed):
+            if position % 2:
+                groups.append((len(literals), part))
+                literals.append(None)
+            else:
+                literals.append(part)
+        return groups, literals
 
 
 def expand(template: Any, match: Any) -> str:
