@@ -11,7 +11,8 @@ attempt and carries on. A step that had finished is never run again.
    the task loses and returns).
 2. For each step from ``play.next_index``: filters → ``FILTERED``; ``needsApproval`` →
    ``WAIT``; else the layer is opened (``RUN``), its args rendered and the module called
-   in a thread, bounded by the step's timeout, retried with backoff.
+   in a thread (a ``cpu_bound`` one in a forked child that a timeout or cancel kills:
+   ``plays/killable.py``), bounded by the step's timeout, retried with backoff.
 3. The outcome is recorded together with ``next_index``; ``onError`` decides whether the
    play goes on. A success is recorded in the same transaction that opens the next step's
    layer (or finishes the play): one commit per step, each state change still durable
