@@ -37,6 +37,7 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
+from flows import credentials, vault
 from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, render
 from flows.modules import Park, RunContext, StepError, get_module
 from flows.modules.base import check_output_size, json_size, max_output_bytes
@@ -371,6 +372,7 @@ class Runner:
             prev={"args": self.play.args, **self.outputs, **self.loop_scope},
             flow_id=self.play.flow_id,
             play_id=self.play.id,
+            credentials=credentials.CredentialsView(self.play.company_id, self.play.id),
         )
 
     # -- loops ----------------------------------------------------------------------------
@@ -547,15 +549,22 @@ class Runner:
         """Run one attempt; record success; return the error of a failed attempt."""
         if module is None:
             return {**error_body("UNKNOWN_MODULE", f"No module with appId {step['appId']!r}"), "retryable": False}
-        try:
-            args = step.get("args") or {}
-            if module.raw_args:
-                raw = {k: v for k, v in args.items() if k in module.raw_args}
-                args = {**render({k: v for k, v in args.items() if k not in module.raw_args}, self.scope()), **raw}
-            else:
-                args = render(args, self.scope())
-        except ExpressionError as exc:
-            return {**error_body("EXPRESSION_ERROR", str(exc)), "retryable": False}
+        # The credentials this attempt reads ($credentials, `auth`) are masked in what it leaves.
+        with vault.collecting() as secrets:
+            try:
+                args = step.get("args") or {}
+                if module.raw_args:
+                    raw = {k: v for k, v in args.items() if k in module.raw_args}
+                    args = {**render({k: v for k, v in args.items() if k not in module.raw_args}, self.scope()), **raw}
+                else:
+                    args = render(args, self.scope())
+                auth = None
+                if module.uses_credentials and isinstance(args.get("auth"), str):
+                    auth = credentials.resolve_auth(self.play.company_id, args["auth"], self.play.id)
+            except ExpressionError as exc:
+                return {**error_body("EXPRESSION_ERROR", redact_text(str(exc), secrets)), "retryable": False}
+            except credentials.CredentialError as exc:
+                return {**error_body(exc.code, redact_text(exc.message, secrets)), "retryable": exc.retryable}
         if self.play.deadline_at is not None:
             timeout = min(timeout, max(0.0, (self.play.deadline_at - timezone.now()).total_seconds()))
         ctx = RunContext(
@@ -568,17 +577,19 @@ class Runner:
             layer_id=layer.id,
             iteration=layer.iteration,
             collect=self.collect,
+            auth=auth,
         )
         try:
             if module.inline:
-                out = module.run(args, ctx)
+                out = _masked(module, args, ctx, secrets)
             elif module.cpu_bound and not module.cheap(args) and config("KILLABLE_STEPS") and killable.available():
-                # A forked child that a timeout or a cancel kills (plays/killable.py).
+                # A forked child that a timeout or a cancel kills (plays/killable.py). It runs
+                # _masked, not _call: it must not close the database connection it inherited.
                 out = killable.call(
-                    _call, module, args, ctx, False, timeout=timeout, ended=self.ended, max_bytes=max_output_bytes()
+                    _masked, module, args, ctx, secrets, timeout=timeout, ended=self.ended, max_bytes=max_output_bytes()
                 )
             else:
-                out = self.wait(_executor.submit(_call, module, args, ctx), timeout)
+                out = self.wait(_executor.submit(_call, module, args, ctx, secrets), timeout)
         except killable.Cancelled:
             raise Stop from None
         except FutureTimeout:
@@ -754,9 +765,18 @@ class _Done(Exception):
     """The play reached a terminal state or was handed back: the runner is finished."""
 
 
-def _call(module: Any, args: dict[str, Any], ctx: RunContext, own_connection: bool = True) -> Any:
-    # Credentials in the step's args never reach its stored out, error, events or logs.
-    secrets = secrets_of(args)
+def _call(module: Any, args: dict[str, Any], ctx: RunContext, revealed: Any = ()) -> Any:
+    try:
+        return _masked(module, args, ctx, revealed)
+    finally:
+        # Modules that touch the ORM (kv, subflow) open a connection in this thread.
+        close_old_connections()
+
+
+def _masked(module: Any, args: dict[str, Any], ctx: RunContext, revealed: Any = ()) -> Any:
+    # Credentials in the step's args, and those it read by name, never reach its stored
+    # out, error, events or logs.
+    secrets = secrets_of(args) | set(revealed)
     try:
         out = redact(module.run(args, ctx), secrets)
         check_output_size(json_size(out))  # FLOWPLAY_MAX_OUTPUT_BYTES → OUTPUT_TOO_LARGE
@@ -772,8 +792,3 @@ def _call(module: Any, args: dict[str, Any], ctx: RunContext, own_connection: bo
         if any(secret in str(exc) for secret in secrets):
             raise StepError(redact_text(f"{type(exc).__name__}: {exc}", secrets)) from None
         raise
-    finally:
-        # Modules that touch the ORM (kv, subflow) open a connection in this thread. A
-        # forked child (own_connection=False) must not close the connection it inherited.
-        if own_connection:
-            close_old_connections()

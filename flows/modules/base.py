@@ -109,6 +109,9 @@ class RunContext:
     iteration: int | None = None
     # The outputs of a loop step's iterations in item order (for `aggregator`).
     collect: Callable[[str], list] | None = None
+    # The credential named by the step's `auth` arg, resolved by the runner
+    # (flows.credentials.resolve_auth); only for modules with `uses_credentials`.
+    auth: dict | None = None
 
 
 def is_expression(value: Any) -> bool:
@@ -252,6 +255,11 @@ class Module:
         """For a cpu_bound module: True when these (rendered) args are small enough for its
         worst case to be short, so that the step runs in a thread and no fork is paid."""
         return False
+
+    # Modules that send credentials to another service (curl): their args may read
+    # `$credentials` and their `auth` arg names a credential. Elsewhere a credential's value
+    # could come back in the step's out, so saving such a flow is refused.
+    uses_credentials: ClassVar[bool] = False
 
     def __init__(self) -> None:
         Draft202012Validator.check_schema(self.args_schema)
