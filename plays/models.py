@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from flows.ids import new_id
 from flows.models import Company, Flow, FlowVersion
+from flows.storable import StorableJSONField, storable
 
 
 class State(models.TextChoices):
@@ -137,7 +138,7 @@ class Event(models.Model):
     play = models.ForeignKey("Play", on_delete=models.CASCADE, related_name="events")
     flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="+", db_constraint=False)
     type = models.CharField(max_length=32, choices=EventType)
-    payload = models.JSONField()
+    payload = StorableJSONField()
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -207,7 +208,10 @@ def emit(play: Play, items: Iterable[tuple[str, dict[str, Any]]]) -> list[Event]
 
 def event_payload(play: Play, kind: str, seq: int, extra: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The message of an event: what is stored in ``Event.payload`` and sent on /api/ws."""
-    return {"type": kind, "seq": seq, "playId": play.id, "flowId": play.flow_id, **extra, "timestamp": iso(now)}
+    # Repaired here, not only by the field: what is published is what is stored.
+    return storable(
+        {"type": kind, "seq": seq, "playId": play.id, "flowId": play.flow_id, **extra, "timestamp": iso(now)}
+    )
 
 
 def _store(items: list[tuple[Play, str, dict[str, Any]]]) -> list[Event]:
@@ -261,11 +265,11 @@ class Play(models.Model):
     flow = models.ForeignKey(Flow, on_delete=models.PROTECT, related_name="plays")
     flow_version = models.ForeignKey(FlowVersion, on_delete=models.PROTECT, related_name="plays")
     state = models.CharField(max_length=8, choices=State, default=State.NEW)
-    args = models.JSONField(default=dict, blank=True)
+    args = StorableJSONField(default=dict, blank=True)
     args_hash = models.CharField(max_length=64, editable=False)
     # NULL, not "": the partial unique constraint on (flow, key) must ignore keyless plays.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
-    error = models.JSONField(null=True, blank=True)
+    error = StorableJSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -283,7 +287,7 @@ class Play(models.Model):
     # What started the play (TriggerKind) and its details (the schedule and fire time, the
     # channel route, ...); the API shows them together as `trigger`.
     trigger_kind = models.CharField(max_length=16, choices=TriggerKind, default=TriggerKind.API)
-    trigger_info = models.JSONField(null=True, blank=True)
+    trigger_info = StorableJSONField(null=True, blank=True)
     # Index of the next flowlet to run; the runner advances it with each finished step.
     next_index = models.IntegerField(default=0)
     # The runner that currently executes this play, and how long its lease lasts without a heartbeat.
@@ -934,12 +938,12 @@ class Layer(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
-    out = models.JSONField(null=True, blank=True)
-    error = models.JSONField(null=True, blank=True)
+    out = StorableJSONField(null=True, blank=True)
+    error = StorableJSONField(null=True, blank=True)
     # Set on the layers a retry copied instead of running them again.
     reused_from = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     # A step that parked the play (sleep) keeps its result here until the play wakes up.
-    parked_out = models.JSONField(null=True, blank=True)
+    parked_out = StorableJSONField(null=True, blank=True)
     approved = models.BooleanField(default=False)
 
     class Meta:
@@ -1091,7 +1095,7 @@ class Iteration(models.Model):
     play = models.ForeignKey(Play, on_delete=models.CASCADE, related_name="iterations")
     ref = models.CharField(max_length=100, help_text="The iterator step's ref.")
     index = models.IntegerField()
-    item = models.JSONField(null=True, blank=True)
+    item = StorableJSONField(null=True, blank=True)
     state = models.CharField(max_length=8, choices=IterationState, default=IterationState.PENDING)
     next_index = models.IntegerField()
     runner = models.CharField(max_length=64, blank=True, default="")
