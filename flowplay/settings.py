@@ -97,6 +97,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After commit, a broker error is reported in the answer, never as a 500 (plays/broker.py).
+    "plays.broker.BrokerNoticeMiddleware",
 ]
 
 ROOT_URLCONF = "flowplay.urls"

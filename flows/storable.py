@@ -37,9 +37,10 @@ MAX_DEPTH = 200
 MAX_INT_DIGITS = 4300
 
 _BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
-# What json.dumps(ensure_ascii=True) writes for NUL and for surrogates (valid pairs too,
-# which then take the slow path and come out unchanged).
-_BAD_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+# What json.dumps(ensure_ascii=True) writes for NUL and for a lone surrogate (a high one
+# not followed by a low one, a low one not preceded by a high one). A valid pair is left
+# alone: it is the escaped form of a character beyond the BMP.
+_BAD_ESCAPE = re.compile(r"\\u0000|\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f]")
 
 
 class UnstorableValue(ValueError):

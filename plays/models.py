@@ -29,6 +29,8 @@ from flows.ids import new_id
 from flows.models import Company, Flow, FlowVersion
 from flows.storable import StorableJSONField, storable
 
+from .broker import send_on_commit
+
 
 class State(models.TextChoices):
     NEW = "NEW"
@@ -515,7 +517,15 @@ class Play(models.Model):
 
         queue = self.definition.get("execution", {}).get("queue") or "default"
         play_id = self.id
-        transaction.on_commit(lambda: run_play.apply_async((play_id,), queue=queue))
+        send_on_commit(
+            lambda: run_play.apply_async((play_id,), queue=queue), f"play {play_id}", lambda: Play.unsent(play_id)
+        )
+
+    @staticmethod
+    def unsent(play_id: str) -> None:
+        """The play's runner task could not be sent (broker down): give it an expired lease,
+        which the reaper's next sweep requeues, instead of waiting REAP_IDLE_SECONDS."""
+        Play.objects.filter(pk=play_id, state=State.RUN, runner="").update(lease_until=timezone.now())
 
     @staticmethod
     def take_lease(play_id: str, runner: str, lease_seconds: float) -> Play | None:
@@ -793,7 +803,8 @@ class Play(models.Model):
             from .tasks import release_flow
 
             flow_id = self.flow_id
-            transaction.on_commit(lambda: release_flow.delay(flow_id))
+            # Unsent, release_due's sweep starts the waiting plays all the same.
+            send_on_commit(lambda: release_flow.delay(flow_id), f"release of flow {flow_id}")
         if self.parent_layer_id and self.state in TERMINAL:
             self._wake_parent()
 
@@ -1121,7 +1132,13 @@ class Iteration(models.Model):
 
         queue = self.play.definition.get("execution", {}).get("queue") or "default"
         pk = self.pk
-        transaction.on_commit(lambda: run_iteration.apply_async((pk,), queue=queue))
+        send_on_commit(
+            lambda: run_iteration.apply_async((pk,), queue=queue),
+            f"iteration {pk}",
+            lambda: Iteration.objects.filter(pk=pk, state=IterationState.RUN, runner="").update(
+                lease_until=timezone.now()
+            ),
+        )
 
     def claim(self, runner: str, lease_seconds: float) -> bool:
         """Take the lease of a RUN iteration of a RUN play; False if a live runner has it."""
