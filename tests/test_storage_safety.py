@@ -138,13 +138,13 @@ def test_json_parse_of_a_lone_surrogate_is_stored_repaired(api: Any, drain: Any)
 def test_run_args_and_flowlet_args_with_nul_or_surrogate_are_refused(api: Any, drain: Any, value: str) -> None:
     # Before: 500 on PostgreSQL; on SQLite stored, and every history list answered 500.
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}])
-    r = post_raw(api, f"/api/flows/{flow['id']}/run", '{"args": {"note": "%s"}}' % value)
+    r = post_raw(api, f"/api/flows/{flow['id']}/run", '{"args": {"note": "' + value + '"}}')
     assert r.status_code == 400, r.content
     assert r.json()["error"] == "VALIDATION_ERROR" and list(r.json()["details"]) == ["args.note"]
-    layers = '[{"ref": "a", "appId": "var", "args": {"values": {"x": "%s"}}}]' % value
-    r = post_raw(api, "/api/flows", '{"name": "n", "layers": %s}' % layers)
+    layers = '[{"ref": "a", "appId": "var", "args": {"values": {"x": "' + value + '"}}}]'
+    r = post_raw(api, "/api/flows", '{"name": "n", "layers": ' + layers + "}")
     assert r.status_code == 400 and r.json()["error"] == "VALIDATION_ERROR", r.content
-    r = post_raw(api, f"/api/flows/{flow['id']}/run", '{"args": {"k%s": 1}}' % value)
+    r = post_raw(api, f"/api/flows/{flow['id']}/run", '{"args": {"k' + value + '": 1}}')
     assert r.status_code == 400 and r.json()["error"] == "VALIDATION_ERROR", r.content
     r = post_raw(api, f"/api/flows/{flow['id']}/run", '{"args": {"n": 1e400}}')
     assert r.status_code == 400 and r.json()["details"] == {"args.n": ["numbers must be finite"]}, r.content
