@@ -684,7 +684,7 @@ class Runner:
 
         The one place where the runner survives its database. A transient error (see
         ``transient``: a restart, a dropped connection) is retried here, on a fresh
-        connection, with backoff (0.05 s doubling to 2 s) for up to RECORD_RETRY_SECONDS,
+        connection, with backoff (0.05 s doubling to 1 s) for up to RECORD_RETRY_SECONDS,
         with the outcome this runner holds: the step does not run again. ``retry`` tells
         ``write`` that an earlier try may have committed although its answer was lost.
         Past the deadline the error propagates: the worker is as good as dead, its lease
@@ -696,6 +696,8 @@ class Runner:
         retry = False
         while True:
             try:
+                if retry:
+                    self.take_back()
                 return write(retry)
             except UnstorableValue as exc:
                 raise StorageFailure(str(exc)) from exc
@@ -708,8 +710,19 @@ class Runner:
                 log.warning("recording play %s failed (%s); retrying in %.2f s", self.play.id, exc, pause)
                 reset_connection()
                 time.sleep(pause)
-                pause = min(pause * 2, 2.0)
+                pause = min(pause * 2, 1.0)
                 retry = True
+
+    def take_back(self) -> None:
+        """Before a retried write: hold the lease again. While the database was away no
+        heartbeat could renew it; if it expired and the reaper requeued the play (or the
+        iteration) but no other runner has taken it yet, take it back, so that the outcome
+        held here is written rather than the step run again. A runner that took it first
+        keeps it: the write then stops this runner."""
+        if self.iteration is not None:
+            self.iteration.claim(self.runner, config("LEASE_SECONDS"))
+        else:
+            Play.take_lease(self.play.pk, self.runner, config("LEASE_SECONDS"))
 
     def recorded(self, layer: Layer) -> bool:
         """Whether ``layer`` has ended in the database: a retried write's earlier try committed."""

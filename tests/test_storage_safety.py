@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import threading
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 import pytest
 from django.db import DataError, OperationalError, connection, transaction
+from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
 from flows import modules
@@ -266,16 +268,29 @@ def test_a_dropped_connection_while_recording_is_retried_not_rerun(api: Any, dra
             drop()
         return real_step_on(self, runner, done, *args)
 
+    from plays import runner
+
+    real_reset = runner.reset_connection
+    reaped: list[bool] = []
+
+    def reset_and_reap() -> None:
+        # The outage outlived the lease: the reaper requeued the play before the retry.
+        real_reset()
+        if not reaped:
+            Play.objects.filter(state="RUN").update(lease_until=timezone.now() - timedelta(seconds=1))
+            reaped.append(tasks.reap_stuck_one(3600))
+
     monkeypatch.setattr(Layer, "end", end)
     monkeypatch.setattr(Play, "step_on", step_on)
+    monkeypatch.setattr(runner, "reset_connection", reset_and_reap)
     flow = make_flow(api, [
         {"ref": "effect", "appId": "test-once", "args": {}},
         {"ref": "next", "appId": "var", "args": {"values": {"x": "{{ $prev.effect.done }}"}}},
     ])
     play_id = run(api, flow)
-    drain()
+    drain()  # also runs the task the reaper sent: it finds the play taken back, or done
     play = Play.objects.get(pk=play_id)
-    assert drops["n"] == 3
+    assert drops["n"] == 3 and reaped == [True]
     assert play.state == "DONE" and Once.calls == 1
     effect = Layer.objects.get(play_id=play_id, ref="effect")
     assert effect.attempts == 1 and effect.out == {"done": 1}
