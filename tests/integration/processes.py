@@ -254,7 +254,7 @@ class Cluster:
         env.update(
             FLOWPLAY_VAR_DIR=str(root), PYTHONUNBUFFERED="1", PATH=f"{BIN}:{env.get('PATH', '')}",
             FLOWPLAY_LEASE_SECONDS="3", FLOWPLAY_HEARTBEAT_SECONDS="1", FLOWPLAY_REAP_EVERY_SECONDS="1",
-            FLOWPLAY_REAP_IDLE_SECONDS="5", LOGIN_THROTTLE_RATE="1000/min",
+            FLOWPLAY_REAP_IDLE_SECONDS="5", LOGIN_THROTTLE_RATE="1000/min", FLOWPLAY_CURL_ALLOW="127.0.0.1/32",
         )
         cluster = cls(root=root, env=env, port=free_port())
         if pg_and_redis():
