@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from itertools import accumulate
 from typing import Any
 
 from django.db import models
@@ -41,6 +42,27 @@ _BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
 # not followed by a low one, a low one not preceded by a high one). A valid pair is left
 # alone: it is the escaped form of a character beyond the BMP.
 _BAD_ESCAPE = re.compile(r"\\u0000|\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f]")
+
+
+_ESCAPE_PREFIX = re.compile(r"\\u(?:0000|d[89a-f])")
+
+
+def _maybe_bad(text: str) -> bool:
+    # The cheap search first: most texts have no such escape at all.
+    return _ESCAPE_PREFIX.search(text) is not None and _BAD_ESCAPE.search(text) is not None
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DELTA = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _depth(text: str) -> int:
+    """How deep the JSON ``text`` (as json.dumps writes it) nests."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return 0  # cannot be deeper (a cheap bound for small values)
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))  # brackets outside strings
+    return max(accumulate(map(_DELTA.__getitem__, brackets)), default=0)
 
 
 class UnstorableValue(ValueError):
@@ -95,8 +117,8 @@ def storable(value: Any) -> Any:
         text = None  # NaN, Infinity, a huge integer or deep nesting: repair or refuse below
     except TypeError:
         return value  # not JSON at all: the field's encoder reports it as before
-    if text is not None and not _BAD_ESCAPE.search(text) and text.count("[") + text.count("{") <= MAX_DEPTH:
-        return value  # the common case: one C-speed pass, nothing to repair
+    if text is not None and not _maybe_bad(text) and _depth(text) <= MAX_DEPTH:
+        return value  # the common case: C-speed passes over the text, nothing to repair
     try:
         return _repair(value, 0)
     except RecursionError:

@@ -65,6 +65,8 @@ def test_storable_repairs_what_json_columns_refuse_and_keeps_the_rest() -> None:
         deep = [deep]
     with pytest.raises(UnstorableValue):
         storable(deep)
+    with pytest.raises(UnstorableValue):  # brackets inside strings do not hide the depth
+        storable(["]" * 1000, deep, "[" * 1000])
     very_deep: Any = []
     for _ in range(5000):
         very_deep = [very_deep]
