@@ -1133,12 +1133,13 @@ class Iteration(models.Model):
         queue = self.play.definition.get("execution", {}).get("queue") or "default"
         pk = self.pk
         send_on_commit(
-            lambda: run_iteration.apply_async((pk,), queue=queue),
-            f"iteration {pk}",
-            lambda: Iteration.objects.filter(pk=pk, state=IterationState.RUN, runner="").update(
-                lease_until=timezone.now()
-            ),
+            lambda: run_iteration.apply_async((pk,), queue=queue), f"iteration {pk}", lambda: Iteration.unsent(pk)
         )
+
+    @staticmethod
+    def unsent(pk: int) -> None:
+        """Its task could not be sent: an expired lease, for the reaper's next sweep (see Play.unsent)."""
+        Iteration.objects.filter(pk=pk, state=IterationState.RUN, runner="").update(lease_until=timezone.now())
 
     def claim(self, runner: str, lease_seconds: float) -> bool:
         """Take the lease of a RUN iteration of a RUN play; False if a live runner has it."""

@@ -401,3 +401,27 @@ def test_broker_up_answers_carry_no_warning(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}])
     r = api.post(f"/api/flows/{flow['id']}/run", {"args": {}}, format="json")
     assert r.status_code == 201 and "warning" not in r.json() and "Flowplay-Warning" not in r
+
+
+def test_a_loops_iterations_unsent_while_the_broker_is_down_are_reaped_and_finish(api: Any, drain: Any,
+                                                                                  monkeypatch: Any) -> None:
+    from plays import runner
+    from plays.models import Iteration
+
+    from .test_loops import loop_flow
+
+    flow = loop_flow(api, concurrency=2)
+    play_id = run(api, flow, {"items": [1, 2, 3]})
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise BrokerError("Connection refused.")
+
+    monkeypatch.setattr(tasks.run_iteration, "apply_async", refuse)
+    runner.run(play_id)  # the play's runner launches the first iterations
+    launched = Iteration.objects.filter(play_id=play_id, state="RUN")
+    assert launched.count() == 2 and all(it.runner == "" and it.lease_until is not None for it in launched)
+    # The broker is back: the reaper's next sweep sends them, and the loop finishes.
+    monkeypatch.setattr(tasks.run_iteration, "apply_async", lambda args, **kw: drain.iterations.append(args[0]))
+    assert tasks.reap_stuck_iteration_one(3600) and tasks.reap_stuck_iteration_one(3600)
+    drain()
+    assert Play.objects.get(pk=play_id).state == "DONE"
