@@ -371,7 +371,7 @@ class Credential(models.Model):
     name = models.CharField(max_length=100)
     kind = models.CharField(max_length=16, choices=CredentialKind)
     description = models.CharField(max_length=500, blank=True, default="")
-    public = models.JSONField(default=dict, blank=True)
+    public = StorableJSONField(default=dict, blank=True)
     secret = models.TextField(editable=False)
     fingerprint = models.CharField(max_length=32, editable=False)
     last4 = models.CharField(max_length=4, blank=True, default="", editable=False)
