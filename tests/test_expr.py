@@ -872,14 +872,14 @@ def _assert_contained(value: object) -> None:
     assert time.perf_counter() - started < 1.0
 
 
-@settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text())
 def test_arbitrary_text_only_ever_raises_expression_error(text: str) -> None:
     _assert_contained(text)
     _assert_contained("{{" + text + "}}")
 
 
-@settings(max_examples=400, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_EXPRESSIONS, st.text(max_size=5), st.text(max_size=5))
 def test_generated_expressions_only_ever_raise_expression_error(expression: str, before: str, after: str) -> None:
     _assert_contained("{{ " + expression + " }}")
