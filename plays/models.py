@@ -27,6 +27,9 @@ from django.utils import timezone
 
 from flows.ids import new_id
 from flows.models import Company, Flow, FlowVersion
+from flows.storable import StorableJSONField, storable
+
+from .broker import send_on_commit
 
 
 class State(models.TextChoices):
@@ -250,7 +253,7 @@ class Event(models.Model):
     play = models.ForeignKey("Play", on_delete=models.CASCADE, related_name="events")
     flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="+", db_constraint=False)
     type = models.CharField(max_length=32, choices=EventType)
-    payload = models.JSONField()
+    payload = StorableJSONField()
     created_at = models.DateTimeField(default=timezone.now)
     # The writing transaction's id on PostgreSQL (pg_current_xact_id()), 0 elsewhere.
     xid = models.BigIntegerField(default=0)
@@ -327,7 +330,10 @@ def emit(play: Play, items: Iterable[tuple[str, dict[str, Any]]]) -> list[Event]
 
 def event_payload(play: Play, kind: str, seq: int, extra: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The message of an event without its cursor: what is stored in ``Event.payload``."""
-    return {"type": kind, "seq": seq, "playId": play.id, "flowId": play.flow_id, **extra, "timestamp": iso(now)}
+    # Repaired here, not only by the field: what is published is what is stored.
+    return storable(
+        {"type": kind, "seq": seq, "playId": play.id, "flowId": play.flow_id, **extra, "timestamp": iso(now)}
+    )
 
 
 # The events of one play in one statement on PostgreSQL: the play's seq counter moves on
@@ -417,11 +423,11 @@ class Play(models.Model):
     flow = models.ForeignKey(Flow, on_delete=models.PROTECT, related_name="plays")
     flow_version = models.ForeignKey(FlowVersion, on_delete=models.PROTECT, related_name="plays")
     state = models.CharField(max_length=8, choices=State, default=State.NEW)
-    args = models.JSONField(default=dict, blank=True)
+    args = StorableJSONField(default=dict, blank=True)
     args_hash = models.CharField(max_length=64, editable=False)
     # NULL, not "": the partial unique constraint on (flow, key) must ignore keyless plays.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
-    error = models.JSONField(null=True, blank=True)
+    error = StorableJSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -433,13 +439,16 @@ class Play(models.Model):
     retry_of = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="retries")
     parent = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="children")
     parent_layer = models.ForeignKey("Layer", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # The play at the top of a subflow tree (null for that play itself): its descendants are
+    # counted against FLOWPLAY_MAX_DESCENDANT_PLAYS with one indexed query.
+    root = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     triggered_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     # What started the play (TriggerKind) and its details (the schedule and fire time, the
     # channel route, ...); the API shows them together as `trigger`.
     trigger_kind = models.CharField(max_length=16, choices=TriggerKind, default=TriggerKind.API)
-    trigger_info = models.JSONField(null=True, blank=True)
+    trigger_info = StorableJSONField(null=True, blank=True)
     # Index of the next flowlet to run; the runner advances it with each finished step.
     next_index = models.IntegerField(default=0)
     # The runner that currently executes this play, and how long its lease lasts without a heartbeat.
@@ -559,7 +568,11 @@ class Play(models.Model):
             if existing is not None:
                 return existing, False
         version = version or flow.snapshot()
-        at_once = start and cls._starts_at_once(version.definition, run_at)
+        at_once = (
+            start
+            and cls._starts_at_once(version.definition, run_at)
+            and cls._company_has_slot(flow.company_id, parent.pk if parent is not None else None)
+        )
         now = timezone.now()
         source = dict(source or {"kind": TriggerKind.SUBFLOW if parent is not None else TriggerKind.API})
         kind = source.pop("kind")
@@ -576,6 +589,7 @@ class Play(models.Model):
                     triggered_by=user if getattr(user, "pk", None) else None,
                     parent=parent,
                     parent_layer=parent_layer,
+                    root_id=(parent.root_id or parent.pk) if parent is not None else None,
                     trigger_kind=kind,
                     trigger_info=source or None,
                     **(cls._started(version.definition, now) if at_once else {}),
@@ -676,6 +690,8 @@ class Play(models.Model):
         return fields
 
     def _slot_free(self) -> bool:
+        if not self._company_slot_free():
+            return False
         limit = self.definition.get("execution", {}).get("maxConcurrency")
         if not limit:
             return True
@@ -685,12 +701,45 @@ class Play(models.Model):
         running = Play.objects.filter(flow_id=self.flow_id, state__in=ACTIVE).exclude(pk=self.pk).count()
         return running < limit
 
+    def _company_slot_free(self) -> bool:
+        """FLOWPLAY_MAX_RUNNING_PLAYS_PER_COMPANY: one tenant cannot take every worker.
+
+        Counts root plays in RUN; subflow plays belong to their root (counting them could
+        deadlock a parent that waits for its children) and are bounded by
+        FLOWPLAY_MAX_DESCENDANT_PLAYS instead. A soft limit: without a lock, starts racing
+        each other may pass it by a few, which keeps the trigger path lock-free.
+        """
+        return self._company_has_slot(self.company_id, self.parent_id, self.pk)
+
+    @staticmethod
+    def _company_has_slot(company_id: str, parent_id: str | None, exclude: str | None = None) -> bool:
+        """_company_slot_free for a play that may not exist yet (Play.trigger's fast path)."""
+        limit = settings.FLOWPLAY["MAX_RUNNING_PLAYS_PER_COMPANY"]
+        if not limit or parent_id is not None:
+            return True
+        running = Play.objects.filter(company_id=company_id, state=State.RUN, parent__isnull=True)
+        if exclude is not None:
+            running = running.exclude(pk=exclude)
+        return running.count() < limit
+
+    def descendants(self) -> int:
+        """Plays started under this play's root (subflows of subflows …), the root excluded."""
+        return Play.objects.filter(root_id=self.root_id or self.pk).count()
+
     def enqueue(self) -> None:
         from .tasks import run_play
 
         queue = self.definition.get("execution", {}).get("queue") or "default"
         play_id = self.id
-        transaction.on_commit(lambda: run_play.apply_async((play_id,), queue=queue))
+        send_on_commit(
+            lambda: run_play.apply_async((play_id,), queue=queue), f"play {play_id}", lambda: Play.unsent(play_id)
+        )
+
+    @staticmethod
+    def unsent(play_id: str) -> None:
+        """The play's runner task could not be sent (broker down): give it an expired lease,
+        which the reaper's next sweep requeues, instead of waiting REAP_IDLE_SECONDS."""
+        Play.objects.filter(pk=play_id, state=State.RUN, runner="").update(lease_until=timezone.now())
 
     @staticmethod
     def take_lease(play_id: str, runner: str, lease_seconds: float) -> Play | None:
@@ -967,7 +1016,8 @@ class Play(models.Model):
             from .tasks import release_flow
 
             flow_id = self.flow_id
-            transaction.on_commit(lambda: release_flow.delay(flow_id))
+            # Unsent, release_due's sweep starts the waiting plays all the same.
+            send_on_commit(lambda: release_flow.delay(flow_id), f"release of flow {flow_id}")
         if self.parent_layer_id and self.state in TERMINAL:
             self._wake_parent()
 
@@ -1048,6 +1098,7 @@ class Play(models.Model):
                 idempotency_key=key,
                 retry_of=self,
                 parent=self.parent,
+                root_id=self.root_id,
                 triggered_by=by if getattr(by, "pk", None) else None,
                 trigger_kind=TriggerKind.RETRY,
             )
@@ -1112,12 +1163,12 @@ class Layer(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
-    out = models.JSONField(null=True, blank=True)
-    error = models.JSONField(null=True, blank=True)
+    out = StorableJSONField(null=True, blank=True)
+    error = StorableJSONField(null=True, blank=True)
     # Set on the layers a retry copied instead of running them again.
     reused_from = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     # A step that parked the play (sleep) keeps its result here until the play wakes up.
-    parked_out = models.JSONField(null=True, blank=True)
+    parked_out = StorableJSONField(null=True, blank=True)
     approved = models.BooleanField(default=False)
 
     class Meta:
@@ -1269,7 +1320,7 @@ class Iteration(models.Model):
     play = models.ForeignKey(Play, on_delete=models.CASCADE, related_name="iterations")
     ref = models.CharField(max_length=100, help_text="The iterator step's ref.")
     index = models.IntegerField()
-    item = models.JSONField(null=True, blank=True)
+    item = StorableJSONField(null=True, blank=True)
     state = models.CharField(max_length=8, choices=IterationState, default=IterationState.PENDING)
     next_index = models.IntegerField()
     runner = models.CharField(max_length=64, blank=True, default="")
@@ -1295,7 +1346,14 @@ class Iteration(models.Model):
 
         queue = self.play.definition.get("execution", {}).get("queue") or "default"
         pk = self.pk
-        transaction.on_commit(lambda: run_iteration.apply_async((pk,), queue=queue))
+        send_on_commit(
+            lambda: run_iteration.apply_async((pk,), queue=queue), f"iteration {pk}", lambda: Iteration.unsent(pk)
+        )
+
+    @staticmethod
+    def unsent(pk: int) -> None:
+        """Its task could not be sent: an expired lease, for the reaper's next sweep (see Play.unsent)."""
+        Iteration.objects.filter(pk=pk, state=IterationState.RUN, runner="").update(lease_until=timezone.now())
 
     def claim(self, runner: str, lease_seconds: float) -> bool:
         """Take the lease of a RUN iteration of a RUN play; False if a live runner has it."""
