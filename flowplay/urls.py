@@ -25,11 +25,13 @@ api = [
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("flows/<str:flow_id>/plays", play_views.FlowPlaysViewSet.as_view({"get": "list"}), name="flow-plays"),
     *router.urls,
+    path("", include("triggers.urls")),
 ]
 
 urlpatterns = [
     path("api/", include(api)),
     path("admin/", admin.site.urls),
+    path("channels/", include("triggers.page_urls")),
     path("", include("plays.page_urls")),
 ]
 
