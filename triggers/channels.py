@@ -28,14 +28,13 @@ from urllib.parse import parse_qs
 from django.conf import settings
 
 from flows import expr
-from flows.api import body as error_body
 from flows.ids import new_id
 from flows.models import hash_token
 from plays.models import IdempotencyConflict, Play, State, TriggerKind
 from plays.redaction import MASK, redact
 
 from .models import AuthMode, Channel, ChannelRequest, HmacFormat, ResponseMode, Route
-from .waiting import db, last_output, wait_for_end
+from .waiting import db, error_body, last_output, wait_for_end
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,11 @@ from django.conf import settings
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
-from flows.api import body as error_body
 from flows.audit import record
 from flows.models import ApiKey, Flow
 from plays.models import IdempotencyConflict, Play, State, TriggerKind
 
-from .waiting import db, last_output, wait_for_end
+from .waiting import db, error_body, last_output, wait_for_end
 
 log = logging.getLogger(__name__)
 

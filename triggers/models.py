@@ -194,6 +194,9 @@ class SeenSignature(models.Model):
             models.Index(fields=["seen_at"], name="triggers_seensignature_seen"),
         ]
 
+    def __str__(self) -> str:
+        return self.digest
+
 
 class ChannelRequest(models.Model):
     """One request to a channel: when, which route, what was answered, how fast, which play."""

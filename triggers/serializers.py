@@ -71,7 +71,7 @@ class ChannelSerializer(serializers.ModelSerializer):
 
 
 class RouteSerializer(serializers.ModelSerializer):
-    method = serializers.ChoiceField(choices=[(m, m) for m in METHODS], required=False, default="POST")
+    method = serializers.CharField(required=False, default="POST", max_length=8)
     path = serializers.CharField(max_length=500)
     flowIds = serializers.ListField(source="flow_ids", child=serializers.CharField(max_length=200), min_length=1,
                                     max_length=20)
@@ -93,6 +93,8 @@ class RouteSerializer(serializers.ModelSerializer):
         read_only_fields = ["id"]
 
     def validate_method(self, value: str) -> str:
+        if value.upper() not in METHODS:
+            raise serializers.ValidationError(f"method must be one of {', '.join(METHODS)}")
         return value.upper()
 
     def validate_path(self, value: str) -> str:

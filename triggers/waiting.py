@@ -13,6 +13,7 @@ for the request; the play runs on the workers as any other.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -27,9 +28,18 @@ FIRST_POLL_SECONDS = 0.05
 MAX_POLL_SECONDS = 1.0
 
 
+# Unit tests set this to run the calls in the test's own thread (and transaction).
+THREAD_SENSITIVE = False
+
+
 def db(func: Any) -> Any:
     """Run ``func`` on the shared thread pool (not a thread of the request's own)."""
-    return database_sync_to_async(func, thread_sensitive=False)
+
+    @functools.wraps(func)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        return await database_sync_to_async(func, thread_sensitive=THREAD_SENSITIVE)(*args, **kwargs)
+
+    return call
 
 
 @db
@@ -70,6 +80,12 @@ async def wait_for_end(play: Play, timeout: float) -> str | None:
         await hub.unsubscribe(play.company_id)
 
 
+def error_body(code: str, message: str, status: int) -> dict[str, Any]:
+    """The API's error body (``flows.api.body``, which cannot be imported as early as the
+    ASGI module loads these apps: it pulls in DRF's settings)."""
+    return {"error": code, "message": message, "statusCode": status}
+
+
 def last_output(play: Play) -> Any:
     """The output of the last step that ran (the highest DONE layer outside loops)."""
     layer = (
@@ -81,4 +97,4 @@ def last_output(play: Play) -> Any:
     return layer.out if layer is not None else None
 
 
-__all__ = ["wait_for_end", "last_output", "db"]
+__all__ = ["wait_for_end", "last_output", "db", "error_body"]

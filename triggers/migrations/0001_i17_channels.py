@@ -2,8 +2,9 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import flows.ids
 from django.db import migrations, models
+
+import flows.ids
 
 
 class Migration(migrations.Migration):
