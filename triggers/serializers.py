@@ -149,7 +149,7 @@ class RouteSerializer(serializers.ModelSerializer):
         return attrs
 
 
-class ChannelRequestSerializer(serializers.ModelSerializer):
+class RequestLogEntrySerializer(serializers.ModelSerializer):
     class Meta:
         model = ChannelRequest
         fields = ["id"]

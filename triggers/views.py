@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from flows.api import not_found
 
 from .models import AuthMode, Channel, ChannelRequest, Route
-from .serializers import ChannelRequestSerializer, ChannelSerializer, RouteSerializer
+from .serializers import RequestLogEntrySerializer, ChannelSerializer, RouteSerializer
 
 
 def get_channel(request: Any, key: str) -> Channel:
@@ -41,7 +41,6 @@ class ChannelViewSet(viewsets.ModelViewSet):
     serializer_class = ChannelSerializer
     lookup_url_kwarg = "channel_id"
     lookup_value_regex = "[^/]+"
-    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
     def get_queryset(self) -> Any:
         return Channel.objects.for_company(self.request.user.company_id).prefetch_related("routes").order_by("name", "id")
@@ -63,10 +62,13 @@ class ChannelViewSet(viewsets.ModelViewSet):
         channel.save(force_insert=True)
         return Response(_with_credential(channel, credential), status=status.HTTP_201_CREATED)
 
-    @transaction.atomic
     def partial_update(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        return self.update(request, *args, partial=True, **kwargs)
+
+    @transaction.atomic
+    def update(self, request: Any, *args: Any, **kwargs: Any) -> Response:
         channel = self.get_object()
-        serializer = self.get_serializer(channel, data=request.data, partial=True)
+        serializer = self.get_serializer(channel, data=request.data, partial=kwargs.get("partial", False))
         serializer.is_valid(raise_exception=True)
         values = dict(serializer.validated_data)
         secret = values.pop("secret", None)
@@ -90,7 +92,7 @@ class ChannelViewSet(viewsets.ModelViewSet):
         channel.save(update_fields=["token_hash", "secret", "updated_at"])
         return Response(_with_credential(channel, credential))
 
-    @extend_schema(responses={200: ChannelRequestSerializer(many=True)})
+    @extend_schema(responses={200: RequestLogEntrySerializer(many=True)})
     @action(detail=True, methods=["get"])
     def requests(self, request: Any, channel_id: str) -> Response:
         """The channel's request log, newest first (paginated)."""
@@ -112,7 +114,6 @@ class RouteViewSet(
     serializer_class = RouteSerializer
     pagination_class = None
     lookup_url_kwarg = "route_id"
-    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
     def channel(self) -> Channel:
         if not hasattr(self, "_channel"):
