@@ -16,6 +16,7 @@ import asyncio
 import functools
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
@@ -28,7 +29,8 @@ FIRST_POLL_SECONDS = 0.05
 MAX_POLL_SECONDS = 1.0
 
 
-# Unit tests set this to run the calls in the test's own thread (and transaction).
+# Unit tests set this to run the calls in the test's own thread, inside its transaction
+# (so without closing the connection around each call, as database_sync_to_async does).
 THREAD_SENSITIVE = False
 
 
@@ -37,7 +39,9 @@ def db(func: Any) -> Any:
 
     @functools.wraps(func)
     async def call(*args: Any, **kwargs: Any) -> Any:
-        return await database_sync_to_async(func, thread_sensitive=THREAD_SENSITIVE)(*args, **kwargs)
+        if THREAD_SENSITIVE:
+            return await sync_to_async(func, thread_sensitive=True)(*args, **kwargs)
+        return await database_sync_to_async(func, thread_sensitive=False)(*args, **kwargs)
 
     return call
 
