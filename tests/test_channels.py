@@ -117,6 +117,8 @@ def test_rotate_hands_out_a_new_token_and_the_old_one_stops_working(api: APIClie
 
 def test_a_slug_is_unique_across_companies(api: APIClient, charlie_api: APIClient) -> None:
     channel(api, slug="orders")
+    assert channel(api, name="Orders_In")["slug"] == "orders-in"
+    assert channel(api, name="Orders in")["slug"] == "orders-in-2"
     r = charlie_api.post("/api/channels", {"name": "x", "slug": "orders"}, format="json")
     assert r.status_code == 400 and "slug" in r.json()["details"]
 
@@ -291,6 +293,8 @@ def test_malformed_json_is_400(api: APIClient, hooks: Any) -> None:
     route(api, channel(api, slug="j")["id"], path="/x", flowIds=[flow["id"]])
     r = hooks("POST", "/hooks/j/x", content=b"{nope", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["statusCode"] == 400 and not Play.objects.exists()
+    deep = hooks("POST", "/hooks/j/x", content=b"[" * 150 + b"]" * 150, headers={"Content-Type": "application/json"})
+    assert deep.status_code == 400 and "nested" in deep.json()["message"] and not Play.objects.exists()
 
 
 def test_a_route_with_two_flows_starts_two_plays_tagged_with_the_request(api: APIClient, hooks: Any) -> None:

@@ -140,10 +140,15 @@ def parse_body(content_type: str, raw: bytes) -> Any:
     media = content_type.split(";")[0].strip().lower()
     text = raw.decode("utf-8", errors="replace")
     if media == "application/json" or media.endswith("+json"):
+        from flows.api import MAX_JSON_DEPTH, json_depth_exceeds  # not at import: DRF's settings load it
+
         try:
-            return json.loads(text)
+            value = json.loads(text)
         except (ValueError, RecursionError):
             raise Refused(400, "VALIDATION_ERROR", "Malformed JSON body") from None
+        if json_depth_exceeds(value):
+            raise Refused(400, "VALIDATION_ERROR", f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        return value
     if media == "application/x-www-form-urlencoded":
         return _flat(parse_qs(text, keep_blank_values=True))
     return text

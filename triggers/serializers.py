@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.db.models import Q
@@ -62,7 +63,7 @@ class ChannelSerializer(serializers.ModelSerializer):
 
     @staticmethod
     def unique_slug(name: str) -> str:
-        base = slugify(name)[:90] or "channel"
+        base = re.sub(r"[^a-z0-9-]+", "-", slugify(name)).strip("-")[:90].strip("-") or "channel"
         taken = set(Channel.objects.filter(slug__startswith=base).values_list("slug", flat=True))
         slug, n = base, 2
         while slug in taken:

@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from flows.api import not_found
 
 from .models import AuthMode, Channel, ChannelRequest, Route
-from .serializers import RequestLogEntrySerializer, ChannelSerializer, RouteSerializer
+from .serializers import ChannelSerializer, RequestLogEntrySerializer, RouteSerializer
 
 
 def get_channel(request: Any, key: str) -> Channel:
