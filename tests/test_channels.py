@@ -44,8 +44,14 @@ def hooks(monkeypatch: Any, drain: Any) -> Any:
     monkeypatch.setattr(waiting, "hub", NoHub())
     monkeypatch.setattr(waiting, "FIRST_POLL_SECONDS", 0.01)
 
-    def send(method: str, path: str, *, content: bytes | str = b"", headers: dict[str, str] | None = None,
-             run_plays: bool = True) -> httpx.Response:
+    def send(
+        method: str,
+        path: str,
+        *,
+        content: bytes | str = b"",
+        headers: dict[str, str] | None = None,
+        run_plays: bool = True,
+    ) -> httpx.Response:
         async def go() -> httpx.Response:
             async def worker() -> None:
                 while True:
@@ -67,9 +73,24 @@ def hooks(monkeypatch: Any, drain: Any) -> Any:
 
 
 def echo_flow(api: APIClient, **fields: Any) -> dict[str, Any]:
-    return make_flow(api, [{"ref": "echo", "appId": "var", "args": {"values": {
-        "order": "{{ $prev.args.params.orderId }}", "body": "{{ $prev.args.body }}",
-        "method": "{{ $prev.args.method }}", "query": "{{ $prev.args.query }}"}}}], **fields)
+    return make_flow(
+        api,
+        [
+            {
+                "ref": "echo",
+                "appId": "var",
+                "args": {
+                    "values": {
+                        "order": "{{ $prev.args.params.orderId }}",
+                        "body": "{{ $prev.args.body }}",
+                        "method": "{{ $prev.args.method }}",
+                        "query": "{{ $prev.args.query }}",
+                    }
+                },
+            }
+        ],
+        **fields,
+    )
 
 
 def channel(api: APIClient, **body: Any) -> dict[str, Any]:
@@ -141,15 +162,18 @@ def test_a_route_names_flows_of_the_company_by_id_or_permanent_id(api: APIClient
     assert bad.status_code == 400 and "flowIds" in bad.json()["details"]
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"path": "/a/{x}/{x}", "flowIds": ["echo"]}, "path"),
-    ({"path": "/a b", "flowIds": ["echo"]}, "path"),
-    ({"path": "/a", "flowIds": ["echo"], "timeoutMs": 120_001}, "timeoutMs"),
-    ({"path": "/a", "flowIds": ["echo"], "responseMode": "later"}, "responseMode"),
-    ({"path": "/a", "flowIds": ["echo"], "idempotencyKey": "{{ $prev.args.headers[ }}"}, "idempotencyKey"),
-    ({"path": "/a", "flowIds": ["echo"], "idempotencyKey": "{{ $prev.step.x }}"}, "idempotencyKey"),
-    ({"path": "/a", "flowIds": []}, "flowIds"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"path": "/a/{x}/{x}", "flowIds": ["echo"]}, "path"),
+        ({"path": "/a b", "flowIds": ["echo"]}, "path"),
+        ({"path": "/a", "flowIds": ["echo"], "timeoutMs": 120_001}, "timeoutMs"),
+        ({"path": "/a", "flowIds": ["echo"], "responseMode": "later"}, "responseMode"),
+        ({"path": "/a", "flowIds": ["echo"], "idempotencyKey": "{{ $prev.args.headers[ }}"}, "idempotencyKey"),
+        ({"path": "/a", "flowIds": ["echo"], "idempotencyKey": "{{ $prev.step.x }}"}, "idempotencyKey"),
+        ({"path": "/a", "flowIds": []}, "flowIds"),
+    ],
+)
 def test_bad_routes_are_400_naming_the_field(api: APIClient, body: dict[str, Any], field: str) -> None:
     echo_flow(api, permanentId="echo")
     created = channel(api, slug="v")
@@ -218,8 +242,10 @@ def test_stripe_signature_good_bad_old_and_replayed(api: APIClient, hooks: Any) 
     body = b'{"type": "invoice.paid"}'
 
     def header(t: int, payload: bytes = body, key: str = secret) -> dict[str, str]:
-        return {"Content-Type": "application/json",
-                "Stripe-Signature": f"t={t},v1={sign(key, f'{t}.'.encode() + payload)},v0=ignored"}
+        return {
+            "Content-Type": "application/json",
+            "Stripe-Signature": f"t={t},v1={sign(key, f'{t}.'.encode() + payload)},v0=ignored",
+        }
 
     now = int(time.time())
     assert hooks("POST", "/hooks/stripe/events", content=body, headers=header(now)).status_code == 202
@@ -240,7 +266,10 @@ def test_generic_signature_good_bad_old_and_replayed(api: APIClient, hooks: Any)
     body = b"plain text"
 
     def header(t: int, payload: bytes = body) -> dict[str, str]:
-        return {"X-Signature-Timestamp": str(t), "X-Signature": "sha256=" + sign(created["secret"], f"{t}.".encode() + payload)}
+        return {
+            "X-Signature-Timestamp": str(t),
+            "X-Signature": "sha256=" + sign(created["secret"], f"{t}.".encode() + payload),
+        }
 
     now = int(time.time())
     ok = hooks("POST", "/hooks/gen/in", content=body, headers=header(now))
@@ -257,10 +286,15 @@ def test_generic_signature_good_bad_old_and_replayed(api: APIClient, hooks: Any)
 
 def test_path_params_query_and_method_reach_the_args(api: APIClient, hooks: Any) -> None:
     flow = echo_flow(api)
-    route(api, channel(api, slug="shop")["id"], method="PUT", path="/orders/{orderId}/items/{item}",
-          flowIds=[flow["id"]])
-    r = hooks("PUT", "/hooks/shop/orders/A-17/items/3?x=1&tag=a&tag=b", content=b'{"qty": 2}',
-              headers={"Content-Type": "application/json", "Cookie": "session=1", "X-Trace": "t1"})
+    route(
+        api, channel(api, slug="shop")["id"], method="PUT", path="/orders/{orderId}/items/{item}", flowIds=[flow["id"]]
+    )
+    r = hooks(
+        "PUT",
+        "/hooks/shop/orders/A-17/items/3?x=1&tag=a&tag=b",
+        content=b'{"qty": 2}',
+        headers={"Content-Type": "application/json", "Cookie": "session=1", "X-Trace": "t1"},
+    )
     assert r.status_code == 202
     args = Play.objects.get(pk=r.json()["playId"]).args
     assert args["params"] == {"orderId": "A-17", "item": "3"} and args["method"] == "PUT"
@@ -305,8 +339,12 @@ def test_a_route_with_two_flows_starts_two_plays_tagged_with_the_request(api: AP
     assert len(r.json()["playIds"]) == 2 and r.json()["playId"] == r.json()["playIds"][0]
     play = Play.objects.get(pk=r.json()["playId"])
     assert play.flow_id == first["id"]
-    assert play.trigger_source == {"kind": "channel", "channelId": created["id"], "routeId": made["id"],
-                                   "requestId": r.headers["x-flowplay-request-id"]}
+    assert play.trigger_source == {
+        "kind": "channel",
+        "channelId": created["id"],
+        "routeId": made["id"],
+        "requestId": r.headers["x-flowplay-request-id"],
+    }
     listed = api.get("/api/plays?trigger=channel").json()
     assert listed["total"] == 2 and listed["data"][0]["trigger"]["kind"] == "channel"
 
@@ -316,8 +354,14 @@ def test_a_route_with_two_flows_starts_two_plays_tagged_with_the_request(api: AP
 
 def test_sync_answers_with_the_last_steps_output(api: APIClient, hooks: Any) -> None:
     flow = echo_flow(api)
-    route(api, channel(api, slug="s")["id"], path="/orders/{orderId}", flowIds=[flow["id"]], responseMode="sync",
-          timeoutMs=20_000)
+    route(
+        api,
+        channel(api, slug="s")["id"],
+        path="/orders/{orderId}",
+        flowIds=[flow["id"]],
+        responseMode="sync",
+        timeoutMs=20_000,
+    )
     r = hooks("POST", "/hooks/s/orders/9", content=b'{"n": 1}', headers={"Content-Type": "application/json"})
     assert r.status_code == 200
     assert r.json() == {"order": "9", "body": {"n": 1}, "method": "POST", "query": {}}
@@ -325,9 +369,22 @@ def test_sync_answers_with_the_last_steps_output(api: APIClient, hooks: Any) -> 
 
 
 def test_sync_output_can_set_status_and_headers(api: APIClient, hooks: Any) -> None:
-    flow = make_flow(api, [{"ref": "reply", "appId": "var", "args": {"values": {
-        "statusCode": 201, "headers": {"Location": "/orders/{{ $prev.args.params.id }}", "Content-Length": "1"},
-        "body": {"created": "{{ $prev.args.params.id }}"}}}}])
+    flow = make_flow(
+        api,
+        [
+            {
+                "ref": "reply",
+                "appId": "var",
+                "args": {
+                    "values": {
+                        "statusCode": 201,
+                        "headers": {"Location": "/orders/{{ $prev.args.params.id }}", "Content-Length": "1"},
+                        "body": {"created": "{{ $prev.args.params.id }}"},
+                    }
+                },
+            }
+        ],
+    )
     route(api, channel(api, slug="c")["id"], path="/orders/{id}", flowIds=[flow["id"]], responseMode="sync")
     r = hooks("POST", "/hooks/c/orders/5")
     assert r.status_code == 201 and r.headers["location"] == "/orders/5" and r.json() == {"created": "5"}
@@ -373,8 +430,13 @@ def test_the_idempotency_key_header_returns_the_same_play(api: APIClient, hooks:
 
 def test_a_route_expression_picks_the_key(api: APIClient, hooks: Any) -> None:
     flow = echo_flow(api)
-    route(api, channel(api, slug="e")["id"], path="/x", flowIds=[flow["id"]],
-          idempotencyKey='{{ $prev.args.headers["x-github-delivery"] }}')
+    route(
+        api,
+        channel(api, slug="e")["id"],
+        path="/x",
+        flowIds=[flow["id"]],
+        idempotencyKey='{{ $prev.args.headers["x-github-delivery"] }}',
+    )
     a = hooks("POST", "/hooks/e/x", content=b"1", headers={"X-GitHub-Delivery": "guid-1"})
     b = hooks("POST", "/hooks/e/x", content=b"1", headers={"X-GitHub-Delivery": "guid-1"})
     c = hooks("POST", "/hooks/e/x", content=b"1", headers={"X-GitHub-Delivery": "guid-2"})
@@ -426,8 +488,12 @@ def test_every_request_is_logged_redacted(api: APIClient, hooks: Any) -> None:
     created = channel(api, slug="log", authMode="header_token")
     made = route(api, created["id"], path="/x", flowIds=[flow["id"]])
     body = json.dumps({"password": "hunter22", "note": "ok"}).encode()
-    ok = hooks("POST", "/hooks/log/x?a=1", content=body,
-               headers={"Content-Type": "application/json", "X-Hook-Token": created["token"]})
+    ok = hooks(
+        "POST",
+        "/hooks/log/x?a=1",
+        content=body,
+        headers={"Content-Type": "application/json", "X-Hook-Token": created["token"]},
+    )
     hooks("POST", "/hooks/log/x", headers={"X-Hook-Token": "fph_bad"})
     entries = list(ChannelRequest.objects.order_by("received_at"))
     assert [(e.status, e.error) for e in entries] == [(202, ""), (401, "UNAUTHORIZED")]
@@ -439,8 +505,9 @@ def test_every_request_is_logged_redacted(api: APIClient, hooks: Any) -> None:
     assert listed["total"] == 2 and listed["data"][0]["status"] == 401 and listed["data"][1]["playId"]
 
 
-def test_the_channel_page_shows_routes_and_requests(api: APIClient, alice: Any, hooks: Any, client: Any,
-                                                    charlie: Any) -> None:
+def test_the_channel_page_shows_routes_and_requests(
+    api: APIClient, alice: Any, hooks: Any, client: Any, charlie: Any
+) -> None:
     flow = echo_flow(api)
     created = channel(api, slug="page")
     route(api, created["id"], path="/orders/{orderId}", flowIds=[flow["id"]])
@@ -471,8 +538,9 @@ def test_retention_prunes_old_requests_but_keeps_the_newest(api: APIClient, sett
     made = Channel.objects.get(pk=channel(api, slug="old")["id"])
     now = timezone.now()
     for days in (30, 20, 10, 1):
-        ChannelRequest.objects.create(channel=made, method="POST", path="/x", status=202,
-                                      received_at=now - timedelta(days=days))
+        ChannelRequest.objects.create(
+            channel=made, method="POST", path="/x", status=202, received_at=now - timedelta(days=days)
+        )
     SeenSignature.objects.create(channel=made, digest="a" * 64, seen_at=now - timedelta(hours=1))
     assert prune_requests_once(now) == 2
     assert sorted((now - e.received_at).days for e in ChannelRequest.objects.all()) == [1, 10]

@@ -25,11 +25,17 @@ from triggers.mcp import may_use_mcp, mcp_app
 SCHEMA = {"type": "object", "properties": {"orderId": {"type": "string"}}, "required": ["orderId"]}
 
 
-def tool_flow(api: APIClient, name: str = "lookup_order", layers: list[dict[str, Any]] | None = None,
-              **fields: Any) -> dict[str, Any]:
+def tool_flow(
+    api: APIClient, name: str = "lookup_order", layers: list[dict[str, Any]] | None = None, **fields: Any
+) -> dict[str, Any]:
     layers = layers or [{"ref": "answer", "appId": "var", "args": {"values": {"order": "{{ $prev.args.orderId }}"}}}]
-    return make_flow(api, layers, name=fields.pop("name", name),
-                     tool={"name": name, "description": "Look an order up", "inputSchema": SCHEMA}, **fields)
+    return make_flow(
+        api,
+        layers,
+        name=fields.pop("name", name),
+        tool={"name": name, "description": "Look an order up", "inputSchema": SCHEMA},
+        **fields,
+    )
 
 
 # --- The tool field -----------------------------------------------------------------------
@@ -42,12 +48,15 @@ def test_a_flow_carries_its_tool_and_null_removes_it(api: APIClient) -> None:
     assert r.status_code == 200 and r.json()["tool"] is None
 
 
-@pytest.mark.parametrize("tool, field", [
-    ({"name": "has space"}, "tool.name"),
-    ({"name": "ok", "inputSchema": {"type": "array"}}, "tool.inputSchema"),
-    ({"name": "ok", "inputSchema": {"type": "object", "properties": {"a": {"type": "nope"}}}}, "tool.inputSchema"),
-    ({"description": "no name"}, "tool.name"),
-])
+@pytest.mark.parametrize(
+    "tool, field",
+    [
+        ({"name": "has space"}, "tool.name"),
+        ({"name": "ok", "inputSchema": {"type": "array"}}, "tool.inputSchema"),
+        ({"name": "ok", "inputSchema": {"type": "object", "properties": {"a": {"type": "nope"}}}}, "tool.inputSchema"),
+        ({"description": "no name"}, "tool.name"),
+    ],
+)
 def test_a_bad_tool_is_400_at_save(api: APIClient, tool: dict[str, Any], field: str) -> None:
     r = api.post("/api/flows", {"name": "x", "layers": [], "tool": tool}, format="json")
     assert r.status_code == 400 and field in r.json()["details"], r.content
@@ -88,8 +97,11 @@ def mcp_call(monkeypatch: Any, drain: Any) -> Any:
 
             task = asyncio.create_task(worker())
             try:
-                http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=mcp_app), base_url="http://testserver",
-                                          headers={"Authorization": f"Bearer {token}"})
+                http = httpx2.AsyncClient(
+                    transport=httpx2.ASGITransport(app=mcp_app),
+                    base_url="http://testserver",
+                    headers={"Authorization": f"Bearer {token}"},
+                )
                 async with Client(streamable_http_client("http://testserver/mcp", http_client=http)) as client:
                     return await body(client)
             finally:
@@ -129,14 +141,18 @@ def test_a_failing_flow_is_a_tool_error_with_the_plays_code(api: APIClient, alic
     assert result.structured_content["playId"] == Play.objects.get().pk
 
 
-def test_a_play_that_outlasts_the_call_returns_its_id(api: APIClient, alice: User, mcp_call: Any,
-                                                      settings: Any) -> None:
+def test_a_play_that_outlasts_the_call_returns_its_id(
+    api: APIClient, alice: User, mcp_call: Any, settings: Any
+) -> None:
     settings.FLOWPLAY = {**settings.FLOWPLAY, "MCP_TOOL_TIMEOUT_SECONDS": 0.3}
     tool_flow(api, layers=[{"ref": "nap", "appId": "sleep", "args": {"ms": 60_000}}])
     _, token = ApiKey.issue(alice, "agent", ["mcp"])
     result = mcp_call(token, lambda client: client.call_tool("lookup_order", {"orderId": "1"}))
-    assert not result.is_error and result.structured_content == {"playId": Play.objects.get().pk,
-                                                                 "state": "DEFERRED", "status": "running"}
+    assert not result.is_error and result.structured_content == {
+        "playId": Play.objects.get().pk,
+        "state": "DEFERRED",
+        "status": "running",
+    }
 
 
 def test_a_key_without_the_scope_or_no_key_is_refused(alice: User, monkeypatch: Any) -> None:

@@ -29,8 +29,17 @@ class ChannelAdmin(TenantMixin, admin.ModelAdmin):
     list_filter = ["enabled", "auth_mode"]
     search_fields = ["name", "slug"]
     list_select_related = ["company"]
-    fields = ["name", "slug", "company", "auth_mode", "hmac_format", "tolerance_seconds", "max_body_bytes", "enabled",
-              "created_at"]
+    fields = [
+        "name",
+        "slug",
+        "company",
+        "auth_mode",
+        "hmac_format",
+        "tolerance_seconds",
+        "max_body_bytes",
+        "enabled",
+        "created_at",
+    ]
     readonly_fields = ["company", "auth_mode", "hmac_format", "created_at"]
     inlines = [RouteInline]
 
@@ -46,8 +55,22 @@ class ChannelRequestAdmin(TenantMixin, admin.ModelAdmin):
     search_fields = ["=id", "=play_id", "path"]
     list_select_related = ["channel"]
     show_full_result_count = False
-    readonly_fields = ["id", "channel", "route", "received_at", "method", "path", "status", "error", "latency_ms",
-                       "remote_addr", "play_link", "headers_pretty", "query_pretty", "body_pretty"]
+    readonly_fields = [
+        "id",
+        "channel",
+        "route",
+        "received_at",
+        "method",
+        "path",
+        "status",
+        "error",
+        "latency_ms",
+        "remote_addr",
+        "play_link",
+        "headers_pretty",
+        "query_pretty",
+        "body_pretty",
+    ]
     exclude = ["headers", "query", "body", "play_id"]
 
     def has_add_permission(self, request: Any) -> bool:

@@ -40,15 +40,32 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/hooks/"
 # Headers that carry the channel's credentials: never in a play's args, masked in the log.
-SECRET_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "cookie", "x-hook-token", "x-hub-signature", "x-hub-signature-256",
-    "stripe-signature", "x-signature",
-})
+SECRET_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-hook-token",
+        "x-hub-signature",
+        "x-hub-signature-256",
+        "stripe-signature",
+        "x-signature",
+    }
+)
 # What a flow's response may not set: the server frames the response itself.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
-    "upgrade", "content-length",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
 RESPONSE_KEYS = frozenset({"statusCode", "headers", "body"})
 MAX_LOGGED_BODY = 64 * 1024
 MAX_TIMEOUT_MS = 120_000
@@ -79,8 +96,11 @@ def _fresh(channel: Channel, stamp: str, now: float) -> int:
     except (TypeError, ValueError):
         raise Refused(401, "UNAUTHORIZED", "The signature's timestamp is missing or not a number") from None
     if abs(now - moment) > channel.tolerance_seconds:
-        raise Refused(401, "SIGNATURE_EXPIRED",
-                      f"The signature's timestamp is more than {channel.tolerance_seconds} s away from now")
+        raise Refused(
+            401,
+            "SIGNATURE_EXPIRED",
+            f"The signature's timestamp is more than {channel.tolerance_seconds} s away from now",
+        )
     return moment
 
 
@@ -169,8 +189,9 @@ def match(routes: list[Route], method: str, path: str) -> tuple[Route, dict[str,
             return route, found.groupdict()
         allowed.append(route.method)
     if allowed:
-        raise Refused(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}",
-                      {"allow": ", ".join(sorted(set(allowed)))})
+        raise Refused(
+            405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}", {"allow": ", ".join(sorted(set(allowed)))}
+        )
     raise Refused(404, "ROUTE_NOT_FOUND", f"No route for {method} {path}")
 
 
@@ -189,7 +210,8 @@ def response_of(out: Any) -> tuple[int, dict[str, str], bytes]:
         and set(out) <= RESPONSE_KEYS
     ):
         headers = {
-            str(k).lower(): str(v) for k, v in (out.get("headers") or {}).items()
+            str(k).lower(): str(v)
+            for k, v in (out.get("headers") or {}).items()
             if isinstance(out.get("headers"), dict) and str(k).lower() not in HOP_BY_HOP
         }
         content = out.get("body")
@@ -239,8 +261,12 @@ def accept(channel: Channel, route: Route, args: dict[str, Any], key: str | None
     """Count the request against the route's rate limit and start its plays."""
     wait = route.take_rate_slot()
     if wait:
-        raise Refused(429, "TOO_MANY_REQUESTS", f"Rate limit of {route.rate_limit_per_minute} requests a minute",
-                      {"retry-after": str(wait)})
+        raise Refused(
+            429,
+            "TOO_MANY_REQUESTS",
+            f"Rate limit of {route.rate_limit_per_minute} requests a minute",
+            {"retry-after": str(wait)},
+        )
     flows = route.flows()
     if not flows:
         raise Refused(404, "FLOW_NOT_FOUND", "The route's flows do not exist any more")
@@ -256,8 +282,11 @@ def accept(channel: Channel, route: Route, args: dict[str, Any], key: str | None
             # A sender's retry differs in headers (a new timestamp, a trace id): the same
             # request again is a duplicate, another one under the same key a conflict.
             if not _same_request(exc.play.args, args):
-                raise Refused(409, "IDEMPOTENCY_KEY_REUSED",
-                              f"Idempotency key {key!r} was used by play {exc.play.id} for another request") from None
+                raise Refused(
+                    409,
+                    "IDEMPOTENCY_KEY_REUSED",
+                    f"Idempotency key {key!r} was used by play {exc.play.id} for another request",
+                ) from None
             accepted.plays.append((exc.play, False))
     return accepted
 
@@ -305,7 +334,7 @@ def _json(status: int, data: Any, extra: dict[str, str] | None = None) -> tuple[
 async def hooks_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """ASGI: answer one request to ``/hooks/<slug>/<path>``."""
     started = time.monotonic()
-    slug, _, rest = scope["path"][len(PREFIX):].partition("/")
+    slug, _, rest = scope["path"][len(PREFIX) :].partition("/")
     method = scope["method"].upper()
     path = "/" + rest
     headers: dict[str, str] = {}
@@ -319,13 +348,30 @@ async def hooks_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         status, out_headers, payload = _json(404, error_body("CHANNEL_NOT_FOUND", f"No channel {slug!r}", 404))
         await _send(send, status, out_headers, payload)
         if channel is not None:
-            await record(ChannelRequest(channel=channel, method=method, path=path, status=404, error="CHANNEL_DISABLED",
-                                        latency_ms=_ms(started), remote_addr=_client(scope), query=query,
-                                        headers=_logged_headers(headers)))
+            await record(
+                ChannelRequest(
+                    channel=channel,
+                    method=method,
+                    path=path,
+                    status=404,
+                    error="CHANNEL_DISABLED",
+                    latency_ms=_ms(started),
+                    remote_addr=_client(scope),
+                    query=query,
+                    headers=_logged_headers(headers),
+                )
+            )
         return
     request_id = new_id()
-    entry = ChannelRequest(id=request_id, channel=channel, method=method, path=path, remote_addr=_client(scope),
-                           headers=_logged_headers(headers), query=query)
+    entry = ChannelRequest(
+        id=request_id,
+        channel=channel,
+        method=method,
+        path=path,
+        remote_addr=_client(scope),
+        headers=_logged_headers(headers),
+        query=query,
+    )
     limit = channel.max_body_bytes or settings.FLOWPLAY["HOOK_MAX_BODY_BYTES"]
     try:
         declared = headers.get("content-length", "")
@@ -351,8 +397,15 @@ async def hooks_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         log.exception("channel %s: could not record request %s", channel.slug, request_id)
 
 
-async def _serve(channel: Channel, entry: ChannelRequest, method: str, path: str, headers: dict[str, str],
-                 query: dict[str, Any], raw: bytes) -> tuple[int, dict[str, str], bytes]:
+async def _serve(
+    channel: Channel,
+    entry: ChannelRequest,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    query: dict[str, Any],
+    raw: bytes,
+) -> tuple[int, dict[str, str], bytes]:
     body = parse_body(headers.get("content-type", ""), raw)
     entry.body = logged_body(body, channel.secret)
     digest = authenticate(channel, headers, raw, time.time())

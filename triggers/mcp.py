@@ -76,11 +76,13 @@ async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
         tool = flow.tool or {}
         if not tool.get("name"):
             continue
-        tools.append(types.Tool(
-            name=tool["name"],
-            description=tool.get("description") or flow.name,
-            input_schema=tool.get("inputSchema") or {"type": "object", "properties": {}},
-        ))
+        tools.append(
+            types.Tool(
+                name=tool["name"],
+                description=tool.get("description") or flow.name,
+                input_schema=tool.get("inputSchema") or {"type": "object", "properties": {}},
+            )
+        )
     return types.ListToolsResult(tools=tools)
 
 
@@ -88,8 +90,9 @@ def _error(code: str, message: str, play_id: str | None = None) -> types.CallToo
     data: dict[str, Any] = {"error": code, "message": message}
     if play_id:
         data["playId"] = play_id
-    return types.CallToolResult(content=[types.TextContent(text=json.dumps(data))], structured_content=data,
-                                is_error=True)
+    return types.CallToolResult(
+        content=[types.TextContent(text=json.dumps(data))], structured_content=data, is_error=True
+    )
 
 
 @db
@@ -106,7 +109,10 @@ def _start(key: ApiKey, name: str, arguments: dict[str, Any]) -> tuple[Play | No
         return None, _error("VALIDATION_ERROR", f"{where}: {problems[0].message}")
     try:
         play, _ = Play.trigger(
-            flow, arguments, user=key.user, source={"kind": TriggerKind.MCP, "tool": name},
+            flow,
+            arguments,
+            user=key.user,
+            source={"kind": TriggerKind.MCP, "tool": name},
             on_created=lambda play: record(key.user, "play.triggered", play, flowId=flow.id, via="mcp", tool=name),
         )
     except IdempotencyConflict:  # no key is passed; kept for completeness
@@ -141,8 +147,13 @@ async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.Call
     return types.CallToolResult(content=[types.TextContent(text=json.dumps(data))], structured_content=data)
 
 
-server = Server("flowplay", version="1.0", instructions="Each tool runs a flowplay flow and returns its last step's output.",
-                on_list_tools=list_tools, on_call_tool=call_tool)
+server = Server(
+    "flowplay",
+    version="1.0",
+    instructions="Each tool runs a flowplay flow and returns its last step's output.",
+    on_list_tools=list_tools,
+    on_call_tool=call_tool,
+)
 
 
 # --- The ASGI app -------------------------------------------------------------------------

@@ -66,7 +66,9 @@ class Channel(models.Model):
     # Seconds a signed request's timestamp may be off, and a signature is remembered
     # against replays.
     tolerance_seconds = models.PositiveIntegerField(default=300)
-    max_body_bytes = models.PositiveIntegerField(null=True, blank=True, help_text="Default: FLOWPLAY_HOOK_MAX_BODY_BYTES")
+    max_body_bytes = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Default: FLOWPLAY_HOOK_MAX_BODY_BYTES"
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
@@ -98,7 +100,9 @@ class Channel(models.Model):
         request at once cannot both accept it.
         """
         now = now or timezone.now()
-        SeenSignature.objects.filter(channel=self, digest=digest, seen_at__lt=now - timedelta(seconds=self.tolerance_seconds)).delete()
+        SeenSignature.objects.filter(
+            channel=self, digest=digest, seen_at__lt=now - timedelta(seconds=self.tolerance_seconds)
+        ).delete()
         try:
             with transaction.atomic():
                 SeenSignature.objects.create(channel=self, digest=digest, seen_at=now)
@@ -173,7 +177,9 @@ class Route(models.Model):
         for _ in range(2):
             if routes.filter(rate_window=window, rate_count__lt=limit).update(rate_count=F("rate_count") + 1):
                 return 0
-            if routes.filter(Q(rate_window__isnull=True) | ~Q(rate_window=window)).update(rate_window=window, rate_count=1):
+            if routes.filter(Q(rate_window__isnull=True) | ~Q(rate_window=window)).update(
+                rate_window=window, rate_count=1
+            ):
                 return 0
             if routes.filter(rate_window=window, rate_count__gte=limit).exists():
                 break

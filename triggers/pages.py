@@ -19,8 +19,10 @@ PAGE_SIZE = 50
 
 
 def _channel_or_404(request: HttpRequest, key: str) -> Channel:
-    channel = Channel.objects.for_company(request.user.company_id).filter(pk=key).first() or \
-        Channel.objects.for_company(request.user.company_id).filter(slug=key).first()
+    channel = (
+        Channel.objects.for_company(request.user.company_id).filter(pk=key).first()
+        or Channel.objects.for_company(request.user.company_id).filter(slug=key).first()
+    )
     if channel is None:
         raise Http404("No such channel")
     return channel
@@ -40,8 +42,11 @@ def channel_list(request: HttpRequest) -> HttpResponse:
 def channel_detail(request: HttpRequest, channel_key: str) -> HttpResponse:
     channel = _channel_or_404(request, channel_key)
     routes = list(channel.routes.order_by("path", "method"))
-    names = dict(Flow.objects.filter(company_id=channel.company_id, pk__in={pk for r in routes for pk in r.flow_ids})
-                 .values_list("pk", "name"))
+    names = dict(
+        Flow.objects.filter(
+            company_id=channel.company_id, pk__in={pk for r in routes for pk in r.flow_ids}
+        ).values_list("pk", "name")
+    )
     for route in routes:
         route.flow_names = [(pk, names.get(pk, pk)) for pk in route.flow_ids]
     try:
@@ -49,16 +54,27 @@ def channel_detail(request: HttpRequest, channel_key: str) -> HttpResponse:
     except ValueError:
         page = 0
     entries = list(
-        ChannelRequest.objects.filter(channel=channel).order_by("-received_at", "-id")[page * PAGE_SIZE : (page + 1) * PAGE_SIZE + 1]
+        ChannelRequest.objects.filter(channel=channel).order_by("-received_at", "-id")[
+            page * PAGE_SIZE : (page + 1) * PAGE_SIZE + 1
+        ]
     )
     more = len(entries) > PAGE_SIZE
     entries = entries[:PAGE_SIZE]
     for entry in entries:
         entry.body_text = _pretty(entry.body)
         entry.headers_text = _pretty(entry.headers)
-    return render(request, "flowplay/channel_detail.html", {
-        "channel": channel, "routes": routes, "entries": entries, "page": page, "more": more, "nav": "channels",
-    })
+    return render(
+        request,
+        "flowplay/channel_detail.html",
+        {
+            "channel": channel,
+            "routes": routes,
+            "entries": entries,
+            "page": page,
+            "more": more,
+            "nav": "channels",
+        },
+    )
 
 
 def _pretty(value: Any) -> str:

@@ -18,17 +18,25 @@ SLUG_RE = r"^[a-z0-9][a-z0-9-]{0,99}$"
 
 
 class ChannelSerializer(serializers.ModelSerializer):
-    slug = serializers.RegexField(SLUG_RE, required=False, max_length=100,
-                                  error_messages={"invalid": "slug must be lowercase letters, digits and dashes"})
-    authMode = serializers.ChoiceField(source="auth_mode", choices=AuthMode.choices, required=False,
-                                       default=AuthMode.PUBLIC)
-    hmacFormat = serializers.ChoiceField(source="hmac_format", choices=HmacFormat.choices, required=False,
-                                         default=HmacFormat.GITHUB)
+    slug = serializers.RegexField(
+        SLUG_RE,
+        required=False,
+        max_length=100,
+        error_messages={"invalid": "slug must be lowercase letters, digits and dashes"},
+    )
+    authMode = serializers.ChoiceField(
+        source="auth_mode", choices=AuthMode.choices, required=False, default=AuthMode.PUBLIC
+    )
+    hmacFormat = serializers.ChoiceField(
+        source="hmac_format", choices=HmacFormat.choices, required=False, default=HmacFormat.GITHUB
+    )
     enabled = serializers.BooleanField(required=False, default=True)
-    toleranceSeconds = serializers.IntegerField(source="tolerance_seconds", required=False, min_value=1,
-                                                max_value=86400, default=300)
-    maxBodyBytes = serializers.IntegerField(source="max_body_bytes", required=False, allow_null=True, min_value=1,
-                                            max_value=100 * 1024 * 1024)
+    toleranceSeconds = serializers.IntegerField(
+        source="tolerance_seconds", required=False, min_value=1, max_value=86400, default=300
+    )
+    maxBodyBytes = serializers.IntegerField(
+        source="max_body_bytes", required=False, allow_null=True, min_value=1, max_value=100 * 1024 * 1024
+    )
     # Write-only: an HMAC secret the sender chose (Stripe hands you its own); without one
     # the server generates it. Shown back only in the answer that set it.
     secret = serializers.CharField(required=False, write_only=True, min_length=16, max_length=255)
@@ -37,8 +45,19 @@ class ChannelSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Channel
-        fields = ["id", "name", "slug", "authMode", "hmacFormat", "enabled", "toleranceSeconds", "maxBodyBytes",
-                  "secret", "createdAt", "updatedAt"]
+        fields = [
+            "id",
+            "name",
+            "slug",
+            "authMode",
+            "hmacFormat",
+            "enabled",
+            "toleranceSeconds",
+            "maxBodyBytes",
+            "secret",
+            "createdAt",
+            "updatedAt",
+        ]
         read_only_fields = ["id"]
 
     def to_representation(self, channel: Channel) -> dict[str, Any]:
@@ -74,23 +93,38 @@ class ChannelSerializer(serializers.ModelSerializer):
 class RouteSerializer(serializers.ModelSerializer):
     method = serializers.CharField(required=False, default="POST", max_length=8)
     path = serializers.CharField(max_length=500)
-    flowIds = serializers.ListField(source="flow_ids", child=serializers.CharField(max_length=200), min_length=1,
-                                    max_length=20)
-    responseMode = serializers.ChoiceField(source="response_mode", choices=ResponseMode.choices, required=False,
-                                           default=ResponseMode.ASYNC)
-    timeoutMs = serializers.IntegerField(source="timeout_ms", required=False, min_value=1, max_value=120_000,
-                                         default=30_000)
-    idempotencyKey = serializers.CharField(source="idempotency_key", required=False, allow_blank=True,
-                                           allow_null=True, max_length=500, default="")
-    rateLimitPerMinute = serializers.IntegerField(source="rate_limit_per_minute", required=False, allow_null=True,
-                                                  min_value=1, max_value=1_000_000)
+    flowIds = serializers.ListField(
+        source="flow_ids", child=serializers.CharField(max_length=200), min_length=1, max_length=20
+    )
+    responseMode = serializers.ChoiceField(
+        source="response_mode", choices=ResponseMode.choices, required=False, default=ResponseMode.ASYNC
+    )
+    timeoutMs = serializers.IntegerField(
+        source="timeout_ms", required=False, min_value=1, max_value=120_000, default=30_000
+    )
+    idempotencyKey = serializers.CharField(
+        source="idempotency_key", required=False, allow_blank=True, allow_null=True, max_length=500, default=""
+    )
+    rateLimitPerMinute = serializers.IntegerField(
+        source="rate_limit_per_minute", required=False, allow_null=True, min_value=1, max_value=1_000_000
+    )
     channelId = serializers.CharField(source="channel_id", read_only=True)
     createdAt = serializers.DateTimeField(source="created_at", read_only=True)
 
     class Meta:
         model = Route
-        fields = ["id", "channelId", "method", "path", "flowIds", "responseMode", "timeoutMs", "idempotencyKey",
-                  "rateLimitPerMinute", "createdAt"]
+        fields = [
+            "id",
+            "channelId",
+            "method",
+            "path",
+            "flowIds",
+            "responseMode",
+            "timeoutMs",
+            "idempotencyKey",
+            "rateLimitPerMinute",
+            "createdAt",
+        ]
         read_only_fields = ["id"]
 
     def validate_method(self, value: str) -> str:
@@ -104,7 +138,8 @@ class RouteSerializer(serializers.ModelSerializer):
         for segment in path.strip("/").split("/") if path != "/" else []:
             if not SEGMENT_RE.match(segment):
                 raise serializers.ValidationError(
-                    f"segment {segment!r}: a path is /-separated words or {{name}} parameters, like /orders/{{orderId}}")
+                    f"segment {segment!r}: a path is /-separated words or {{name}} parameters, like /orders/{{orderId}}"
+                )
             names += PARAM_RE.findall(segment)
         if len(names) != len(set(names)):
             raise serializers.ValidationError("a path parameter name is used twice")

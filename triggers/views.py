@@ -19,8 +19,10 @@ from .serializers import ChannelSerializer, RequestLogEntrySerializer, RouteSeri
 
 def get_channel(request: Any, key: str) -> Channel:
     """The caller's channel by id or slug; another company's is a 404."""
-    channel = Channel.objects.for_company(request.user.company_id).filter(pk=key).first() or \
-        Channel.objects.for_company(request.user.company_id).filter(slug=key).first()
+    channel = (
+        Channel.objects.for_company(request.user.company_id).filter(pk=key).first()
+        or Channel.objects.for_company(request.user.company_id).filter(slug=key).first()
+    )
     if channel is None:
         raise not_found("channel", key)
     return channel
@@ -43,7 +45,9 @@ class ChannelViewSet(viewsets.ModelViewSet):
     lookup_value_regex = "[^/]+"
 
     def get_queryset(self) -> Any:
-        return Channel.objects.for_company(self.request.user.company_id).prefetch_related("routes").order_by("name", "id")
+        return (
+            Channel.objects.for_company(self.request.user.company_id).prefetch_related("routes").order_by("name", "id")
+        )
 
     def get_object(self) -> Channel:
         return get_channel(self.request, self.kwargs["channel_id"])

@@ -57,13 +57,29 @@ class Live:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     var = tmp_path_factory.mktemp("triggers")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO_SETTINGS"))
-           and k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
-    env.update(FLOWPLAY_VAR_DIR=str(var), PORT=str(port), PYTHONUNBUFFERED="1", WORKER_CONCURRENCY="1",
-               FLOWPLAY_MCP_TOOL_TIMEOUT_SECONDS="3", LOGIN_THROTTLE_RATE="1000/min")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST", "DJANGO_SETTINGS"))
+        and k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")
+    }
+    env.update(
+        FLOWPLAY_VAR_DIR=str(var),
+        PORT=str(port),
+        PYTHONUNBUFFERED="1",
+        WORKER_CONCURRENCY="1",
+        FLOWPLAY_MCP_TOOL_TIMEOUT_SECONDS="3",
+        LOGIN_THROTTLE_RATE="1000/min",
+    )
     log = var / "server.log"
-    proc = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "run", f"PORT={port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -78,9 +94,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.3)
         email = f"ada-{secrets.token_hex(3)}@example.com"
-        out = subprocess.run([str(ROOT / ".venv/bin/python"), "manage.py", "createsuperuser", "--noinput"], cwd=ROOT,
-                             env={**env, "DJANGO_SUPERUSER_EMAIL": email, "DJANGO_SUPERUSER_USERNAME": email.split("@")[0],
-                                  "DJANGO_SUPERUSER_PASSWORD": PASSWORD}, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [str(ROOT / ".venv/bin/python"), "manage.py", "createsuperuser", "--noinput"],
+            cwd=ROOT,
+            env={
+                **env,
+                "DJANGO_SUPERUSER_EMAIL": email,
+                "DJANGO_SUPERUSER_USERNAME": email.split("@")[0],
+                "DJANGO_SUPERUSER_PASSWORD": PASSWORD,
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         api = httpx.Client(base_url=url, timeout=60)
         assert api.post("/api/auth/login", json={"email": email, "password": PASSWORD}).status_code == 200
@@ -124,30 +150,69 @@ def wait_state(live: Live, play_id: str, states: tuple[str, ...] = ("DONE", "FAI
 
 
 def test_a_github_signed_webhook_is_answered_with_the_flows_output(live: Live) -> None:
-    made = flow(live, "GitHub push", [{"ref": "reply", "appId": "var", "args": {"values": {
-        "statusCode": 202, "headers": {"X-Repo": "{{ $prev.args.body.repository }}"},
-        "body": {"ok": True, "delivery": "{{ $prev.args.headers[\"x-github-delivery\"] }}"}}}}])
-    channel = channel_with_route(live, "github", {
-        "method": "POST", "path": "/push", "flowIds": [made["id"]], "responseMode": "sync",
-        "idempotencyKey": "{{ $prev.args.headers[\"x-github-delivery\"] }}"}, authMode="hmac", hmacFormat="github")
+    made = flow(
+        live,
+        "GitHub push",
+        [
+            {
+                "ref": "reply",
+                "appId": "var",
+                "args": {
+                    "values": {
+                        "statusCode": 202,
+                        "headers": {"X-Repo": "{{ $prev.args.body.repository }}"},
+                        "body": {"ok": True, "delivery": '{{ $prev.args.headers["x-github-delivery"] }}'},
+                    }
+                },
+            }
+        ],
+    )
+    channel = channel_with_route(
+        live,
+        "github",
+        {
+            "method": "POST",
+            "path": "/push",
+            "flowIds": [made["id"]],
+            "responseMode": "sync",
+            "idempotencyKey": '{{ $prev.args.headers["x-github-delivery"] }}',
+        },
+        authMode="hmac",
+        hmacFormat="github",
+    )
     body = json.dumps({"repository": "acme/shop"}).encode()
     signature = hmac.new(channel["secret"].encode(), body, hashlib.sha256).hexdigest()
-    headers = {"Content-Type": "application/json", "X-GitHub-Delivery": "d-1",
-               "X-Hub-Signature-256": f"sha256={signature}"}
+    headers = {
+        "Content-Type": "application/json",
+        "X-GitHub-Delivery": "d-1",
+        "X-Hub-Signature-256": f"sha256={signature}",
+    }
     r = httpx.post(f"{live.url}/hooks/github/push", content=body, headers=headers, timeout=30)
     assert r.status_code == 202 and r.headers["x-repo"] == "acme/shop", r.text
     assert r.json() == {"ok": True, "delivery": "d-1"}
-    assert httpx.post(f"{live.url}/hooks/github/push", content=body, headers={**headers, "X-Hub-Signature-256": "sha256=00"}).status_code == 401
+    assert (
+        httpx.post(
+            f"{live.url}/hooks/github/push", content=body, headers={**headers, "X-Hub-Signature-256": "sha256=00"}
+        ).status_code
+        == 401
+    )
     log = live.api.get(f"/api/channels/{channel['id']}/requests").json()["data"]
     assert [e["status"] for e in log] == [401, 202] and log[1]["playId"] == r.headers["x-flowplay-play-id"]
 
 
 def test_sync_waits_hold_neither_the_worker_nor_a_thread(live: Live) -> None:
-    slow = flow(live, "Slow", [{"ref": "nap", "appId": "sleep", "args": {"ms": 3000}},
-                               {"ref": "done", "appId": "var", "args": {"values": {"n": "{{ $prev.args.body.n }}"}}}])
+    slow = flow(
+        live,
+        "Slow",
+        [
+            {"ref": "nap", "appId": "sleep", "args": {"ms": 3000}},
+            {"ref": "done", "appId": "var", "args": {"values": {"n": "{{ $prev.args.body.n }}"}}},
+        ],
+    )
     quick = flow(live, "Quick", [{"ref": "one", "appId": "var", "args": {"values": {"x": 1}}}])
-    channel_with_route(live, "slow", {"path": "/run", "flowIds": [slow["id"]], "responseMode": "sync",
-                                      "timeoutMs": 60_000})
+    channel_with_route(
+        live, "slow", {"path": "/run", "flowIds": [slow["id"]], "responseMode": "sync", "timeoutMs": 60_000}
+    )
     before = live.web_threads()
     waiting = 30
 
@@ -165,7 +230,9 @@ def test_sync_waits_hold_neither_the_worker_nor_a_thread(live: Live) -> None:
         during = live.web_threads()
         # Meanwhile the one worker serves other plays.
         started = time.monotonic()
-        quick_ids = [live.api.post(f"/api/flows/{quick['id']}/run", json={"args": {}}).json()["playId"] for _ in range(5)]
+        quick_ids = [
+            live.api.post(f"/api/flows/{quick['id']}/run", json={"args": {}}).json()["playId"] for _ in range(5)
+        ]
         for play_id in quick_ids:
             assert wait_state(live, play_id) == "DONE"
         quick_seconds = time.monotonic() - started
@@ -173,17 +240,20 @@ def test_sync_waits_hold_neither_the_worker_nor_a_thread(live: Live) -> None:
         results = [f.result() for f in futures]
     assert all(status == 200 for status, _, _ in results), results
     assert sorted(body["n"] for _, body, _ in results) == list(range(waiting))
-    print(f"\nweb threads: {before} before, {during} with {waiting} sync requests waiting; "
-          f"5 other plays done in {quick_seconds:.2f} s while {still_waiting} requests still waited; "
-          f"sync latency {min(r[2] for r in results):.2f}-{max(r[2] for r in results):.2f} s")
+    print(
+        f"\nweb threads: {before} before, {during} with {waiting} sync requests waiting; "
+        f"5 other plays done in {quick_seconds:.2f} s while {still_waiting} requests still waited; "
+        f"sync latency {min(r[2] for r in results):.2f}-{max(r[2] for r in results):.2f} s"
+    )
     assert still_waiting > 0, "the sync requests ended before the other plays: the test proves nothing"
     assert during - before < waiting // 2, f"threads grew from {before} to {during}"
 
 
 def test_sync_past_the_timeout_answers_202_and_the_play_goes_on(live: Live) -> None:
     slow = flow(live, "Slower", [{"ref": "nap", "appId": "sleep", "args": {"ms": 2500}}])
-    channel_with_route(live, "slower", {"path": "/run", "flowIds": [slow["id"]], "responseMode": "sync",
-                                        "timeoutMs": 500})
+    channel_with_route(
+        live, "slower", {"path": "/run", "flowIds": [slow["id"]], "responseMode": "sync", "timeoutMs": 500}
+    )
     r = httpx.post(f"{live.url}/hooks/slower/run", timeout=30)
     assert r.status_code == 202 and r.json()["status"] == "running", r.text
     assert wait_state(live, r.json()["playId"]) == "DONE"
@@ -209,13 +279,30 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "require
 
 
 def test_mcp_lists_and_calls_tools(live: Live) -> None:
-    flow(live, "Weather", [{"ref": "report", "appId": "template", "args": {
-        "template": "Sunny in {{ city }}", "data": {"city": "{{ $prev.args.city }}"}}}],
-        tool={"name": "weather", "description": "Today's weather", "inputSchema": SCHEMA})
-    flow(live, "Broken", [{"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.args.city }}"}}],
-         tool={"name": "broken", "inputSchema": SCHEMA})
-    flow(live, "Long", [{"ref": "nap", "appId": "sleep", "args": {"ms": 8000}}],
-         tool={"name": "long", "inputSchema": SCHEMA})
+    flow(
+        live,
+        "Weather",
+        [
+            {
+                "ref": "report",
+                "appId": "template",
+                "args": {"template": "Sunny in {{ city }}", "data": {"city": "{{ $prev.args.city }}"}},
+            }
+        ],
+        tool={"name": "weather", "description": "Today's weather", "inputSchema": SCHEMA},
+    )
+    flow(
+        live,
+        "Broken",
+        [{"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.args.city }}"}}],
+        tool={"name": "broken", "inputSchema": SCHEMA},
+    )
+    flow(
+        live,
+        "Long",
+        [{"ref": "nap", "appId": "sleep", "args": {"ms": 8000}}],
+        tool={"name": "long", "inputSchema": SCHEMA},
+    )
 
     async def body(client: Any) -> Any:
         tools = await client.list_tools()
@@ -237,7 +324,10 @@ def test_mcp_refuses_a_key_without_the_scope_and_no_key(live: Live) -> None:
     for token in (live.plain_token, "fp_00000000_not-a-key"):
         with pytest.raises(Exception):  # noqa: B017 - the SDK wraps the HTTP error in an ExceptionGroup
             mcp(live, token, lambda client: client.list_tools())
-    r = httpx.post(f"{live.url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-                   headers={"Authorization": f"Bearer {live.plain_token}"})
+    r = httpx.post(
+        f"{live.url}/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        headers={"Authorization": f"Bearer {live.plain_token}"},
+    )
     assert r.status_code == 403 and r.json()["error"] == "FORBIDDEN"
     assert httpx.post(f"{live.url}/mcp", json={}).status_code == 401
