@@ -12,7 +12,7 @@ class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
-        ('flows', '0003_i17_flow_tool'),
+        ('flows', '0004_i17_flow_tool'),
     ]
 
     operations = [

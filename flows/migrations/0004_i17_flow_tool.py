@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('flows', '0002_audit_and_retention_keep'),
+        ('flows', '0003_i18_credentials'),
     ]
 
     operations = [
