@@ -11,7 +11,8 @@ attempt and carries on. A step that had finished is never run again.
    the task loses and returns).
 2. For each step from ``play.next_index``: filters → ``FILTERED``; ``needsApproval`` →
    ``WAIT``; else the layer is opened (``RUN``), its args rendered and the module called
-   in a thread, bounded by the step's timeout, retried with backoff.
+   in a thread (a ``cpu_bound`` one in a forked child that a timeout or cancel kills:
+   ``plays/killable.py``), bounded by the step's timeout, retried with backoff.
 3. The outcome is recorded together with ``next_index``; ``onError`` decides whether the
    play goes on. A success is recorded in the same transaction that opens the next step's
    layer (or finishes the play): one commit per step, each state change still durable
@@ -39,8 +40,10 @@ from django.utils import timezone
 from flows import credentials, vault
 from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, render
 from flows.modules import Park, RunContext, StepError, get_module
+from flows.modules.base import check_output_size, json_size, max_output_bytes
 from flows.modules.iterator import loop_end
 
+from . import killable
 from .models import (
     LAYER_TERMINAL,
     TERMINAL,
@@ -579,8 +582,16 @@ class Runner:
         try:
             if module.inline:
                 out = _masked(module, args, ctx, secrets)
+            elif module.cpu_bound and not module.cheap(args) and config("KILLABLE_STEPS") and killable.available():
+                # A forked child that a timeout or a cancel kills (plays/killable.py). It runs
+                # _masked, not _call: it must not close the database connection it inherited.
+                out = killable.call(
+                    _masked, module, args, ctx, secrets, timeout=timeout, ended=self.ended, max_bytes=max_output_bytes()
+                )
             else:
                 out = self.wait(_executor.submit(_call, module, args, ctx, secrets), timeout)
+        except killable.Cancelled:
+            raise Stop from None
         except FutureTimeout:
             if self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at:
                 self.fail_play(error_body("PLAY_TIMEOUT", "The play exceeded its timeout", step["ref"]))
@@ -767,7 +778,9 @@ def _masked(module: Any, args: dict[str, Any], ctx: RunContext, revealed: Any = 
     # out, error, events or logs.
     secrets = secrets_of(args) | set(revealed)
     try:
-        return redact(module.run(args, ctx), secrets)
+        out = redact(module.run(args, ctx), secrets)
+        check_output_size(json_size(out))  # FLOWPLAY_MAX_OUTPUT_BYTES → OUTPUT_TOO_LARGE
+        return out
     except StepError as exc:
         exc.message = redact_text(exc.message, secrets)
         exc.args = (exc.message,)

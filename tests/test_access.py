@@ -116,9 +116,12 @@ def world(api: APIClient, alice: User, bob: User, charlie: User, drain: Any) -> 
     route = api.post(f"/api/channels/{channel['id']}/routes", {"path": "/x", "flowIds": [flow["id"]]},
                      format="json").json()
     credential = credentials.create(alice, "alices_token", "token", "alice-secret-token-value")
+    schedule = api.post(f"/api/flows/{flow['id']}/schedules", {"intervalSeconds": 3600, "enabled": False},
+                        format="json").json()
     return {"flow_id": flow["id"], "flow_key": flow["id"], "layer_id": flow["layers"][0]["id"], "play_id": play_id,
             "key_id": key["id"], "pk": flow["id"], "object_id": flow["id"], "credential_id": credential.pk,
-            "channel_id": channel["id"], "channel_key": channel["id"], "route_id": route["id"]}
+            "channel_id": channel["id"], "channel_key": channel["id"], "route_id": route["id"],
+            "schedule_id": schedule["id"]}
 
 
 def test_the_route_enumeration_sees_the_api_admin_and_websocket() -> None:

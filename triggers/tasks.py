@@ -1,8 +1,10 @@
-"""Periodic: the channels' request log and remembered signatures are pruned."""
+"""Celery tasks of the triggers, run by the scheduler (beat): the schedule sweep, and the
+pruning of the channels' request log and remembered signatures."""
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 
 from celery import shared_task
@@ -10,7 +12,23 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from .models import Channel, ChannelRequest, SeenSignature
+from .models import Channel, ChannelRequest, SeenSignature, fire_due_one, start_queued_one
+
+
+@shared_task(ignore_result=True)
+def fire_schedules(budget: float = 2.0) -> int:
+    """Periodic: fire every due schedule, then start queued plays whose turn has come."""
+    done = 0
+    ends = time.monotonic() + budget
+    while time.monotonic() < ends and fire_due_one():
+        done += 1
+    while time.monotonic() < ends and start_queued_one():
+        done += 1
+    return done
+
+
+# --- HTTP channels --------------------------------------------------------------------
+
 
 log = logging.getLogger(__name__)
 

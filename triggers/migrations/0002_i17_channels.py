@@ -9,10 +9,9 @@ import flows.ids
 
 class Migration(migrations.Migration):
 
-    initial = True
-
     dependencies = [
         ('flows', '0004_i17_flow_tool'),
+        ('triggers', '0001_schedules'),
     ]
 
     operations = [
