@@ -18,6 +18,8 @@ router.register("auth/api-keys", flow_views.ApiKeyViewSet, basename="api-key")
 router.register("credentials", credential_views.CredentialViewSet, basename="credential")
 router.register("schedules", trigger_views.ScheduleViewSet, basename="schedule")
 router.register(r"flows/(?P<flow_id>[^/]+)/schedules", trigger_views.FlowScheduleViewSet, basename="flow-schedule")
+router.register("channels", trigger_views.ChannelViewSet, basename="channel")
+router.register(r"channels/(?P<channel_id>[^/]+)/routes", trigger_views.RouteViewSet, basename="channel-route")
 
 api = [
     path("auth/login", flow_views.LoginView.as_view(), name="api-login"),
@@ -29,7 +31,6 @@ api = [
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("flows/<str:flow_id>/plays", play_views.FlowPlaysViewSet.as_view({"get": "list"}), name="flow-plays"),
     *router.urls,
-    path("", include("triggers.urls")),
 ]
 
 urlpatterns = [
