@@ -98,6 +98,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After commit, a broker error is reported in the answer, never as a 500 (plays/broker.py).
+    "plays.broker.BrokerNoticeMiddleware",
 ]
 
 ROOT_URLCONF = "flowplay.urls"
@@ -370,6 +372,9 @@ FLOWPLAY = {
     "CURL_ALLOW": env_list("FLOWPLAY_CURL_ALLOW", []),
     # A RUN play whose task was lost (no runner, untouched this long) is requeued by reap_stuck.
     "REAP_IDLE_SECONDS": env_float("FLOWPLAY_REAP_IDLE_SECONDS", 30.0),
+    # How long a runner retries recording a step's outcome through transient database errors
+    # (a restart, a dropped connection) before it gives the play up to the reaper.
+    "RECORD_RETRY_SECONDS": env_float("FLOWPLAY_RECORD_RETRY_SECONDS", 60.0),
     # Retention of finished plays (plays/retention.py): days, unless the flow sets retention_days;
     # 0 keeps them for ever. FILTERED plays (nothing ran) go sooner. The newest RETENTION_KEEP
     # finished plays of each flow are always kept. Deleted RETENTION_BATCH plays per transaction.
