@@ -174,7 +174,7 @@ class Flow(models.Model):
     retention_keep = models.PositiveIntegerField(null=True, blank=True)
     # The flow as an MCP tool: {"name", "description", "inputSchema"} (a JSON Schema for its
     # args); null = not a tool (triggers/mcp.py).
-    tool = models.JSONField(null=True, blank=True)
+    tool = StorableJSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
     deleted_at = models.DateTimeField(null=True, blank=True)

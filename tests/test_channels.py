@@ -303,6 +303,20 @@ def test_path_params_query_and_method_reach_the_args(api: APIClient, hooks: Any)
     assert "cookie" not in args["headers"]
 
 
+def test_a_body_that_cannot_be_stored_as_sent_is_repaired_like_any_stored_value(api: APIClient, hooks: Any) -> None:
+    flow = echo_flow(api)
+    route(api, channel(api, slug="nul")["id"], path="/x", flowIds=[flow["id"]])
+    body = b'{"name": "a\\u0000b", "odd": "\\ud800"}'
+    first = hooks(
+        "POST", "/hooks/nul/x", content=body, headers={"Content-Type": "application/json", "Idempotency-Key": "n"}
+    )
+    again = hooks(
+        "POST", "/hooks/nul/x", content=body, headers={"Content-Type": "application/json", "Idempotency-Key": "n"}
+    )
+    assert first.status_code == 202 and again.json()["playId"] == first.json()["playId"]
+    assert Play.objects.get().args["body"] == {"name": "a\ufffdb", "odd": "\ufffd"}
+
+
 def test_unknown_route_is_404_and_a_wrong_method_405(api: APIClient, hooks: Any) -> None:
     flow = echo_flow(api)
     route(api, channel(api, slug="m")["id"], path="/only-post", flowIds=[flow["id"]])

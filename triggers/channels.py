@@ -30,6 +30,7 @@ from django.conf import settings
 from flows import expr
 from flows.ids import new_id
 from flows.models import hash_token
+from flows.storable import UnstorableValue, storable
 from plays.models import IdempotencyConflict, Play, State, TriggerKind
 from plays.redaction import MASK, redact
 
@@ -421,6 +422,12 @@ async def _serve(
         "headers": {k: v for k, v in headers.items() if k not in SECRET_HEADERS},
         "body": body,
     }
+    try:
+        # Senders cannot fix their bodies: NUL, lone surrogates and the like are repaired the
+        # way every stored value is, before the args are hashed for dedup.
+        args = storable(args)
+    except UnstorableValue:
+        raise Refused(400, "VALIDATION_ERROR", "The request cannot be stored (nested too deep)") from None
     key = _idempotency_key(route, args, headers)
     accepted = await accept(channel, route, args, key, entry.pk)
     play, created = accepted.plays[0]

@@ -1,9 +1,10 @@
 """What starts plays besides a person: schedules, HTTP channels (and, with triggers/mcp.py,
 MCP tools).
 
-A ``Schedule`` fires plays of a flow at cron or interval times. A ``Channel`` is a company's inbound endpoint, served at ``/hooks/<slug>/…`` by the ASGI
-app in ``triggers/channels.py``; its ``Route``s map a method and a path to flows. Every
-request that reaches a known channel leaves a ``ChannelRequest`` row (the request log).
+A ``Schedule`` fires plays of a flow at cron or interval times. A ``Channel`` is a
+company's inbound endpoint, served at ``/hooks/<slug>/…`` by the ASGI app in
+``triggers/channels.py``; its ``Route``s map a method and a path to flows. Every request
+that reaches a known channel leaves a ``ChannelRequest`` row (the request log).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from django.utils import timezone
 
 from flows.ids import new_id
 from flows.models import Company, Flow, hash_token
+from flows.storable import StorableJSONField
 from plays.models import NON_TERMINAL, IdempotencyConflict, Play, State, TriggerKind, iso
 
 from . import cron
@@ -65,7 +67,7 @@ class Schedule(models.Model):
     cron = models.CharField(max_length=200, blank=True, default="")
     interval_seconds = models.PositiveIntegerField(null=True, blank=True)
     time_zone = models.CharField(max_length=64, default="UTC")
-    args = models.JSONField(default=dict, blank=True)
+    args = StorableJSONField(default=dict, blank=True)
     overlap = models.CharField(max_length=8, choices=Overlap, default=Overlap.SKIP)
     catchup = models.CharField(max_length=8, choices=Catchup, default=Catchup.NONE)
     catchup_window_seconds = models.PositiveIntegerField(default=86400)
@@ -403,7 +405,7 @@ class Route(models.Model):
     method = models.CharField(max_length=8, default="POST")
     path = models.CharField(max_length=500, help_text="e.g. /orders/{orderId}")
     # The flows this route starts, in order; the first one's play answers a sync request.
-    flow_ids = models.JSONField(default=list)
+    flow_ids = StorableJSONField(default=list)
     response_mode = models.CharField(max_length=8, choices=ResponseMode, default=ResponseMode.ASYNC)
     timeout_ms = models.PositiveIntegerField(default=30_000)
     # An expression over the request (as $prev.args) whose value is the play's idempotency key.
@@ -493,9 +495,9 @@ class ChannelRequest(models.Model):
     latency_ms = models.PositiveIntegerField(default=0)
     remote_addr = models.CharField(max_length=64, blank=True, default="")
     # Redacted like step outputs (plays/redaction.py); the body is cut at MAX_LOGGED_BODY.
-    headers = models.JSONField(default=dict, blank=True)
-    query = models.JSONField(default=dict, blank=True)
-    body = models.JSONField(null=True, blank=True)
+    headers = StorableJSONField(default=dict, blank=True)
+    query = StorableJSONField(default=dict, blank=True)
+    body = StorableJSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["-received_at", "-id"]
