@@ -5,7 +5,7 @@ from django.db import migrations
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("flows", "0003_i18_credentials"),
+        ("flows", "0004_i17_flow_tool"),
         ("plays", "0005_i15_event_cursor"),
     ]
 
