@@ -9,12 +9,14 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from plays.metrics import WebSocketMetrics, clean_multiproc_dir  # noqa: E402
 from plays.routing import websocket_urlpatterns  # noqa: E402
 from plays.wsauth import ApiKeyOrSessionAuthMiddleware  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": ApiKeyOrSessionAuthMiddleware(URLRouter(websocket_urlpatterns)),
+        "websocket": WebSocketMetrics(ApiKeyOrSessionAuthMiddleware(URLRouter(websocket_urlpatterns))),
     }
 )
+clean_multiproc_dir()  # metrics of the processes of a previous start (plays/metrics.py)

@@ -20,6 +20,7 @@ attempt and carries on. A step that had finished is never run again.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import random
@@ -40,6 +41,7 @@ from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, re
 from flows.modules import Park, RunContext, StepError, get_module
 from flows.modules.iterator import loop_end
 
+from . import observe
 from .models import (
     LAYER_TERMINAL,
     TERMINAL,
@@ -169,7 +171,8 @@ def run(play_id: str) -> None:
         return
     ended = heartbeat.track(play.id, runner)
     try:
-        Runner(play, runner, ended).loop()
+        with observe.running(play):
+            Runner(play, runner, ended).loop()
     finally:
         heartbeat.untrack(play.id)
 
@@ -186,7 +189,8 @@ def run_iteration(iteration_id: int) -> None:
     iteration.play = play
     ended = heartbeat.track(play.id, runner, iteration.pk)
     try:
-        Runner(play, runner, ended, iteration).loop()
+        with observe.running(play, iteration):
+            Runner(play, runner, ended, iteration).loop()
     finally:
         heartbeat.untrack(play.id, iteration.pk)
 
@@ -327,7 +331,8 @@ class Runner:
                 self.own()
                 note = None if layer.approved and layer.attempts == 0 else "previous attempt interrupted"
                 layer.begin_attempt(play, note)
-        self.execute(step, layer)
+        with observe.step(self, step, layer):  # span, log ids, step metrics
+            self.execute(step, layer)
 
     def own(self, update_lease: bool = True) -> None:
         """Check, inside the current transaction, that the play is still ours and RUN."""
@@ -570,7 +575,8 @@ class Runner:
             if module.inline:
                 out = module.run(args, ctx)
             else:
-                out = self.wait(_executor.submit(_call, module, args, ctx), timeout)
+                # The step's thread sees this one's context: log ids, the trace (curl's traceparent).
+                out = self.wait(_executor.submit(contextvars.copy_context().run, _call, module, args, ctx), timeout)
         except FutureTimeout:
             if self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at:
                 self.fail_play(error_body("PLAY_TIMEOUT", "The play exceeded its timeout", step["ref"]))
