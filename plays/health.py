@@ -64,7 +64,9 @@ def check_broker(url: str | None = None, timeout: float = 2.0) -> dict[str, Any]
             import flowplay.celery  # noqa: F401  (registers the transport aliases)
 
             with Connection(url, connect_timeout=timeout) as conn:
-                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2, timeout=timeout)
+                conn.ensure_connection(
+                    max_retries=1, interval_start=0, interval_step=0.2, interval_max=0.2, timeout=timeout
+                )
     except Exception as exc:  # noqa: BLE001
         return {"status": "down", "error": f"{type(exc).__name__}: {exc}"[:300]}
     return {"status": "ok", "ms": round((time.monotonic() - started) * 1000, 1)}

@@ -63,9 +63,7 @@ REAPED = Counter(
     "Plays and iterations the reaper requeued: reason lease_expired (the runner died) or task_lost.",
     ["kind", "reason"],
 )
-WS_CONNECTIONS = Gauge(
-    "flowplay_ws_connections", "Open WebSocket connections.", multiprocess_mode="livesum"
-)
+WS_CONNECTIONS = Gauge("flowplay_ws_connections", "Open WebSocket connections.", multiprocess_mode="livesum")
 WS_EVENT_LAG = Histogram(
     "flowplay_ws_event_delivery_seconds",
     "From an event's commit to its send on a WebSocket (replays older than 10 min are not counted).",
@@ -203,28 +201,34 @@ class DatabaseCollector:
 
     def collect(self) -> Any:
         from django.db.models import Case, Count, F, Min, When
-        from django.db.models.fields.json import KT
+        from django.db.models.fields.json import KeyTextTransform, KeyTransform
 
         from .models import Play, State
         from .workers import DEFAULT_QUEUE, live_queues, wanted_queues
 
         now = timezone.now()
         depth = GaugeMetricFamily(
-            "flowplay_queue_depth", "Plays sent to a queue and not yet taken by a worker (RUN, no runner).", labels=["queue"]
+            "flowplay_queue_depth",
+            "Plays sent to a queue and not yet taken by a worker (RUN, no runner).",
+            labels=["queue"],
         )
-        running = GaugeMetricFamily("flowplay_queue_running", "Plays a worker is running now, by queue.", labels=["queue"])
+        running = GaugeMetricFamily(
+            "flowplay_queue_running", "Plays a worker is running now, by queue.", labels=["queue"]
+        )
         oldest = GaugeMetricFamily(
             "flowplay_queue_oldest_waiting_seconds",
             "Age of the oldest play waiting for a worker: since its start if no step ran yet, else since it was last queued.",
             labels=["queue"],
         )
-        consumers = GaugeMetricFamily("flowplay_queue_workers", "Live workers consuming the queue (seen in the last 30 s).", labels=["queue"])
+        consumers = GaugeMetricFamily(
+            "flowplay_queue_workers", "Live workers consuming the queue (seen in the last 30 s).", labels=["queue"]
+        )
         live = live_queues(now)
         queues = wanted_queues() | set(live)
         stats: dict[str, dict[str, Any]] = {q: {"waiting": 0, "running": 0, "oldest": None} for q in queues}
         rows = (
             Play.objects.filter(state=State.RUN)
-            .annotate(queue=KT("flow_version__definition__execution__queue"))
+            .annotate(queue=KeyTextTransform("queue", KeyTransform("execution", "flow_version__definition")))
             .values("queue")
             .annotate(
                 waiting=Count("pk", filter=models_q(runner="")),
@@ -277,10 +281,14 @@ class DatabaseCollector:
             value=_age(now, counts["oldest_due"]),
         )
         yield GaugeMetricFamily(
-            "flowplay_plays_waiting_approval", "Plays in WAIT for an approval.", value=Play.objects.filter(state=State.WAIT).count()
+            "flowplay_plays_waiting_approval",
+            "Plays in WAIT for an approval.",
+            value=Play.objects.filter(state=State.WAIT).count(),
         )
         yield GaugeMetricFamily(
-            "flowplay_plays_on_hold", "Plays an operator put ON_HOLD.", value=Play.objects.filter(state=State.ON_HOLD).count()
+            "flowplay_plays_on_hold",
+            "Plays an operator put ON_HOLD.",
+            value=Play.objects.filter(state=State.ON_HOLD).count(),
         )
         yield GaugeMetricFamily("flowplay_workers_live", "Workers seen in the last 30 s.", value=len(_live_names(now)))
 
@@ -390,7 +398,11 @@ class HttpMetricsMiddleware:
         match = getattr(request, "resolver_match", None)
         route = (match.route or match.view_name or "<unnamed>") if match is not None else "<unmatched>"
         status = f"{response.status_code // 100}xx"
-        method = request.method if request.method in {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"} else "OTHER"
+        method = (
+            request.method
+            if request.method in {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+            else "OTHER"
+        )
         HTTP_LATENCY.labels(route[:120], method, status).observe(time.perf_counter() - started)
         return response
 

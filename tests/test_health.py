@@ -106,7 +106,9 @@ def test_not_ready_when_the_broker_is_down(anon: APIClient, db: Any, settings: A
     assert body["database"]["status"] == "ok" and body["workers"]["status"] == "ok"
 
 
-def test_not_ready_when_the_embedded_brokers_folder_is_gone(anon: APIClient, db: Any, settings: Any, tmp_path: Any) -> None:
+def test_not_ready_when_the_embedded_brokers_folder_is_gone(
+    anon: APIClient, db: Any, settings: Any, tmp_path: Any
+) -> None:
     workers.beat("celery@one", ["default"])
     settings.CELERY_BROKER_URL = "filesystem://"
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"data_folder_in": str(tmp_path / "missing")}
