@@ -63,6 +63,11 @@ class ContextFilter(logging.Filter):
         for key, value in _fields.get().items():
             if not hasattr(record, key):
                 setattr(record, key, value)
+        if not hasattr(record, "requestId"):
+            # django.request logs a 4xx/5xx after the middleware returned, with the request.
+            request_id = getattr(getattr(record, "request", None), "request_id", None)
+            if request_id:
+                record.requestId = request_id
         if not hasattr(record, "traceId"):
             trace_id = _trace_id()
             if trace_id:
