@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import threading
 import time
 from datetime import datetime, timedelta
@@ -396,7 +397,7 @@ class HttpMetricsMiddleware:
         started = time.perf_counter()
         response = self.get_response(request)
         match = getattr(request, "resolver_match", None)
-        route = (match.route or match.view_name or "<unnamed>") if match is not None else "<unmatched>"
+        route = _route(match.route or match.view_name or "<unnamed>") if match is not None else "<unmatched>"
         status = f"{response.status_code // 100}xx"
         method = (
             request.method
@@ -405,6 +406,11 @@ class HttpMetricsMiddleware:
         )
         HTTP_LATENCY.labels(route[:120], method, status).observe(time.perf_counter() - started)
         return response
+
+
+def _route(pattern: str) -> str:
+    """``api/flows/(?P<flow_id>[^/]+)/run$`` (a router's regex) → ``api/flows/<flow_id>/run``."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"<\1>", pattern).replace("^", "").replace("$", "")
 
 
 def _event_lag(text: str, now: float) -> float | None:

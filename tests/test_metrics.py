@@ -259,3 +259,56 @@ def test_values_of_several_processes_are_summed(db: Any, tmp_path: Path, monkeyp
     samples = scrape()
     assert value(samples, "flowplay_plays_finished_total", flow="multi", state="DONE") == 0
     assert not any(name.endswith(f"_{second}.db") for name in os.listdir(folder))
+
+
+# --- WebSockets -------------------------------------------------------------------------------
+
+
+def test_websocket_connections_and_event_lag(db: Any) -> None:
+    import asyncio
+    import json
+    from datetime import UTC, datetime
+
+    from plays.models import iso
+
+    seen_open: list[float] = []
+
+    async def consumer(scope: dict, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        seen_open.append(metrics.WS_CONNECTIONS._value.get())
+        fresh = iso(datetime.now(UTC) - timedelta(seconds=1.5))
+        replayed = iso(datetime.now(UTC) - timedelta(hours=2))  # history replayed on ?since=: not lag
+        for stamp in (fresh, replayed):
+            await send(
+                {"type": "websocket.send", "text": json.dumps({"type": "play:started", "seq": 1, "timestamp": stamp})}
+            )
+        await send({"type": "websocket.send", "text": json.dumps({"type": "pong", "seq": 1})})
+        await send({"type": "websocket.close", "code": 1000})
+
+    async def drive() -> None:
+        messages = iter([{"type": "websocket.connect"}])
+
+        async def receive() -> dict:
+            return next(messages)
+
+        async def send(message: dict) -> None:
+            pass
+
+        await metrics.WebSocketMetrics(consumer)({"type": "websocket", "path": "/api/ws"}, receive, send)
+
+    before = scrape()
+    opened = metrics.WS_CONNECTIONS._value.get()
+    asyncio.run(drive())
+    after = scrape()
+    assert seen_open == [opened + 1]
+    assert metrics.WS_CONNECTIONS._value.get() == opened  # closed: back down
+    assert (
+        value(after, "flowplay_ws_event_delivery_seconds_count")
+        - value(before, "flowplay_ws_event_delivery_seconds_count")
+        == 1
+    )
+    lag = value(after, "flowplay_ws_event_delivery_seconds_sum") - value(
+        before, "flowplay_ws_event_delivery_seconds_sum"
+    )
+    assert 1.5 <= lag < 600

@@ -50,13 +50,23 @@ def workload(server: Server, alice_session: httpx.Client) -> dict[str, Any]:
     """Six plays that succeed and two that fail, run by the real worker."""
     wait_ready(server)
     tag = secrets.token_hex(3)
-    ok = make_flow(alice_session, "Observed", [
-        {"ref": "a", "appId": "var", "args": {"values": {"n": "{{ $prev.args.n }}"}}},
-        {"ref": "b", "appId": "template", "args": {"template": "n={{ n }}", "data": {"n": "{{ $prev.a.n }}"}}},
-    ], permanentId=f"obs-ok-{tag}")
-    bad = make_flow(alice_session, "Observed failing", [
-        {"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.args.doc }}"}},
-    ], permanentId=f"obs-bad-{tag}")
+    ok = make_flow(
+        alice_session,
+        "Observed",
+        [
+            {"ref": "a", "appId": "var", "args": {"values": {"n": "{{ $prev.args.n }}"}}},
+            {"ref": "b", "appId": "template", "args": {"template": "n={{ n }}", "data": {"n": "{{ $prev.a.n }}"}}},
+        ],
+        permanentId=f"obs-ok-{tag}",
+    )
+    bad = make_flow(
+        alice_session,
+        "Observed failing",
+        [
+            {"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.args.doc }}"}},
+        ],
+        permanentId=f"obs-bad-{tag}",
+    )
     before = samples(server)
     plays = [run_play(alice_session, ok["id"], {"n": i}) for i in range(6)]
     plays += [run_play(alice_session, bad["id"], {"doc": "{no"}) for _ in range(2)]
@@ -99,12 +109,19 @@ def prometheus(server: Server, tmp_path: Path) -> Iterator[str]:
     )
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up() -> bool:
             if proc.poll() is not None:
                 raise AssertionError((tmp_path / "prometheus.log").read_text()[-3000:])
@@ -136,7 +153,9 @@ def test_a_real_prometheus_scrapes_the_server(server: Server, workload: dict[str
     assert float(query(prometheus, 'up{job="flowplay"}')[0]["value"][1]) == 1
     failed = query(prometheus, f'sum(flowplay_plays_finished_total{{flow="obs-bad-{tag}",state="FAIL"}})')
     assert float(failed[0]["value"][1]) == 2
-    p99 = query(prometheus, 'histogram_quantile(0.99, sum by (le) (flowplay_step_duration_seconds_bucket{module="var"}))')
+    p99 = query(
+        prometheus, 'histogram_quantile(0.99, sum by (le) (flowplay_step_duration_seconds_bucket{module="var"}))'
+    )
     assert p99 and float(p99[0]["value"][1]) > 0
     # The alert rules file loads in this Prometheus and its rules are evaluated.
     rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
@@ -147,8 +166,9 @@ def test_a_real_prometheus_scrapes_the_server(server: Server, workload: dict[str
 def test_a_queue_without_worker_is_reported_everywhere(server: Server, alice: httpx.Client) -> None:
     wait_ready(server)
     queue = f"nobody-{secrets.token_hex(3)}"
-    flow = make_flow(alice, "Unserved", [{"ref": "a", "appId": "var", "args": {"values": {}}}],
-                     execution={"queue": queue})
+    flow = make_flow(
+        alice, "Unserved", [{"ref": "a", "appId": "var", "args": {"values": {}}}], execution={"queue": queue}
+    )
     assert [w["code"] for w in flow["warnings"]] == ["QUEUE_WITHOUT_WORKER"]
     try:
         ready = httpx.get(f"{server.url}/api/ready", timeout=10)
