@@ -5,7 +5,7 @@ name, the queues it consumes and when it was last seen. A daemon thread started 
 ``worker_ready`` refreshes it every ``WORKER_BEAT_SECONDS`` (10 s), and ``worker_shutdown``
 deletes it. A worker that is killed stops refreshing: ``LIVE_SECONDS`` (30 s) later it no
 longer counts. One small table, so it works the same on the embedded default (SQLite,
-filesystem broker) and on PostgreSQL + Redis, and reading it is one query.
+filesystem broker) and on PostgreSQL + Redis, and reading it is one query. A worker stops beating (and removes its row) as soon as its shutdown begins.
 
 Read by ``/api/ready`` (a queue without a live worker is not ready), by the flow API and
 admin (a flow saved with a queue nobody consumes gets a warning), by the play page (a play
@@ -20,7 +20,7 @@ import threading
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from django.conf import settings
 from django.db import close_old_connections, connection, models
 from django.utils import timezone
@@ -187,8 +187,11 @@ def _start_beating(sender: Any = None, **kwargs: Any) -> None:
     _beater.start()
 
 
+@worker_shutting_down.connect
 @worker_shutdown.connect
 def _stop_beating(**kwargs: Any) -> None:
+    """Stop counting as live as soon as a shutdown begins: a warm shutdown stops consuming
+    at once, and may then wait long for running tasks (or hang in the pool's shutdown)."""
     global _beater
     if _beater is not None:
         _beater.stop()

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from django.test import Client
 from django.utils import timezone
 
@@ -63,6 +63,19 @@ def test_a_worker_records_itself_on_ready_and_removes_itself_on_shutdown(transac
         worker_shutdown.send(sender=None)
     assert not Worker.objects.filter(pk="celery@here").exists()
     assert workers._beater is None
+
+
+def test_a_worker_stops_counting_as_soon_as_its_shutdown_begins(transactional_db: Any, settings: Any) -> None:
+    """A warm shutdown stops consuming at once and may then wait (or hang) for long: the
+    worker must not look live meanwhile."""
+    settings.FLOWPLAY = {**settings.FLOWPLAY, "WORKER_BEAT_SECONDS": 3600.0}
+    worker_ready.send(sender=fake_consumer("celery@leaving", ["default"]))
+    beater = workers._beater
+    assert workers.live_queues() == {"default": 1}
+    worker_shutting_down.send(sender="celery@leaving", sig="SIGTERM", how="Warm", exitcode=0)
+    assert workers.live_queues() == {}
+    assert beater is not None and beater.stopped.is_set()
+    worker_shutdown.send(sender=None)  # sent later, when the pool has stopped: nothing left to do
 
 
 def test_queues_added_later_are_seen_at_the_next_beat(transactional_db: Any) -> None:
