@@ -26,7 +26,7 @@ import os
 import re
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,7 @@ HTTP_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
-OUTCOMES = {"DONE": "done", "FAIL": "fail", "SKIP": "skip", "FILTERED": "filtered"}
 FINAL = {"play:completed", "play:failed"}
-TERMINAL_STATES = {"DONE", "FAIL", "SKIP", "FILTERED"}
 REPLAY_SECONDS = 600
 
 
@@ -201,7 +199,7 @@ class DatabaseCollector:
     """Gauges read from the database at each scrape."""
 
     def collect(self) -> Any:
-        from django.db.models import Case, Count, F, Min, When
+        from django.db.models import Case, Count, F, Min, Q, When
         from django.db.models.fields.json import KeyTextTransform, KeyTransform
 
         from .models import Play, State
@@ -232,11 +230,11 @@ class DatabaseCollector:
             .annotate(queue=KeyTextTransform("queue", KeyTransform("execution", "flow_version__definition")))
             .values("queue")
             .annotate(
-                waiting=Count("pk", filter=models_q(runner="")),
+                waiting=Count("pk", filter=Q(runner="")),
                 total=Count("pk"),
                 oldest=Min(
                     Case(When(next_index=0, started_at__isnull=False, then=F("started_at")), default=F("updated_at")),
-                    filter=models_q(runner=""),
+                    filter=Q(runner=""),
                 ),
             )
         )
@@ -268,10 +266,10 @@ class DatabaseCollector:
         )
         base = Play.objects.filter(state=State.DEFERRED)
         counts = base.aggregate(
-            due=Count("pk", filter=models_q(run_at__lte=now)),
-            scheduled=Count("pk", filter=models_q(run_at__gt=now)),
-            slot=Count("pk", filter=models_q(run_at__isnull=True)),
-            oldest_due=Min("run_at", filter=models_q(run_at__lte=now)),
+            due=Count("pk", filter=Q(run_at__lte=now)),
+            scheduled=Count("pk", filter=Q(run_at__gt=now)),
+            slot=Count("pk", filter=Q(run_at__isnull=True)),
+            oldest_due=Min("run_at", filter=Q(run_at__lte=now)),
         )
         for kind in ("due", "scheduled", "slot"):
             deferred.add_metric([kind], counts[kind] or 0)
@@ -298,12 +296,6 @@ def _live_names(now: datetime) -> list[str]:
     from .workers import live_workers
 
     return [w.name for w in live_workers(now)]
-
-
-def models_q(**kwargs: Any) -> Any:
-    from django.db.models import Q
-
-    return Q(**kwargs)
 
 
 def broker_depths(queues: list[str]) -> dict[str, int]:
@@ -456,10 +448,6 @@ class WebSocketMetrics:
         finally:
             if accepted:
                 WS_CONNECTIONS.dec()
-
-
-def since(seconds: float) -> datetime:
-    return timezone.now() - timedelta(seconds=seconds)
 
 
 __all__ = [

@@ -89,7 +89,8 @@ def _outcome(layer: Any) -> str:
 def step(runner: Any, step: dict[str, Any], layer: Any) -> Iterator[None]:
     play = runner.play
     module = step.get("appId") or "unknown"
-    if runner.iteration is None and layer.attempts <= 1 and play.started_at is not None:
+    # Trigger → first step: not for a step that waited for an approval (a person's time).
+    if runner.iteration is None and layer.attempts <= 1 and not layer.approved and play.started_at is not None:
         others = [other for other in runner.layers.values() if other.pk != layer.pk]
         if all(other.state == LayerState.FILTERED for other in others):
             metrics.START_LATENCY.observe(max(0.0, (timezone.now() - play.started_at).total_seconds()))
