@@ -87,6 +87,7 @@ INSTALLED_APPS = [
     "channels",
     "flows",
     "plays",
+    "triggers",
 ]
 
 MIDDLEWARE = [
@@ -207,6 +208,8 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 10},
     },
     "expire-timed-out-plays": {"task": "plays.tasks.expire_timed_out", "schedule": 2.0, "options": {"expires": 10}},
+    # Schedules fire from this one sweep (no ETA tasks: a broker may redeliver those).
+    "fire-schedules": {"task": "triggers.tasks.fire_schedules", "schedule": 1.0, "options": {"expires": 5}},
     "prune-old-plays": {
         "task": "plays.tasks.prune_old_plays",
         "schedule": env_float("FLOWPLAY_RETENTION_EVERY_SECONDS", 300.0),
@@ -266,7 +269,8 @@ SPECTACULAR_SETTINGS = {
     # The spec: every endpoint but login and health needs authentication, the schema too.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "flows.api.add_error_responses"],
-    "ENUM_NAME_OVERRIDES": {"PlayStateEnum": "plays.models.State", "LayerStateEnum": "plays.models.LayerState"},
+    "ENUM_NAME_OVERRIDES": {"PlayStateEnum": "plays.models.State", "LayerStateEnum": "plays.models.LayerState",
+                             "CredentialKindEnum": "flows.models.CredentialKind"},
 }
 
 # --- Security -------------------------------------------------------------------------
@@ -351,6 +355,17 @@ FLOWPLAY = {
     "DEFAULT_STEP_TIMEOUT": env_int("FLOWPLAY_DEFAULT_STEP_TIMEOUT", 300),
     "MAX_ITERATOR_ITEMS": env_int("FLOWPLAY_MAX_ITERATOR_ITEMS", 10000),
     "MAX_SUBFLOW_DEPTH": env_int("FLOWPLAY_MAX_SUBFLOW_DEPTH", 8),
+    # Plays one root play may spawn in all (subflows of subflows…): depth is bounded above,
+    # this bounds breadth (a flow that starts itself asynchronously in a loop).
+    "MAX_DESCENDANT_PLAYS": env_int("FLOWPLAY_MAX_DESCENDANT_PLAYS", 1000),
+    # Root plays of one company in RUN at once (0: no limit); more wait DEFERRED for a slot.
+    "MAX_RUNNING_PLAYS_PER_COMPANY": env_int("FLOWPLAY_MAX_RUNNING_PLAYS_PER_COMPANY", 50),
+    # The largest out a step may produce, as JSON (OUTPUT_TOO_LARGE beyond). Room for a
+    # curl download at its 10 MiB limit, which is base64 in the out.
+    "MAX_OUTPUT_BYTES": env_int("FLOWPLAY_MAX_OUTPUT_BYTES", 16 * 1024 * 1024),
+    # CPU-bound modules (pdf-extract, csv-parse, regex, array-map…) run in a forked process
+    # that a timeout or a cancel kills (plays/killable.py); 0 runs them in threads.
+    "KILLABLE_STEPS": env_bool("FLOWPLAY_KILLABLE_STEPS", True),
     "CURL_DENY": env_list("FLOWPLAY_CURL_DENY", ["169.254.0.0/16", "fd00:ec2::254/128", "100.100.100.200/32"]),
     "CURL_ALLOW": env_list("FLOWPLAY_CURL_ALLOW", []),
     # A RUN play whose task was lost (no runner, untouched this long) is requeued by reap_stuck.
@@ -362,6 +377,9 @@ FLOWPLAY = {
     "RETENTION_FILTERED_DAYS": env_int("FLOWPLAY_RETENTION_FILTERED_DAYS", 7),
     "RETENTION_KEEP": env_int("FLOWPLAY_RETENTION_KEEP", 100),
     "RETENTION_BATCH": env_int("FLOWPLAY_RETENTION_BATCH", 200),
+    # A schedule's fire this late is still on time; older ones were missed (the scheduler
+    # was down) and follow the schedule's catch-up policy.
+    "SCHEDULE_GRACE_SECONDS": env_float("FLOWPLAY_SCHEDULE_GRACE_SECONDS", 60.0),
 }
 
 # --- Observability (README "Observability") ---------------------------------------------
@@ -388,6 +406,10 @@ LOG_FORMAT = env_str("LOG_FORMAT", "json" if PRODUCTION else "text").lower()
 if LOG_FORMAT not in ("json", "text"):
     raise ImproperlyConfigured(f"LOG_FORMAT must be json or text, not {LOG_FORMAT!r}")
 
+# Keys that encrypt credentials and KV values (flows/vault.py): the first encrypts, all decrypt.
+# Unset: the embedded default generates one into $FLOWPLAY_VAR_DIR/secret-keys.
+FLOWPLAY_SECRET_KEYS = env_list("FLOWPLAY_SECRET_KEYS", [])
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -399,13 +421,15 @@ LOGGING = {
     # the play, step and request being handled are added to it.
     "filters": {
         "redact": {"()": "plays.redaction.RedactingFilter"},
+        # Credential values revealed to steps in this process, masked by value.
+        "secrets": {"()": "flows.vault.SecretLogFilter"},
         "context": {"()": "flowplay.logs.ContextFilter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
             "formatter": "json" if LOG_FORMAT == "json" else "plain",
-            "filters": ["redact", "context"],
+            "filters": ["redact", "secrets", "context"],
         }
     },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},

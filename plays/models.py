@@ -277,6 +277,9 @@ class Play(models.Model):
     retry_of = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="retries")
     parent = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="children")
     parent_layer = models.ForeignKey("Layer", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # The play at the top of a subflow tree (null for that play itself): its descendants are
+    # counted against FLOWPLAY_MAX_DESCENDANT_PLAYS with one indexed query.
+    root = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     triggered_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
@@ -418,6 +421,7 @@ class Play(models.Model):
                     triggered_by=user if getattr(user, "pk", None) else None,
                     parent=parent,
                     parent_layer=parent_layer,
+                    root_id=(parent.root_id or parent.pk) if parent is not None else None,
                     trigger_kind=kind,
                     trigger_info=source or None,
                 )
@@ -500,6 +504,8 @@ class Play(models.Model):
         return True
 
     def _slot_free(self) -> bool:
+        if not self._company_slot_free():
+            return False
         limit = self.definition.get("execution", {}).get("maxConcurrency")
         if not limit:
             return True
@@ -508,6 +514,28 @@ class Play(models.Model):
         Flow.objects.select_for_update().filter(pk=self.flow_id).first()
         running = Play.objects.filter(flow_id=self.flow_id, state__in=ACTIVE).exclude(pk=self.pk).count()
         return running < limit
+
+    def _company_slot_free(self) -> bool:
+        """FLOWPLAY_MAX_RUNNING_PLAYS_PER_COMPANY: one tenant cannot take every worker.
+
+        Counts root plays in RUN; subflow plays belong to their root (counting them could
+        deadlock a parent that waits for its children) and are bounded by
+        FLOWPLAY_MAX_DESCENDANT_PLAYS instead. A soft limit: without a lock, starts racing
+        each other may pass it by a few, which keeps the trigger path lock-free.
+        """
+        limit = settings.FLOWPLAY["MAX_RUNNING_PLAYS_PER_COMPANY"]
+        if not limit or self.parent_id is not None:
+            return True
+        running = (
+            Play.objects.filter(company_id=self.company_id, state=State.RUN, parent__isnull=True)
+            .exclude(pk=self.pk)
+            .count()
+        )
+        return running < limit
+
+    def descendants(self) -> int:
+        """Plays started under this play's root (subflows of subflows …), the root excluded."""
+        return Play.objects.filter(root_id=self.root_id or self.pk).count()
 
     def enqueue(self) -> None:
         from .tasks import run_play
@@ -873,6 +901,7 @@ class Play(models.Model):
                 idempotency_key=key,
                 retry_of=self,
                 parent=self.parent,
+                root_id=self.root_id,
                 triggered_by=by if getattr(by, "pk", None) else None,
                 trigger_kind=TriggerKind.RETRY,
             )

@@ -11,7 +11,8 @@ attempt and carries on. A step that had finished is never run again.
    the task loses and returns).
 2. For each step from ``play.next_index``: filters → ``FILTERED``; ``needsApproval`` →
    ``WAIT``; else the layer is opened (``RUN``), its args rendered and the module called
-   in a thread, bounded by the step's timeout, retried with backoff.
+   in a thread (a ``cpu_bound`` one in a forked child that a timeout or cancel kills:
+   ``plays/killable.py``), bounded by the step's timeout, retried with backoff.
 3. The outcome is recorded together with ``next_index``; ``onError`` decides whether the
    play goes on. A success is recorded in the same transaction that opens the next step's
    layer (or finishes the play): one commit per step, each state change still durable
@@ -37,11 +38,13 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
+from flows import credentials, vault
 from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, render
 from flows.modules import Park, RunContext, StepError, get_module
+from flows.modules.base import check_output_size, json_size, max_output_bytes
 from flows.modules.iterator import loop_end
 
-from . import observe
+from . import killable, observe
 from .models import (
     LAYER_TERMINAL,
     TERMINAL,
@@ -373,6 +376,7 @@ class Runner:
             prev={"args": self.play.args, **self.outputs, **self.loop_scope},
             flow_id=self.play.flow_id,
             play_id=self.play.id,
+            credentials=credentials.CredentialsView(self.play.company_id, self.play.id),
         )
 
     # -- loops ----------------------------------------------------------------------------
@@ -549,15 +553,22 @@ class Runner:
         """Run one attempt; record success; return the error of a failed attempt."""
         if module is None:
             return {**error_body("UNKNOWN_MODULE", f"No module with appId {step['appId']!r}"), "retryable": False}
-        try:
-            args = step.get("args") or {}
-            if module.raw_args:
-                raw = {k: v for k, v in args.items() if k in module.raw_args}
-                args = {**render({k: v for k, v in args.items() if k not in module.raw_args}, self.scope()), **raw}
-            else:
-                args = render(args, self.scope())
-        except ExpressionError as exc:
-            return {**error_body("EXPRESSION_ERROR", str(exc)), "retryable": False}
+        # The credentials this attempt reads ($credentials, `auth`) are masked in what it leaves.
+        with vault.collecting() as secrets:
+            try:
+                args = step.get("args") or {}
+                if module.raw_args:
+                    raw = {k: v for k, v in args.items() if k in module.raw_args}
+                    args = {**render({k: v for k, v in args.items() if k not in module.raw_args}, self.scope()), **raw}
+                else:
+                    args = render(args, self.scope())
+                auth = None
+                if module.uses_credentials and isinstance(args.get("auth"), str):
+                    auth = credentials.resolve_auth(self.play.company_id, args["auth"], self.play.id)
+            except ExpressionError as exc:
+                return {**error_body("EXPRESSION_ERROR", redact_text(str(exc), secrets)), "retryable": False}
+            except credentials.CredentialError as exc:
+                return {**error_body(exc.code, redact_text(exc.message, secrets)), "retryable": exc.retryable}
         if self.play.deadline_at is not None:
             timeout = min(timeout, max(0.0, (self.play.deadline_at - timezone.now()).total_seconds()))
         ctx = RunContext(
@@ -570,13 +581,24 @@ class Runner:
             layer_id=layer.id,
             iteration=layer.iteration,
             collect=self.collect,
+            auth=auth,
         )
         try:
             if module.inline:
-                out = module.run(args, ctx)
+                out = _masked(module, args, ctx, secrets)
+            elif module.cpu_bound and not module.cheap(args) and config("KILLABLE_STEPS") and killable.available():
+                # A forked child that a timeout or a cancel kills (plays/killable.py). It runs
+                # _masked, not _call: it must not close the database connection it inherited.
+                out = killable.call(
+                    _masked, module, args, ctx, secrets, timeout=timeout, ended=self.ended, max_bytes=max_output_bytes()
+                )
             else:
                 # The step's thread sees this one's context: log ids, the trace (curl's traceparent).
-                out = self.wait(_executor.submit(contextvars.copy_context().run, _call, module, args, ctx), timeout)
+                out = self.wait(
+                    _executor.submit(contextvars.copy_context().run, _call, module, args, ctx, secrets), timeout
+                )
+        except killable.Cancelled:
+            raise Stop from None
         except FutureTimeout:
             if self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at:
                 self.fail_play(error_body("PLAY_TIMEOUT", "The play exceeded its timeout", step["ref"]))
@@ -750,11 +772,22 @@ class _Done(Exception):
     """The play reached a terminal state or was handed back: the runner is finished."""
 
 
-def _call(module: Any, args: dict[str, Any], ctx: RunContext) -> Any:
-    # Credentials in the step's args never reach its stored out, error, events or logs.
-    secrets = secrets_of(args)
+def _call(module: Any, args: dict[str, Any], ctx: RunContext, revealed: Any = ()) -> Any:
     try:
-        return redact(module.run(args, ctx), secrets)
+        return _masked(module, args, ctx, revealed)
+    finally:
+        # Modules that touch the ORM (kv, subflow) open a connection in this thread.
+        close_old_connections()
+
+
+def _masked(module: Any, args: dict[str, Any], ctx: RunContext, revealed: Any = ()) -> Any:
+    # Credentials in the step's args, and those it read by name, never reach its stored
+    # out, error, events or logs.
+    secrets = secrets_of(args) | set(revealed)
+    try:
+        out = redact(module.run(args, ctx), secrets)
+        check_output_size(json_size(out))  # FLOWPLAY_MAX_OUTPUT_BYTES → OUTPUT_TOO_LARGE
+        return out
     except StepError as exc:
         exc.message = redact_text(exc.message, secrets)
         exc.args = (exc.message,)
@@ -766,6 +799,3 @@ def _call(module: Any, args: dict[str, Any], ctx: RunContext) -> Any:
         if any(secret in str(exc) for secret in secrets):
             raise StepError(redact_text(f"{type(exc).__name__}: {exc}", secrets)) from None
         raise
-    finally:
-        # Modules that touch the ORM (kv, subflow) open a connection in this thread.
-        close_old_connections()

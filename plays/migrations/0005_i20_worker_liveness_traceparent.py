@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('plays', '0004_play_trigger'),
+        ('plays', '0004_i13b_play_root'),
     ]
 
     operations = [
