@@ -155,3 +155,50 @@ def test_tracing_is_off_unless_otel_variables_ask() -> None:
         {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}
     )
     assert not telemetry.enabled_by_env({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
+
+
+def test_otel_variables_turn_on_the_otlp_exporter(tmp_path: Any) -> None:
+    """A process started with OTEL_EXPORTER_OTLP_ENDPOINT sends its spans there (OTLP/HTTP)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    received: list[tuple[str, str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    code = (
+        "import django; django.setup()\n"
+        "from opentelemetry import trace\n"
+        "with trace.get_tracer('t').start_as_current_span('hello-otlp'): pass\n"
+        "assert trace.get_tracer_provider().force_flush(10000)\n"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DJANGO_SETTINGS_MODULE": "flowplay.settings",
+        "FLOWPLAY_VAR_DIR": str(tmp_path),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{httpd.server_address[1]}",
+        "OTEL_SERVICE_NAME": "flowplay-otlp-test",
+    }
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert [(path, kind) for path, kind, _ in received] == [("/v1/traces", "application/x-protobuf")]
+    assert b"hello-otlp" in received[0][2] and b"flowplay-otlp-test" in received[0][2]
