@@ -7,13 +7,15 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from django.test import Client
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
+from flows import modules
+from flows.modules import Module, RunContext, StepError
 from plays import metrics
 from plays.models import Play, State
 
@@ -51,13 +53,34 @@ def run(api: Any, flow: dict[str, Any], **body: Any) -> str:
     return r.json()["playId"]
 
 
+class Counted(Module):
+    """A module only this file uses, so that its step counts are exact whatever else runs."""
+
+    app_id = "test-counted"
+    summary = "test module"
+    args_schema: ClassVar[dict] = {"type": "object"}
+    out_schema: ClassVar[dict] = {"type": "object"}
+
+    def run(self, args: dict, ctx: RunContext) -> Any:
+        if args.get("fail"):
+            raise StepError("told to fail", code="TOLD")
+        return {"n": args.get("n")}
+
+
+@pytest.fixture(autouse=True)
+def counted() -> Any:
+    modules.REGISTRY["test-counted"] = Counted()
+    yield
+    modules.REGISTRY.pop("test-counted", None)
+
+
 def test_a_known_workload_is_counted_exactly(api: Any, drain: Any, no_enqueue: list[str]) -> None:
     metrics._flow_labels.clear()  # the label cap counts per process; start this test afresh
     before = scrape()
     ok = make_flow(
         api,
         [
-            {"ref": "a", "appId": "var", "args": {"values": {"n": "{{ $prev.args.n }}"}}},
+            {"ref": "a", "appId": "test-counted", "args": {"n": "{{ $prev.args.n }}"}},
             {"ref": "b", "appId": "template", "args": {"template": "n={{ n }}", "data": {"n": "{{ $prev.a.n }}"}}},
         ],
         name="OK",
@@ -65,7 +88,7 @@ def test_a_known_workload_is_counted_exactly(api: Any, drain: Any, no_enqueue: l
     )
     bad = make_flow(
         api,
-        [{"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.args.doc }}"}}],
+        [{"ref": "parse", "appId": "test-counted", "args": {"fail": "{{ $prev.args.doc }}"}}],
         name="Bad",
         permanentId="metrics-bad",
     )
@@ -118,14 +141,15 @@ def test_a_known_workload_is_counted_exactly(api: Any, drain: Any, no_enqueue: l
     assert value(after, "flowplay_play_duration_seconds_count", flow="metrics-ok", state="DONE") == 3
 
     # Steps by module and outcome; the histograms are populated.
-    assert delta("flowplay_step_duration_seconds_count", module="var", outcome="done") == 3
-    assert delta("flowplay_step_duration_seconds_count", module="template", outcome="done") == 3
-    assert delta("flowplay_step_duration_seconds_count", module="json-parse", outcome="fail") == 2
-    assert delta("flowplay_step_duration_seconds_sum", module="var", outcome="done") > 0
-    assert delta("flowplay_step_duration_seconds_bucket", module="var", outcome="done", le="+Inf") == 3
-    # Trigger → first step: the five plays whose first step ran.
-    assert delta("flowplay_play_start_latency_seconds_count") == 5
-    assert delta("flowplay_play_start_latency_seconds_bucket", le="60.0") == 5
+    assert delta("flowplay_step_duration_seconds_count", module="test-counted", outcome="done") == 3
+    assert delta("flowplay_step_duration_seconds_count", module="test-counted", outcome="fail") == 2
+    assert delta("flowplay_step_duration_seconds_count", module="template", outcome="done") >= 3
+    assert delta("flowplay_step_duration_seconds_sum", module="test-counted", outcome="done") > 0
+    assert delta("flowplay_step_duration_seconds_bucket", module="test-counted", outcome="done", le="+Inf") == 3
+    # Trigger → first step: the five plays whose first step ran (the histogram has no
+    # labels, so a step another test's thread finishes meanwhile may add to it).
+    assert delta("flowplay_play_start_latency_seconds_count") >= 5
+    assert delta("flowplay_play_start_latency_seconds_bucket", le="60.0") >= 5
 
     # Database facts at scrape time.
     assert value(after, "flowplay_queue_depth", queue="gpu") == 1
@@ -218,6 +242,8 @@ CHILD = """
 import os, sys
 import django
 django.setup()
+from flows import modules
+from flows.modules import Module, RunContext, StepError
 from plays import metrics
 n = int(sys.argv[1])
 metrics.PLAYS_FINISHED.labels("multi", "DONE").inc(n)
