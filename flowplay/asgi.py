@@ -16,7 +16,8 @@ from plays.wsauth import ApiKeyOrSessionAuthMiddleware  # noqa: E402
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": WebSocketMetrics(ApiKeyOrSessionAuthMiddleware(URLRouter(websocket_urlpatterns))),
+        # WebSocketMetrics inside the auth stack: SendBacklogMiddleware must see Daphne's own send.
+        "websocket": ApiKeyOrSessionAuthMiddleware(WebSocketMetrics(URLRouter(websocket_urlpatterns))),
     }
 )
 clean_multiproc_dir()  # metrics of the processes of a previous start (plays/metrics.py)
