@@ -103,6 +103,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After commit, a broker error is reported in the answer, never as a 500 (plays/broker.py).
+    "plays.broker.BrokerNoticeMiddleware",
 ]
 
 ROOT_URLCONF = "flowplay.urls"
@@ -208,6 +210,11 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 10},
     },
     "expire-timed-out-plays": {"task": "plays.tasks.expire_timed_out", "schedule": 2.0, "options": {"expires": 10}},
+    "prune-channel-requests": {
+        "task": "triggers.tasks.prune_requests",
+        "schedule": env_float("FLOWPLAY_RETENTION_EVERY_SECONDS", 300.0),
+        "options": {"expires": 60},
+    },
     # Schedules fire from this one sweep (no ETA tasks: a broker may redeliver those).
     "fire-schedules": {"task": "triggers.tasks.fire_schedules", "schedule": 1.0, "options": {"expires": 5}},
     "prune-old-plays": {
@@ -370,6 +377,9 @@ FLOWPLAY = {
     "CURL_ALLOW": env_list("FLOWPLAY_CURL_ALLOW", []),
     # A RUN play whose task was lost (no runner, untouched this long) is requeued by reap_stuck.
     "REAP_IDLE_SECONDS": env_float("FLOWPLAY_REAP_IDLE_SECONDS", 30.0),
+    # How long a runner retries recording a step's outcome through transient database errors
+    # (a restart, a dropped connection) before it gives the play up to the reaper.
+    "RECORD_RETRY_SECONDS": env_float("FLOWPLAY_RECORD_RETRY_SECONDS", 60.0),
     # Retention of finished plays (plays/retention.py): days, unless the flow sets retention_days;
     # 0 keeps them for ever. FILTERED plays (nothing ran) go sooner. The newest RETENTION_KEEP
     # finished plays of each flow are always kept. Deleted RETENTION_BATCH plays per transaction.
@@ -377,6 +387,15 @@ FLOWPLAY = {
     "RETENTION_FILTERED_DAYS": env_int("FLOWPLAY_RETENTION_FILTERED_DAYS", 7),
     "RETENTION_KEEP": env_int("FLOWPLAY_RETENTION_KEEP", 100),
     "RETENTION_BATCH": env_int("FLOWPLAY_RETENTION_BATCH", 200),
+    # HTTP channels (triggers/channels.py): the largest request body a channel takes unless it
+    # sets its own, and how long the request log keeps a request (days; the newest
+    # HOOK_LOG_KEEP of each channel are kept whatever their age).
+    "HOOK_MAX_BODY_BYTES": env_int("FLOWPLAY_HOOK_MAX_BODY_BYTES", 1024 * 1024),
+    "HOOK_LOG_DAYS": env_int("FLOWPLAY_HOOK_LOG_DAYS", 14),
+    "HOOK_LOG_KEEP": env_int("FLOWPLAY_HOOK_LOG_KEEP", 100),
+    # MCP (triggers/mcp.py): how long a tool call waits for its play before it answers with
+    # the play id.
+    "MCP_TOOL_TIMEOUT_SECONDS": env_float("FLOWPLAY_MCP_TOOL_TIMEOUT_SECONDS", 30.0),
     # A schedule's fire this late is still on time; older ones were missed (the scheduler
     # was down) and follow the schedule's catch-up policy.
     "SCHEDULE_GRACE_SECONDS": env_float("FLOWPLAY_SCHEDULE_GRACE_SECONDS", 60.0),
