@@ -44,6 +44,12 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 PLAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 
 PLAYS_STARTED = Counter("flowplay_plays_started", "Plays that started running (play:started).", ["flow"])
+PLAYS_TRIGGERED = Counter(
+    "flowplay_plays_triggered",
+    "Plays created, by what started them: api, schedule (a schedule's fire), channel (an HTTP channel "
+    "request), mcp (a tool call), subflow, retry.",
+    ["trigger"],
+)
 PLAYS_FINISHED = Counter("flowplay_plays_finished", "Plays that ended, by final state.", ["flow", "state"])
 PLAY_DURATION = Histogram(
     "flowplay_play_duration_seconds", "From a play's start to its end.", ["flow", "state"], buckets=PLAY_BUCKETS
@@ -182,6 +188,16 @@ def events_committed(payloads: list[dict[str, Any]]) -> None:
             log.warning("could not count events", exc_info=True)
 
     transaction.on_commit(count)
+
+
+def play_created(kind: str) -> None:
+    """A play was created (counted once its transaction commits)."""
+    from django.db import transaction
+
+    from .models import TriggerKind
+
+    label = kind if kind in TriggerKind.values else "other"
+    transaction.on_commit(lambda: PLAYS_TRIGGERED.labels(label).inc())
 
 
 def reaped(kind: str, lease_expired: bool) -> None:
@@ -452,6 +468,7 @@ class WebSocketMetrics:
 
 __all__ = [
     "PLAYS_STARTED",
+    "PLAYS_TRIGGERED",
     "PLAYS_FINISHED",
     "STEP_DURATION",
     "START_LATENCY",

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from django.db.models.signals import pre_save
+from django.db.models.signals import post_save, pre_save
 from django.dispatch import receiver
 from django.utils import timezone
 from opentelemetry import context as otel_context
@@ -58,6 +58,12 @@ def context_of(play: Play) -> otel_context.Context | None:
 def _remember_trace(sender: Any, instance: Play, **kwargs: Any) -> None:
     if instance._state.adding and not instance.traceparent:
         instance.traceparent = traceparent_now()
+
+
+@receiver(post_save, sender=Play, dispatch_uid="flowplay-count-trigger")
+def _count_trigger(sender: Any, instance: Play, created: bool, **kwargs: Any) -> None:
+    if created:
+        metrics.play_created(str(instance.trigger_kind))
 
 
 @contextmanager
