@@ -6,7 +6,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
     dependencies = [
         ("flows", "0004_i17_flow_tool"),
-        ("plays", "0005_i15_event_cursor"),
+        ("plays", "0006_i15_event_cursor"),
     ]
 
     operations = [

@@ -64,7 +64,7 @@ def renumber(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("plays", "0004_i13b_play_root"),
+        ("plays", "0005_i20_worker_liveness_traceparent"),
     ]
 
     operations = [
