@@ -155,6 +155,32 @@ def decode_cursor(cursor: str) -> Position:
     return position
 
 
+# The horizon of the readers of the event stream on PostgreSQL: the oldest transaction of
+# this database still running when the statement's snapshot was taken, or the snapshot's
+# xmax. Transactions of other databases of the cluster cannot write these rows, so unlike
+# pg_snapshot_xmin() they do not hold it back. pg_stat_activity is read after the
+# snapshot, so a transaction of this database that is in the snapshot's running list but
+# no longer in pg_stat_activity has ended before that read: the next statement's
+# snapshot (the rows are read there) sees what it wrote.
+_HORIZON_SQL = """
+    SELECT COALESCE(
+        (SELECT MIN(x::text::bigint) FROM pg_snapshot_xip(s.snap) AS x
+         WHERE xid(x) IN (SELECT backend_xid FROM pg_stat_activity
+                          WHERE datname = current_database() AND backend_xid IS NOT NULL)),
+        pg_snapshot_xmax(s.snap)::text::bigint)
+    FROM (SELECT pg_current_snapshot() AS snap) AS s
+"""
+
+
+def _horizon(connection: Any) -> int:
+    with connection.cursor() as cursor:
+        if connection.in_atomic_block:
+            # pg_stat_activity is read once per transaction and kept: read it afresh.
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(_HORIZON_SQL)
+        return cursor.fetchone()[0]
+
+
 class EventQuerySet(models.QuerySet):
     def after(self, company_id: str, position: Position) -> EventQuerySet:
         """The company's events after ``position``, in cursor order (final or not)."""
@@ -176,13 +202,14 @@ class EventQuerySet(models.QuerySet):
         The cursor is (transaction id, id). On PostgreSQL the transaction id is the writing
         transaction's ``pg_current_xact_id()``, stored with the row, and a reader takes only
         rows of transactions older than the oldest one still running when its statement's
-        snapshot was taken (``pg_snapshot_xmin``): every such transaction has ended, so its
+        snapshot was taken (``_HORIZON_SQL``): every such transaction has ended, so its
         rows are all in the snapshot, and every transaction that can still write has a
         larger id. The rows below that horizon are therefore a prefix of the final order
         that never grows in the middle: a reader that resumes after the last cursor it saw
         misses nothing and gets nothing twice, with no lock shared by two writers. (Rows of
         the reading transaction itself are visible to it too; only tests read their own
-        uncommitted writes.) On SQLite one transaction writes at a time, so ids are in
+        uncommitted writes.) Transactions of other databases of the cluster do not count
+        (``_HORIZON_SQL``). On SQLite one transaction writes at a time, so ids are in
         commit order and the transaction id is 0.
 
         When fewer than ``limit`` messages come back, the returned position is the horizon
@@ -198,21 +225,19 @@ class EventQuerySet(models.QuerySet):
             filters += " AND flow_id = %s"
             params.append(flow_id)
         if connection.vendor == "postgresql":
+            h = _horizon(connection)
             sql = f"""
-                SELECT hz.h, e.id, e.xid, e.payload FROM (
-                    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS h,
-                        pg_current_xact_id_if_assigned()::text::bigint AS own
-                ) hz LEFT JOIN LATERAL (
-                    SELECT id, xid, payload FROM plays_event
-                    WHERE company_id = %s AND (xid, id) > (%s, %s) AND (xid < hz.h OR xid = hz.own){filters}
-                    ORDER BY xid, id LIMIT %s
-                ) e ON true
+                SELECT id, xid, payload FROM plays_event
+                WHERE company_id = %s AND (xid, id) > (%s, %s)
+                    AND (xid < %s OR xid = pg_current_xact_id_if_assigned()::text::bigint){filters}
+                ORDER BY xid, id LIMIT %s
             """
-            with connection.cursor() as cursor:
-                cursor.execute(sql, [company_id, after[0], after[1], *params, limit])
-                rows = cursor.fetchall()
-            horizon: Position = (rows[0][0], 0)
-            rows = [row[1:] for row in rows if row[1] is not None]
+            rows = []
+            if limit:
+                with connection.cursor() as cursor:
+                    cursor.execute(sql, [company_id, after[0], after[1], h, *params, limit])
+                    rows = cursor.fetchall()
+            horizon: Position = (h, 0)
         else:
             # Read the newest id first: every row up to it is committed (one writer).
             newest = self.filter(company_id=company_id).aggregate(m=models.Max("id"))["m"] or 0

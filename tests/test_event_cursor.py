@@ -286,3 +286,31 @@ def test_events_of_one_play_are_numbered_on_its_row(flow: Flow) -> None:
         a.stop()
         b.stop()
     assert list(play.events.order_by("seq").values_list("seq", "payload__ref")) == [(1, "first"), (2, "second")]
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_transaction_of_another_database_does_not_hold_the_stream_back(flow: Flow) -> None:
+    """Transaction ids are cluster-wide: a write transaction left open in another database
+    (here: one that took an id in the ``postgres`` database) would keep
+    pg_snapshot_xmin() behind it; the horizon counts this database's transactions only."""
+    import psycopg
+
+    settings_dict = connection.settings_dict
+    other = psycopg.connect(
+        dbname="postgres",
+        user=settings_dict["USER"],
+        host=settings_dict["HOST"] or None,
+        port=settings_dict["PORT"] or None,
+        password=settings_dict["PASSWORD"] or None,
+    )
+    try:
+        other.execute("SELECT pg_current_xact_id()")  # an id, held until the end of it
+        start = Event.objects.head(flow.company_id)
+        play = new_play(flow)
+        emit(play, [event("a"), event("b")])  # committed (autocommit: emit's own transaction)
+        got, _ = read_all(flow.company_id, start)
+        assert got == [e.cursor for e in play.events.order_by("seq")]
+    finally:
+        other.rollback()
+        other.close()
