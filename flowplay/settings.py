@@ -81,6 +81,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc as local static files (no CDN)
     "django_celery_results",
     "channels",
     "flows",
@@ -261,7 +262,16 @@ SPECTACULAR_SETTINGS = {
     # The spec: every endpoint but login and health needs authentication, the schema too.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "flows.api.add_error_responses"],
-    "ENUM_NAME_OVERRIDES": {"PlayStateEnum": "plays.models.State", "LayerStateEnum": "plays.models.LayerState"},
+    "ENUM_NAME_OVERRIDES": {
+        "PlayStateEnum": "plays.models.State",
+        "LayerStateEnum": "plays.models.LayerState",
+        "EventTypeEnum": "plays.models.EventType",
+    },
+    # /api/docs (Swagger UI) and /api/redoc load their JavaScript from /static/, not a CDN:
+    # self-hosted installs often have no internet.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Security -------------------------------------------------------------------------

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from flows import module_views
 from flows import views as flow_views
+from flows.api import SchemaView
 from plays import views as play_views
 
 router = SimpleRouter(trailing_slash=False)
@@ -21,8 +22,9 @@ api = [
     path("auth/me", flow_views.MeView.as_view(), name="api-me"),
     path("health", flow_views.HealthView.as_view(), name="health"),
     path("modules", module_views.ModuleListView.as_view(), name="module-list"),
-    path("schema", SpectacularAPIView.as_view(), name="schema"),
+    path("schema", SchemaView.as_view(), name="schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("flows/<str:flow_id>/plays", play_views.FlowPlaysViewSet.as_view({"get": "list"}), name="flow-plays"),
     *router.urls,
 ]

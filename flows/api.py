@@ -7,13 +7,18 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, JsonResponse
-from rest_framework import exceptions, status
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework import exceptions, serializers, status
 from rest_framework.pagination import BasePagination
 from rest_framework.parsers import JSONParser as DRFJSONParser
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from .strict import NO_NUL, NOT_BLANK
+
 log = logging.getLogger(__name__)
+
 
 
 class ApiError(exceptions.APIException):
@@ -149,6 +154,15 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     return response
 
 
+class ErrorSerializer(serializers.Serializer):
+    """The one error body of every API error (described by ERROR_SCHEMA in the document)."""
+
+    error = serializers.CharField()
+    message = serializers.CharField()
+    statusCode = serializers.IntegerField()
+    details = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False)
+
+
 ERROR_SCHEMA = {
     "type": "object",
     "required": ["error", "message", "statusCode"],
@@ -172,17 +186,38 @@ _ERROR_STATUSES = {
 
 
 def add_error_responses(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
-    """drf-spectacular postprocessing hook: document the error body on every operation."""
-    result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    """drf-spectacular postprocessing hook: what the serializers cannot say by themselves.
+
+    - every operation documents the error body for the error statuses (an error response
+      declared without a body, e.g. login's 401, gets it too);
+    - strings in request bodies refuse NUL, and trimmed non-blank ones need a non-space
+      character (a name of spaces is a 400), as patterns a client or a fuzzer can see.
+    """
+    schemas = result.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = ERROR_SCHEMA
     ref = {"$ref": "#/components/schemas/Error"}
     for methods in result.get("paths", {}).values():
         for operation in methods.values():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             for code, description in _ERROR_STATUSES.items():
-                operation["responses"].setdefault(code, {"description": description,
-                                                         "content": {"application/json": {"schema": ref}}})
+                operation["responses"].setdefault(code, {"description": description})
+            for code, response in operation["responses"].items():
+                if code.startswith(("4", "5")) and not response.get("content"):
+                    response["content"] = {"application/json": {"schema": ref}}
+    for name, component in schemas.items():
+        if name.endswith("Request"):
+            for prop in component.get("properties", {}).values():
+                _no_nul(prop)
     return result
+
+
+def _no_nul(prop: dict[str, Any]) -> None:
+    if prop.get("type") == "array" and isinstance(prop.get("items"), dict):
+        _no_nul(prop["items"])
+    if prop.get("type") != "string" or {"enum", "pattern", "format"} & set(prop):
+        return
+    prop["pattern"] = NOT_BLANK if prop.get("minLength") else NO_NUL
 
 
 class PagePagination(BasePagination):
@@ -249,6 +284,21 @@ class PagePagination(BasePagination):
              "schema": {"type": "integer", "minimum": 0, "maximum": self.max_page}},
             {"name": "size", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
         ]
+
+
+class SchemaView(SpectacularAPIView):
+    """GET /api/schema: the OpenAPI document (YAML, or JSON with ?format=json or Accept).
+
+    Its errors (401 without credentials) are the API's JSON error body, whatever format the
+    document itself would have been rendered in.
+    """
+
+    def finalize_response(self, request: Any, response: Any, *args: Any, **kwargs: Any) -> Any:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if response.status_code >= 400:
+            response.accepted_renderer = JSONRenderer()
+            response.accepted_media_type = "application/json"
+        return response
 
 
 def json_error_view(code: str, message: str, status_code: int):  # noqa: ANN201

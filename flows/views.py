@@ -10,14 +10,14 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import ensure_csrf_cookie
-from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
-from .api import ApiError, not_found, validation_error
+from .api import ApiError, ErrorSerializer, not_found, validation_error
 from .audit import record
 from .models import ApiKey, Flow, Flowlet, User
 from .serializers import (
@@ -27,6 +27,8 @@ from .serializers import (
     FlowSerializer,
     LoginSerializer,
     MeSerializer,
+    RunResponseSerializer,
+    RunSerializer,
     UserSerializer,
     _ordered,
     validate_steps,
@@ -86,23 +88,18 @@ class FlowViewSet(viewsets.ModelViewSet):
         record(self.request.user, "flow.deleted", instance)
 
     @extend_schema(
-        request=inline_serializer("RunRequest", {
-            "args": serializers.JSONField(required=False),
-            "idempotencyKey": serializers.CharField(required=False),
-            "runAt": serializers.DateTimeField(required=False),
-            "delayMs": serializers.IntegerField(required=False),
-            "start": serializers.BooleanField(required=False),
-        }),
-        responses={201: inline_serializer("RunResponse", {
-            "playId": serializers.CharField(), "state": serializers.CharField(),
-            "startedAt": serializers.DateTimeField(allow_null=True),
-            "createdAt": serializers.DateTimeField(),
-            "idempotencyKey": serializers.CharField(allow_null=True),
-        })},
+        request=RunSerializer,
+        responses={
+            201: OpenApiResponse(RunResponseSerializer, description="A new play"),
+            200: OpenApiResponse(RunResponseSerializer, description="The existing play of this idempotencyKey "
+                                 "(the same key with the same args, while that play has not failed)"),
+        },
+        examples=[OpenApiExample("Run with a key", request_only=True,
+                                 value={"args": {"invoiceId": "INV-001"}, "idempotencyKey": "invoice-INV-001"})],
     )
     @action(detail=True, methods=["post"])
     def run(self, request: Any, flow_id: str) -> Response:
-        from plays.views import trigger
+        from plays.views import trigger  # plays depends on flows, not the other way round
 
         return trigger(request, get_flow(request, flow_id))
 
@@ -218,7 +215,10 @@ class LoginView(APIView):
     authentication_classes: list[Any] = []
     throttle_classes = [LoginThrottle]
 
-    @extend_schema(request=LoginSerializer, responses={200: UserSerializer, 401: OpenApiResponse(description="Wrong credentials")})
+    @extend_schema(request=LoginSerializer, responses={
+        200: UserSerializer,
+        401: OpenApiResponse(ErrorSerializer, description="Wrong email or password (UNAUTHORIZED)"),
+    })
     def post(self, request: Any) -> Response:
         data = LoginSerializer(data=request.data)
         data.is_valid(raise_exception=True)

@@ -17,11 +17,14 @@ commit order: once seq N is visible, every event before it is. "Every event afte
 ``last_seq``, in order" is therefore exactly what the client must see next, whichever
 path brings it: no gap, no duplicate.
 
-Close codes (a handshake without valid credentials is refused before it completes,
-with HTTP 403):
+Close codes. A refused connection is first accepted, then closed with its code: a close
+before the accept would reach the client as a bare HTTP 403 (Daphne), whatever the reason.
 
-- 4400: bad query parameters (``since`` not a non-negative integer).
-- 4401: credentials no longer valid (API key revoked, user deactivated, logged out).
+- 4400: bad query parameters (``since`` not a non-negative integer; see ``ws_params``).
+- 4401: no credentials, an unknown or revoked API key, a bad token beside a valid cookie;
+  or, later, credentials no longer valid (key revoked, user deactivated, logged out).
+- 4403: credentials fine but not for this: ``playId``/``flowId`` names no play or flow of
+  the caller's company, or a cookie handshake from another origin's page.
 - 4008: the client reads too slowly: its send buffer stayed over the high-water mark
   for ``STALL_SECONDS`` or it fell more than ``MAX_LAG`` events behind. Reconnect with
   ``?since=<last seq received>`` to lose nothing.
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 4008
 CLOSE_ERROR = 1011
 
@@ -87,6 +91,32 @@ class TooSlow(Exception):
     pass
 
 
+class Refused(Exception):
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def ws_params(query_string: bytes) -> dict[str, Any]:
+    """The connection's query parameters, checked: ``since`` (an int or None), ``playId``,
+    ``flowId`` (str or None). Raises ``Refused(4400)`` for a malformed one."""
+    query = parse_qs(query_string.decode(errors="replace"))
+    since_raw = (query.get("since") or [""])[0]
+    since: int | None = None
+    if since_raw != "":
+        try:
+            since = int(since_raw)
+        except ValueError:
+            raise Refused(CLOSE_BAD_REQUEST) from None
+        if not 0 <= since < 2**63:  # seq is a bigint column
+            raise Refused(CLOSE_BAD_REQUEST)
+    return {
+        "since": since,
+        "playId": (query.get("playId") or [None])[0] or None,
+        "flowId": (query.get("flowId") or [None])[0] or None,
+    }
+
+
 class PlayEventsConsumer(AsyncWebsocketConsumer):
     channel_layer_alias = LOCAL_LAYER
     company_id: str
@@ -99,26 +129,14 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
     closing = False
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated or not origin_allowed(self.scope):
-            await self.close(code=CLOSE_UNAUTHORIZED)
-            return
-        query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
-        since_raw = (query.get("since") or [""])[0]
         try:
-            since = int(since_raw) if since_raw != "" else None
-        except ValueError:
-            since = -1
-        if since is not None and not 0 <= since < 2**63:  # seq is a bigint column
-            await self.close(code=CLOSE_BAD_REQUEST)
+            params = await self._admit()
+        except Refused as refused:
+            self.closing = True
+            await self.accept()
+            await self.close(code=refused.code)
             return
-        self.company_id = user.company_id
-        self.user_pk = user.pk
-        self.api_key_id = self.scope.get(API_KEY_ID)
-        self.session_key = getattr(self.scope.get("session"), "session_key", None)
-        self.play_id = (query.get("playId") or [None])[0] or None
-        flow = (query.get("flowId") or [None])[0] or None
-        self.flow_id = await self._resolve_flow(flow) if flow else None
+        since = params["since"]
         self.lock = asyncio.Lock()
         self.held: dict[int, dict[str, Any]] = {}
         head = await self._head()
@@ -132,6 +150,26 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         await self.accept()
         # The poller's first round replays ?since= before anything else is sent.
         self.poller = asyncio.create_task(self._poll())
+
+    async def _admit(self) -> dict[str, Any]:
+        """Authenticate, then validate the parameters; ``Refused`` with the close code."""
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            raise Refused(CLOSE_UNAUTHORIZED)
+        if not origin_allowed(self.scope):
+            raise Refused(CLOSE_FORBIDDEN)
+        params = ws_params(self.scope.get("query_string", b""))
+        self.company_id = user.company_id
+        self.user_pk = user.pk
+        self.api_key_id = self.scope.get(API_KEY_ID)
+        self.session_key = getattr(self.scope.get("session"), "session_key", None)
+        self.play_id = params["playId"]
+        if self.play_id and not await self._play_visible(self.play_id):
+            raise Refused(CLOSE_FORBIDDEN)
+        self.flow_id = await self._resolve_flow(params["flowId"]) if params["flowId"] else None
+        if params["flowId"] and self.flow_id is None:
+            raise Refused(CLOSE_FORBIDDEN)
+        return params
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
@@ -314,13 +352,20 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         return Company.objects.filter(pk=self.company_id).values_list("event_seq", flat=True).first() or 0
 
     @db_read
-    def _resolve_flow(self, key: str) -> str:
-        """A flow's id from its id or permanentId (deleted flows included: their plays stay)."""
+    def _resolve_flow(self, key: str) -> str | None:
+        """A flow's id from its id or permanentId (deleted flows included: their plays stay);
+        None if the company has no such flow."""
         flows = Flow.objects.filter(company_id=self.company_id)
         flow_id = flows.filter(pk=key).values_list("pk", flat=True).first()
         if flow_id is None:
             flow_id = flows.filter(permanent_id=key).order_by("deleted_at").values_list("pk", flat=True).first()
-        return flow_id or key
+        return flow_id
+
+    @db_read
+    def _play_visible(self, play_id: str) -> bool:
+        from .models import Play
+
+        return Play.objects.filter(pk=play_id, company_id=self.company_id).exists()
 
     @db_read
     def _still_authorized(self) -> bool:

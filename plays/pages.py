@@ -277,7 +277,7 @@ def _history(request: HttpRequest, flow: Flow | None) -> HttpResponse:
     total = 0
     if not filterset.is_valid():
         for name, msgs in filterset.errors.items():
-            errors.append(f"{'from' if name == 'from_' else name}: {'; '.join(msgs)}")
+            errors.append(f"{name}: {'; '.join(msgs)}")
     if not errors:
         qs = filterset.qs
         total = qs.count()

@@ -11,14 +11,16 @@ from django import forms
 from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
-from rest_framework import mixins, serializers, status, viewsets
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from flows.api import ApiError, invalid_state, not_found
 from flows.audit import PLAY_VERBS, record
 from flows.models import Flow
+from flows.serializers import RunSerializer
+from flows.strict import NO_NUL
 from flows.views import get_flow
 
 from .models import Event, IdempotencyConflict, InvalidState, Layer, Play, State, iso
@@ -28,7 +30,7 @@ from .serializers import (
     PayloadSerializer,
     PlayDetailSerializer,
     PlaySerializer,
-    RunSerializer,
+    RetryResponseSerializer,
 )
 
 # --- Trigger --------------------------------------------------------------------------
@@ -77,14 +79,22 @@ def trigger(request: Any, flow: Flow) -> Response:
 
 
 class StateListField(forms.CharField):
+    """``state``: one state or a comma-separated list (also given as repeated parameters)."""
+
     def clean(self, value: Any) -> list[str] | None:
         value = super().clean(value)
         if not value:
             return None
         states = [s.strip().upper() for s in value.split(",") if s.strip()]
-        unknown = [s for s in states if s not in State.values]
-        if unknown:
-            raise forms.ValidationError(f"Unknown state(s): {', '.join(unknown)}. Known: {', '.join(State.values)}")
+        unknown = [s for s in value.split(",") if s.strip() and s.strip().upper() not in State.values]
+        if unknown or not states:
+            # The input goes in params, never into the message itself: django-filter
+            # %-formats every message (`?state=%25` was a 500).
+            raise forms.ValidationError(
+                "Unknown state(s): %(unknown)s. Known: %(known)s",
+                code="invalid_choice",
+                params={"unknown": ", ".join(unknown), "known": ", ".join(State.values)},
+            )
         return states
 
 
@@ -98,7 +108,12 @@ class StateListFilter(django_filters.Filter):
 
 
 class MomentField(forms.CharField):
-    """A date (YYYY-MM-DD) or a full ISO time."""
+    """A date (YYYY-MM-DD) or a full ISO time, as the UTC bound it stands for.
+
+    ``end``: a date means the whole day, i.e. before the next midnight. A moment that is no
+    date Python can hold once in UTC (``to=9999-12-31``, ``from=0001-01-01T00:00+01:00``)
+    is a validation error, not an ``OverflowError`` deep in the database adapter.
+    """
 
     def __init__(self, *args: Any, end: bool = False, **kwargs: Any):
         self.end = end
@@ -108,19 +123,27 @@ class MomentField(forms.CharField):
         value = super().clean(value)
         if not value:
             return None
+        invalid = forms.ValidationError("Expected a date (YYYY-MM-DD) or an ISO-8601 time", code="invalid")
         try:
             # A bare date first: parse_datetime() would also take "2024-01-15" as midnight.
             day = parse_date(value) if len(value) == 10 else None
             if day is not None:
-                return datetime.combine(day, time.min, tzinfo=UTC), True
-            moment = parse_datetime(value)
+                moment, is_date = datetime.combine(day, time.min, tzinfo=UTC), True
+            else:
+                moment, is_date = parse_datetime(value), False
         except ValueError:
             moment = None
         if moment is None:
-            raise forms.ValidationError("Expected a date (YYYY-MM-DD) or an ISO-8601 time")
+            raise invalid
         if timezone.is_naive(moment):
             moment = timezone.make_aware(moment, UTC)
-        return moment, False
+        try:
+            moment = moment.astimezone(UTC)
+            if is_date and self.end:
+                moment += timedelta(days=1)
+        except OverflowError:
+            raise forms.ValidationError("The date is out of range (years 1 to 9999, in UTC)", code="out_of_range") from None
+        return moment, is_date
 
 
 class MomentFilter(django_filters.Filter):
@@ -131,15 +154,14 @@ class MomentFilter(django_filters.Filter):
             return qs
         moment, is_date = value
         if self.lookup_expr == "lte":
-            # "to=2024-01-15" includes the whole day.
-            return qs.filter(created_at__lt=moment + timedelta(days=1)) if is_date else qs.filter(created_at__lte=moment)
+            # "to=2024-01-15" includes the whole day: the field gave the next midnight.
+            return qs.filter(created_at__lt=moment) if is_date else qs.filter(created_at__lte=moment)
         return qs.filter(created_at__gte=moment)
 
 
 class PlayFilter(django_filters.FilterSet):
     state = StateListFilter()
-    from_ = MomentFilter(field_name="created_at", lookup_expr="gte", label="from")
-    to = MomentFilter(field_name="created_at", lookup_expr="lte")
+    to = MomentFilter(field_name="created_at", lookup_expr="lte", end=True)
     idempotencyKey = django_filters.CharFilter(field_name="idempotency_key")
     flowId = django_filters.CharFilter(method="filter_flow")
 
@@ -148,15 +170,37 @@ class PlayFilter(django_filters.FilterSet):
         fields: list[str] = []
 
     def __init__(self, data: Any = None, *args: Any, **kwargs: Any):
-        if data is not None and "from" in data:
+        if data is not None and len(data.getlist("state")) > 1:
+            # state=DONE&state=FAIL (how generated clients send a list) is state=DONE,FAIL.
             data = data.copy()
-            data["from_"] = data.get("from")
+            data.setlist("state", [",".join(data.getlist("state"))])
         super().__init__(data, *args, **kwargs)
 
     def filter_flow(self, qs: Any, name: str, value: str) -> Any:
         flow = Flow.objects.filter(company_id=self.request.user.company_id).filter(pk=value).first() or \
             Flow.objects.filter(company_id=self.request.user.company_id, permanent_id=value, deleted_at__isnull=True).first()
         return qs.filter(flow_id=flow.pk if flow else value)
+
+
+# ``from`` is a Python keyword: the filter is added under its API name, so that the form,
+# its errors and the OpenAPI parameter all say ``from`` (a ``from_`` attribute leaked into
+# the schema as a second, phantom parameter).
+PlayFilter.base_filters["from"] = MomentFilter(field_name="created_at", lookup_expr="gte")
+PlayFilter.base_filters = {name: PlayFilter.base_filters[name] for name in ("state", "from", "to", "idempotencyKey", "flowId")}
+
+
+MOMENT = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
+HISTORY_PARAMETERS = [
+    OpenApiParameter(
+        "state", {"type": "array", "items": {"$ref": "#/components/schemas/PlayStateEnum"}}, style="form", explode=False,
+        description="One state or several: `state=DONE,FAIL` (or `state=DONE&state=FAIL`). Unknown states are a 400."),
+    OpenApiParameter("from", MOMENT, description="Created at or after: a date (`2024-01-15`, from its midnight UTC) "
+                     "or an ISO-8601 time. Out of range once in UTC (e.g. year 10000) is a 400."),
+    OpenApiParameter("to", MOMENT, description="Created at or before: a time, or a date for the whole day "
+                     "(`to=9999-12-31` is a 400: the day has no end in range)."),
+    OpenApiParameter("idempotencyKey", {"type": "string", "pattern": NO_NUL}, description="Plays triggered with this key"),
+    OpenApiParameter("flowId", {"type": "string", "pattern": NO_NUL}, description="The flow's id or permanentId"),
+]
 
 
 class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -187,15 +231,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             raise not_found("play", self.kwargs["play_id"])
         return play
 
-    @extend_schema(
-        parameters=[
-            OpenApiParameter("state", str, description="One state or a comma-separated list"),
-            OpenApiParameter("from", str, description="Created at or after (date or ISO time)"),
-            OpenApiParameter("to", str, description="Created at or before (date = the whole day)"),
-            OpenApiParameter("idempotencyKey", str),
-            OpenApiParameter("flowId", str),
-        ]
-    )
+    @extend_schema(parameters=HISTORY_PARAMETERS)
     def list(self, request: Any, *args: Any, **kwargs: Any) -> Response:
         return super().list(request, *args, **kwargs)
 
@@ -210,7 +246,12 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return Response(LayerSerializer(play.layers.order_by("index", "iteration"), many=True).data)
 
     @extend_schema(
-        parameters=[OpenApiParameter("since", int), OpenApiParameter("limit", int)],
+        parameters=[
+            OpenApiParameter("since", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                             description="Only events with a greater seq (default 0)"),
+            OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 10000},
+                             description="At most this many (default 1000)"),
+        ],
         responses={200: PayloadSerializer(many=True)},
         filters=False,
     )
@@ -269,8 +310,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 
     @extend_schema(
         request=None,
-        responses={201: inline_serializer("RetryResponse", {
-            "playId": serializers.CharField(), "state": serializers.CharField(), "retryOf": serializers.CharField()})},
+        responses={201: RetryResponseSerializer},
     )
     @action(detail=True, methods=["post"], filterset_class=None)
     def retry(self, request: Any, play_id: str) -> Response:

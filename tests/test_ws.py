@@ -35,7 +35,8 @@ def _one_database_thread(monkeypatch: Any) -> None:
     where the real file database in WAL mode lets readers run beside the writer.
     """
     for owner, name in [
-        (consumers.PlayEventsConsumer, n) for n in ("_read", "_head", "_resolve_flow", "_still_authorized")
+        (consumers.PlayEventsConsumer, n)
+        for n in ("_read", "_head", "_resolve_flow", "_play_visible", "_still_authorized")
     ] + [(consumers.Hub, "_read")]:
         monkeypatch.setattr(owner, name, sync_to_async(owner.__dict__[name].func))
 
