@@ -7,7 +7,6 @@ from rest_framework.routers import SimpleRouter
 
 from flows import module_views
 from flows import views as flow_views
-from flows.api import SchemaView
 from plays import views as play_views
 
 router = SimpleRouter(trailing_slash=False)
@@ -22,7 +21,7 @@ api = [
     path("auth/me", flow_views.MeView.as_view(), name="api-me"),
     path("health", flow_views.HealthView.as_view(), name="health"),
     path("modules", module_views.ModuleListView.as_view(), name="module-list"),
-    path("schema", SchemaView.as_view(), name="schema"),
+    path("schema", flow_views.SchemaView.as_view(), name="schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("flows/<str:flow_id>/plays", play_views.FlowPlaysViewSet.as_view({"get": "list"}), name="flow-plays"),

@@ -7,11 +7,9 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, JsonResponse
-from drf_spectacular.views import SpectacularAPIView
 from rest_framework import exceptions, serializers, status
 from rest_framework.pagination import BasePagination
 from rest_framework.parsers import JSONParser as DRFJSONParser
-from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -190,6 +188,7 @@ def add_error_responses(result: dict[str, Any], generator: Any, request: Any, pu
 
     - every operation documents the error body for the error statuses (an error response
       declared without a body, e.g. login's 401, gets it too);
+    - a run takes runAt or delayMs, not both;
     - strings in request bodies refuse NUL, and trimmed non-blank ones need a non-space
       character (a name of spaces is a 400), as patterns a client or a fuzzer can see.
     """
@@ -205,6 +204,8 @@ def add_error_responses(result: dict[str, Any], generator: Any, request: Any, pu
             for code, response in operation["responses"].items():
                 if code.startswith(("4", "5")) and not response.get("content"):
                     response["content"] = {"application/json": {"schema": ref}}
+    if "RunRequest" in schemas:
+        schemas["RunRequest"]["not"] = {"required": ["runAt", "delayMs"]}  # one or the other
     for name, component in schemas.items():
         if name.endswith("Request"):
             for prop in component.get("properties", {}).values():
@@ -284,21 +285,6 @@ class PagePagination(BasePagination):
              "schema": {"type": "integer", "minimum": 0, "maximum": self.max_page}},
             {"name": "size", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
         ]
-
-
-class SchemaView(SpectacularAPIView):
-    """GET /api/schema: the OpenAPI document (YAML, or JSON with ?format=json or Accept).
-
-    Its errors (401 without credentials) are the API's JSON error body, whatever format the
-    document itself would have been rendered in.
-    """
-
-    def finalize_response(self, request: Any, response: Any, *args: Any, **kwargs: Any) -> Any:
-        response = super().finalize_response(request, response, *args, **kwargs)
-        if response.status_code >= 400:
-            response.accepted_renderer = JSONRenderer()
-            response.accepted_media_type = "application/json"
-        return response
 
 
 def json_error_view(code: str, message: str, status_code: int):  # noqa: ANN201

@@ -29,8 +29,9 @@ def _json_type(field: Any) -> tuple[tuple[type, ...], str] | None:
         return (int,), "an integer"
     if isinstance(field, (serializers.FloatField, serializers.DecimalField)):
         return (int, float), "a number"
-    if isinstance(field, (serializers.ChoiceField, serializers.CharField, serializers.DateTimeField,
-                          serializers.DateField)):
+    if isinstance(
+        field, (serializers.ChoiceField, serializers.CharField, serializers.DateTimeField, serializers.DateField)
+    ):
         return (str,), "a string"
     if isinstance(field, (serializers.ListField, serializers.ListSerializer)):
         return (list,), "a list"
@@ -60,7 +61,6 @@ def json_type_errors(field: Any, value: Any) -> list[str]:
 # For request serializers: each field accepts its JSON type only, nothing coerced. (A comment,
 # not a docstring: drf-spectacular would show it as every serializer's description.)
 class StrictJSONMixin:
-
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
             errors = {}

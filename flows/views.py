@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
+from django import forms
 from django.contrib.auth import authenticate, login, logout
 from django.db import transaction
 from django.db.models import Q
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import ensure_csrf_cookie
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.views import SpectacularAPIView
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
@@ -46,9 +49,24 @@ def get_flow(request: Any, key: str, *, for_update: bool = False) -> Flow:
     return flow
 
 
+class StrictBooleanField(forms.Field):
+    """``true`` or ``false``, as the OpenAPI document says (not Django's ``null``/``1``/``unknown``)."""
+
+    def clean(self, value: Any) -> bool | None:
+        if value is None:
+            return None
+        if value not in ("true", "false"):
+            raise forms.ValidationError("Must be true or false", code="invalid")
+        return value == "true"
+
+
+class StrictBooleanFilter(django_filters.BooleanFilter):
+    field_class = StrictBooleanField
+
+
 class FlowFilter(django_filters.FilterSet):
     category = django_filters.CharFilter(field_name="category")
-    enabled = django_filters.BooleanFilter(field_name="enabled")
+    enabled = StrictBooleanFilter(field_name="enabled")
     q = django_filters.CharFilter(field_name="name", lookup_expr="icontains")
 
     class Meta:
@@ -301,3 +319,17 @@ class HealthView(APIView):
             status=200 if healthy else 503,
         )
 
+
+class SchemaView(SpectacularAPIView):
+    """GET /api/schema: the OpenAPI document (YAML, or JSON with ?format=json or Accept).
+
+    Its errors (401 without credentials) are the API's JSON error body, whatever format the
+    document itself would have been rendered in.
+    """
+
+    def finalize_response(self, request: Any, response: Any, *args: Any, **kwargs: Any) -> Any:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if response.status_code >= 400:
+            response.accepted_renderer = JSONRenderer()
+            response.accepted_media_type = "application/json"
+        return response

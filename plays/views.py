@@ -120,10 +120,12 @@ class MomentField(forms.CharField):
         super().__init__(*args, **kwargs)
 
     def clean(self, value: Any) -> tuple[datetime, bool] | None:
-        value = super().clean(value)
-        if not value:
-            return None
         invalid = forms.ValidationError("Expected a date (YYYY-MM-DD) or an ISO-8601 time", code="invalid")
+        if value is None:
+            return None
+        value = super().clean(value)
+        if not value:  # given, but empty: no date at all
+            raise invalid
         try:
             # A bare date first: parse_datetime() would also take "2024-01-15" as midnight.
             day = parse_date(value) if len(value) == 10 else None
