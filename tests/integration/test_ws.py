@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from .conftest import Server, wait_for
@@ -335,18 +335,20 @@ def test_handshakes_without_valid_credentials_are_refused(server: Server, alice:
         ws.send(json.dumps({"type": "ping"}))
         assert json.loads(ws.recv(timeout=10))["type"] == "pong"
     assert alice.delete(f"/api/auth/api-keys/{key['id']}").status_code == 204
-    for url, headers in [
-        (ws_url(server), {}),
-        (ws_url(server, token="fp_00000000_not-a-real-token"), {}),
-        (ws_url(server, token=key["token"]), {}),
+    for url, headers, code in [
+        (ws_url(server), {}, 4401),
+        (ws_url(server, token="fp_00000000_not-a-real-token"), {}, 4401),
+        (ws_url(server, token=key["token"]), {}, 4401),
         # A bad token is refused even beside a valid session cookie.
-        (ws_url(server, token="nope"), {"Cookie": f"sessionid={alice.cookies['sessionid']}"}),
+        (ws_url(server, token="nope"), {"Cookie": f"sessionid={alice.cookies['sessionid']}"}, 4401),
         # A cookie handshake from another origin's page (cross-site WebSocket hijacking).
-        (ws_url(server), {"Cookie": f"sessionid={alice.cookies['sessionid']}", "Origin": "http://evil.test:8000"}),
+        (ws_url(server), {"Cookie": f"sessionid={alice.cookies['sessionid']}", "Origin": "http://evil.test:8000"}, 4403),
     ]:
-        with pytest.raises(InvalidStatus) as refused:
-            connect(url, additional_headers=headers, open_timeout=30)
-        assert refused.value.response.status_code == 403, url
+        # Accepted, then closed with a code that says why (no event is ever sent).
+        with connect(url, additional_headers=headers, open_timeout=30) as refused:
+            with pytest.raises(ConnectionClosed) as closed:
+                refused.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == code, url
 
 
 def test_reconnecting_with_since_loses_nothing_while_the_play_runs(server: Server, alice: httpx.Client) -> None:
