@@ -172,8 +172,7 @@ def test_the_document_describes_statuses_nullability_and_types() -> None:
     flowlet = components["FlowletRequest"]["properties"]
     assert flowlet["ref"]["pattern"] == "^[A-Za-z_][A-Za-z0-9_]*$"
     app_id = flowlet["appId"]
-    if "$ref" in app_id:
-        app_id = components[app_id["$ref"].rsplit("/", 1)[-1]]
+    app_id = components[app_id["allOf"][0]["$ref"].rsplit("/", 1)[-1]] if "allOf" in app_id else app_id
     assert "var" in app_id["enum"] and "curl" in app_id["enum"]
     assert flowlet["args"]["type"] == "object" and flowlet["filters"]["type"] == "array"
     events = {p["name"]: p["schema"] for p in paths["/api/plays/{play_id}/events"]["get"]["parameters"]}
