@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from flows import module_views
@@ -22,8 +21,8 @@ api = [
     path("health", flow_views.HealthView.as_view(), name="health"),
     path("modules", module_views.ModuleListView.as_view(), name="module-list"),
     path("schema", flow_views.SchemaView.as_view(), name="schema"),
-    path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
-    path("redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("docs", flow_views.SwaggerView.as_view(url_name="schema"), name="docs"),
+    path("redoc", flow_views.RedocView.as_view(url_name="schema"), name="redoc"),
     path("flows/<str:flow_id>/plays", play_views.FlowPlaysViewSet.as_view({"get": "list"}), name="flow-plays"),
     *router.urls,
 ]

@@ -12,8 +12,8 @@ from django.db.models import Q
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import ensure_csrf_cookie
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, inline_serializer
-from drf_spectacular.views import SpectacularAPIView
-from rest_framework import mixins, permissions, serializers, status, viewsets
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from rest_framework import exceptions, mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
@@ -333,3 +333,23 @@ class SchemaView(SpectacularAPIView):
             response.accepted_renderer = JSONRenderer()
             response.accepted_media_type = "application/json"
         return response
+
+
+class _DocsPage:
+    """The interactive docs are pages for people: anonymous visitors go to the login page."""
+
+    def handle_exception(self, exc: Exception) -> Any:
+        if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
+            from django.contrib.auth.views import redirect_to_login
+
+            return redirect_to_login(self.request.get_full_path())  # type: ignore[attr-defined]
+        return super().handle_exception(exc)  # type: ignore[misc]
+
+
+class SwaggerView(_DocsPage, SpectacularSwaggerView):
+    """GET /api/docs: Swagger UI, from local static files (drf-spectacular-sidecar)."""
+
+
+class RedocView(_DocsPage, SpectacularRedocView):
+    """GET /api/redoc: ReDoc, from local static files."""
+

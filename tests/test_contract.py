@@ -196,3 +196,10 @@ def test_docs_pages_load_their_scripts_from_this_server(api: APIClient, path: st
     html = api.get(path).content.decode()
     assert "/static/drf_spectacular_sidecar/" in html
     assert "cdn.jsdelivr.net" not in html and "unpkg" not in html
+
+
+@pytest.mark.parametrize("path", ["/api/docs", "/api/redoc"])
+def test_docs_pages_send_anonymous_visitors_to_the_login_page(anon: APIClient, path: str) -> None:
+    r = anon.get(path)
+    assert r.status_code == 302, r.content
+    assert r["Location"].startswith("/login/?next=") and path.replace("/", "%2F") in r["Location"], r["Location"]
