@@ -31,16 +31,19 @@ def assert_400(response: Any, field: str | None = None) -> dict[str, Any]:
 # --- History filters: out-of-range dates and %-signs are 400s, never 500s ------------------------
 
 
-@pytest.mark.parametrize("query, field", [
-    ("to=9999-12-31", "to"),
-    ("from=9999-12-31T23:59:59-23:59", "from"),
-    ("from=0001-01-01T00:00:00%2B01:00", "from"),
-    ("to=", "to"),
-    ("state=%25", "state"),
-    ("state=%25s", "state"),
-    ("state=%25(x)s,DONE", "state"),
-    ("state=,", "state"),
-])
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ("to=9999-12-31", "to"),
+        ("from=9999-12-31T23:59:59-23:59", "from"),
+        ("from=0001-01-01T00:00:00%2B01:00", "from"),
+        ("to=", "to"),
+        ("state=%25", "state"),
+        ("state=%25s", "state"),
+        ("state=%25(x)s,DONE", "state"),
+        ("state=,", "state"),
+    ],
+)
 def test_history_filters_out_of_range_or_with_percent_signs_are_400(api: APIClient, query: str, field: str) -> None:
     flow = make_flow(api, ONE_STEP)
     for url in ("/api/plays", f"/api/flows/{flow['id']}/plays"):
@@ -79,37 +82,48 @@ def test_flow_list_enabled_takes_true_or_false_only(api: APIClient) -> None:
 # --- Request bodies: JSON types as documented -------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"delayMs": None}, "delayMs"),
-    ({"args": None}, "args"),
-    ({"args": [1]}, "args"),
-    ({"args": "x"}, "args"),
-    ({"delayMs": "5"}, "delayMs"),
-    ({"start": "true"}, "start"),
-    ({"idempotencyKey": 5}, "idempotencyKey"),
-    ({"idempotencyKey": "a\u0000b"}, "idempotencyKey"),
-    ({"runAt": "2030-01-01T00:00:00Z", "delayMs": 5}, "runAt"),
-])
-def test_run_refuses_what_the_schema_does_not_allow(api: APIClient, body: dict[str, Any], field: str,
-                                                    no_enqueue: list[str]) -> None:
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"delayMs": None}, "delayMs"),
+        ({"args": None}, "args"),
+        ({"args": [1]}, "args"),
+        ({"args": "x"}, "args"),
+        ({"delayMs": "5"}, "delayMs"),
+        ({"start": "true"}, "start"),
+        ({"idempotencyKey": 5}, "idempotencyKey"),
+        ({"idempotencyKey": "a\u0000b"}, "idempotencyKey"),
+        ({"runAt": "2030-01-01T00:00:00Z", "delayMs": 5}, "runAt"),
+    ],
+)
+def test_run_refuses_what_the_schema_does_not_allow(
+    api: APIClient, body: dict[str, Any], field: str, no_enqueue: list[str]
+) -> None:
     flow = make_flow(api, ONE_STEP)
     assert_400(api.post(f"/api/flows/{flow['id']}/run", body, format="json"), field)
     assert Play.objects.count() == 0
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"name": "x", "enabled": None}, "enabled"),
-    ({"name": "x", "enabled": "yes"}, "enabled"),
-    ({"name": 5}, "name"),
-    ({"name": "   "}, "name"),
-    ({"name": "x", "filters": None}, "filters"),
-    ({"name": "x", "layers": [{"ref": "a", "appId": "var", "args": None}]}, "layers[0].args"),
-    ({"name": "x", "layers": [{"ref": "a", "appId": "var", "args": {"values": {}}, "filters": None}]},
-     "layers[0].filters"),
-    ({"name": "x", "layers": [{"ref": "a", "appId": "var", "args": {"values": {}}, "timeout": "5"}]},
-     "layers[0].timeout"),
-    ({"name": "x", "layers": [{"ref": "1a", "appId": "var", "args": {"values": {}}}]}, "layers[0].ref"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"name": "x", "enabled": None}, "enabled"),
+        ({"name": "x", "enabled": "yes"}, "enabled"),
+        ({"name": 5}, "name"),
+        ({"name": "   "}, "name"),
+        ({"name": "x", "filters": None}, "filters"),
+        ({"name": "x", "layers": [{"ref": "a", "appId": "var", "args": None}]}, "layers[0].args"),
+        (
+            {"name": "x", "layers": [{"ref": "a", "appId": "var", "args": {"values": {}}, "filters": None}]},
+            "layers[0].filters",
+        ),
+        (
+            {"name": "x", "layers": [{"ref": "a", "appId": "var", "args": {"values": {}}, "timeout": "5"}]},
+            "layers[0].timeout",
+        ),
+        ({"name": "x", "layers": [{"ref": "1a", "appId": "var", "args": {"values": {}}}]}, "layers[0].ref"),
+    ],
+)
 def test_flows_refuse_what_the_schema_does_not_allow(api: APIClient, body: dict[str, Any], field: str) -> None:
     assert_400(api.post("/api/flows", body, format="json"), field)
 
@@ -124,10 +138,22 @@ def test_api_key_scopes_are_strings(api: APIClient) -> None:
 
 
 def test_patching_a_steps_args_keeps_its_approval_gate_and_the_rest(api: APIClient) -> None:
-    flow = make_flow(api, [{"ref": "pay", "appId": "var", "args": {"values": {"n": 1}}, "needsApproval": True,
-                            "onError": "continue", "name": "Pay", "timeout": 30,
-                            "filters": [{"leftValue": "{{ $prev.args.go }}", "operator": "eq", "rightValue": True}],
-                            "retry": {"count": 2, "delayMs": 10, "backoffMultiplier": 2, "jitter": False}}])
+    flow = make_flow(
+        api,
+        [
+            {
+                "ref": "pay",
+                "appId": "var",
+                "args": {"values": {"n": 1}},
+                "needsApproval": True,
+                "onError": "continue",
+                "name": "Pay",
+                "timeout": 30,
+                "filters": [{"leftValue": "{{ $prev.args.go }}", "operator": "eq", "rightValue": True}],
+                "retry": {"count": 2, "delayMs": 10, "backoffMultiplier": 2, "jitter": False},
+            }
+        ],
+    )
     step = flow["layers"][0]
     r = api.patch(f"/api/flows/{flow['id']}/layers/{step['id']}", {"args": {"values": {"n": 2}}}, format="json")
     assert r.status_code == 200, r.content
@@ -158,11 +184,27 @@ def test_the_document_describes_statuses_nullability_and_types() -> None:
         for method, operation in methods.items():
             for code, response in operation["responses"].items():
                 if code.startswith("4"):
-                    assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}, \
-                        (path, method, code)
+                    assert response["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/Error"
+                    }, (path, method, code)
     event = components["Payload"]["properties"]
-    assert {"type", "seq", "cursor", "playId", "flowId", "timestamp", "ref", "state", "out", "error", "layerId",
-            "attempt", "duration", "previousState", "iteration"} <= set(event)
+    assert {
+        "type",
+        "seq",
+        "cursor",
+        "playId",
+        "flowId",
+        "timestamp",
+        "ref",
+        "state",
+        "out",
+        "error",
+        "layerId",
+        "attempt",
+        "duration",
+        "previousState",
+        "iteration",
+    } <= set(event)
     assert event["cursor"]["type"] == "string"
     assert components["PlayDetail"]["properties"]["pendingApproval"]["nullable"] is True
     decided = components["Approval"]["properties"]["decidedBy"]

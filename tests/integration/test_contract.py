@@ -49,12 +49,34 @@ def test_schemathesis_finds_no_contract_violation(server: Server, alice: httpx.C
     # hammering it would lock the other tests of this server out. Both are fuzzed in-process
     # by tests/test_schema.py.
     proc = subprocess.run(
-        [str(BIN / "schemathesis"), "--config-file", str(Path(__file__).parent / "schemathesis.toml"), "run",
-         f"{server.url}/api/schema?format=json", "-H", f"Authorization: Bearer {token}",
-         "--checks", "all", "--mode", "all", "--seed", "1", "--max-examples", "10",
-         "--exclude-path", "/api/auth/login", "--exclude-path", "/api/auth/logout",
-         "--no-color", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            str(BIN / "schemathesis"),
+            "--config-file",
+            str(Path(__file__).parent / "schemathesis.toml"),
+            "run",
+            f"{server.url}/api/schema?format=json",
+            "-H",
+            f"Authorization: Bearer {token}",
+            "--checks",
+            "all",
+            "--mode",
+            "all",
+            "--seed",
+            "1",
+            "--max-examples",
+            "10",
+            "--exclude-path",
+            "/api/auth/login",
+            "--exclude-path",
+            "/api/auth/logout",
+            "--no-color",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     summary = proc.stdout[-6000:]
     assert proc.returncode == 0, summary
@@ -70,15 +92,27 @@ def generated(server: Server, alice_session: httpx.Client, tmp_path_factory: pyt
     (out / "schema.json").write_bytes(schema.content)
     package = f"flowplay_client_{secrets.token_hex(3)}"
     proc = subprocess.run(
-        [str(BIN / "openapi-python-client"), "generate", "--path", str(out / "schema.json"), "--meta", "none",
-         "--output-path", str(out / package)],
-        capture_output=True, text=True, timeout=300, cwd=out,
+        [
+            str(BIN / "openapi-python-client"),
+            "generate",
+            "--path",
+            str(out / "schema.json"),
+            "--meta",
+            "none",
+            "--output-path",
+            str(out / package),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=out,
         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Every operation was generated: no warning about a skipped endpoint or parameter.
     assert "Unable to" not in proc.stdout + proc.stderr and "Skipping" not in proc.stdout.replace(
-        "Skipping Integration", ""), proc.stdout
+        "Skipping Integration", ""
+    ), proc.stdout
     sys.path.insert(0, str(out))
     try:
         yield importlib.import_module(package)
@@ -96,14 +130,25 @@ def test_a_generated_client_walks_the_first_play(server: Server, alice: httpx.Cl
     tag = secrets.token_hex(3)
 
     # Create the flow (two steps, like the README's download + extract).
-    body = models.FlowRequest.from_dict({
-        "name": f"Invoice processing {tag}", "permanentId": f"invoice-processing-{tag}",
-        "layers": [
-            {"ref": "downloadPdf", "appId": "var", "args": {"values": {"invoice": "{{ $prev.args.invoiceId }}"}},
-             "retry": {"count": 2, "delayMs": 500, "backoffMultiplier": 2, "jitter": True}},
-            {"ref": "extractText", "appId": "template",
-             "args": {"template": "Invoice {{ id }}", "data": {"id": "{{ $prev.downloadPdf.invoice }}"}}},
-        ]})
+    body = models.FlowRequest.from_dict(
+        {
+            "name": f"Invoice processing {tag}",
+            "permanentId": f"invoice-processing-{tag}",
+            "layers": [
+                {
+                    "ref": "downloadPdf",
+                    "appId": "var",
+                    "args": {"values": {"invoice": "{{ $prev.args.invoiceId }}"}},
+                    "retry": {"count": 2, "delayMs": 500, "backoffMultiplier": 2, "jitter": True},
+                },
+                {
+                    "ref": "extractText",
+                    "appId": "template",
+                    "args": {"template": "Invoice {{ id }}", "data": {"id": "{{ $prev.downloadPdf.invoice }}"}},
+                },
+            ],
+        }
+    )
     created = mod("api.flows.flows_create").sync_detailed(client=client, body=body)
     assert created.status_code == 201, created.content
     flow = created.parsed
@@ -146,10 +191,15 @@ def test_a_generated_client_walks_the_first_play(server: Server, alice: httpx.Cl
     import datetime as dt
 
     today = dt.datetime.now(dt.UTC).date()
-    several = [models.PlayStateEnum("DONE"), models.PlayStateEnum("RUN"), models.PlayStateEnum("NEW"),
-               models.PlayStateEnum("FAIL")]
-    ranged = mod("api.plays.plays_list").sync(client=client, flow_id=flow.id, state=several,
-                                              from_=today - dt.timedelta(days=1), to=today)
+    several = [
+        models.PlayStateEnum("DONE"),
+        models.PlayStateEnum("RUN"),
+        models.PlayStateEnum("NEW"),
+        models.PlayStateEnum("FAIL"),
+    ]
+    ranged = mod("api.plays.plays_list").sync(
+        client=client, flow_id=flow.id, state=several, from_=today - dt.timedelta(days=1), to=today
+    )
     assert ranged.total == 2
 
     # API keys: the never-used one has lastUsedAt null, and the list parses.
@@ -158,17 +208,38 @@ def test_a_generated_client_walks_the_first_play(server: Server, alice: httpx.Cl
     assert never.last_used_at is None
 
     # PATCH a step's args only: its approval gate stays.
-    gated = mod("api.flows.flows_create").sync(client=client, body=models.FlowRequest.from_dict({
-        "name": f"Gated {tag}", "layers": [{"ref": "pay", "appId": "var", "args": {"values": {"n": 1}},
-                                            "needsApproval": True, "onError": "continue", "name": "Pay"}]}))
+    gated = mod("api.flows.flows_create").sync(
+        client=client,
+        body=models.FlowRequest.from_dict(
+            {
+                "name": f"Gated {tag}",
+                "layers": [
+                    {
+                        "ref": "pay",
+                        "appId": "var",
+                        "args": {"values": {"n": 1}},
+                        "needsApproval": True,
+                        "onError": "continue",
+                        "name": "Pay",
+                    }
+                ],
+            }
+        ),
+    )
     step = gated.layers[0]
     patch = mod("api.flows.flows_layers_partial_update")
-    patched = patch.sync(gated.id, step.id, client=client,
-                         body=models.PatchedFlowletRequest.from_dict({"args": {"values": {"n": 2}}}))
+    patched = patch.sync(
+        gated.id, step.id, client=client, body=models.PatchedFlowletRequest.from_dict({"args": {"values": {"n": 2}}})
+    )
     assert patched.args.to_dict() == {"values": {"n": 2}} if hasattr(patched.args, "to_dict") else True
     assert (patched.needs_approval, patched.on_error.value, patched.name) == (True, "continue", "Pay")
     raw = alice.get(f"/api/flows/{gated.id}").json()["layers"][0]
-    assert (raw["needsApproval"], raw["onError"], raw["name"], raw["args"]) == (True, "continue", "Pay", {"values": {"n": 2}})
+    assert (raw["needsApproval"], raw["onError"], raw["name"], raw["args"]) == (
+        True,
+        "continue",
+        "Pay",
+        {"values": {"n": 2}},
+    )
 
     # An error is the typed error body.
     missing = retrieve.sync_detailed("nope", client=generated.AuthenticatedClient(base_url=server.url, token=token))
@@ -202,13 +273,24 @@ def test_websocket_refusals_close_with_documented_codes(server: Server, alice: h
     cookie = {"Cookie": f"sessionid={alice.cookies['sessionid']}"}
     # Another company's play and flow.
     tag = secrets.token_hex(3)
-    other = server.manage("shell", "-c", (
-        "from flows.models import ApiKey, Company, User; "
-        f"c = Company.objects.create(name='Initech {tag}', slug='initech-{tag}'); "
-        f"u = User.objects.create_user('dave-{tag}', 'dave-{tag}@initech.test', 'integration-pass-123', company=c); "
-        "print(ApiKey.issue(u, 'ws')[1])")).strip().splitlines()[-1]
+    other = (
+        server.manage(
+            "shell",
+            "-c",
+            (
+                "from flows.models import ApiKey, Company, User; "
+                f"c = Company.objects.create(name='Initech {tag}', slug='initech-{tag}'); "
+                f"u = User.objects.create_user('dave-{tag}', 'dave-{tag}@initech.test', 'integration-pass-123', company=c); "
+                "print(ApiKey.issue(u, 'ws')[1])"
+            ),
+        )
+        .strip()
+        .splitlines()[-1]
+    )
     dave = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {other}"}, timeout=30)
-    flow = dave.post("/api/flows", json={"name": "theirs", "layers": [{"ref": "a", "appId": "var", "args": {"values": {}}}]}).json()
+    flow = dave.post(
+        "/api/flows", json={"name": "theirs", "layers": [{"ref": "a", "appId": "var", "args": {"values": {}}}]}
+    ).json()
     play = dave.post(f"/api/flows/{flow['id']}/run", json={}).json()["playId"]
 
     cases = [
@@ -236,26 +318,46 @@ def test_websocket_refusals_close_with_documented_codes(server: Server, alice: h
 # --- The README's JavaScript example ----------------------------------------------------
 
 
-def test_the_readme_javascript_example_subscribes_then_triggers(server: Server, alice: httpx.Client, tmp_path: Path) -> None:
+def test_the_readme_javascript_example_subscribes_then_triggers(
+    server: Server, alice: httpx.Client, tmp_path: Path
+) -> None:
     node = shutil.which("node")
     assert node, "Node.js is required for this test (apt-get install nodejs)"
     flags = []
     if subprocess.run([node, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"]).returncode != 0:
         flags = ["--experimental-websocket"]
     tag = secrets.token_hex(3)
-    flow = alice.post("/api/flows", json={"name": f"JS {tag}", "permanentId": f"invoice-processing-js-{tag}", "layers": [
-        {"ref": "downloadPdf", "appId": "var", "args": {"values": {"invoice": "{{ $prev.args.invoiceId }}"}}},
-        {"ref": "extractText", "appId": "template", "args": {"template": "Invoice {{ id }}",
-                                                             "data": {"id": "{{ $prev.downloadPdf.invoice }}"}}},
-    ]}).json()
+    flow = alice.post(
+        "/api/flows",
+        json={
+            "name": f"JS {tag}",
+            "permanentId": f"invoice-processing-js-{tag}",
+            "layers": [
+                {"ref": "downloadPdf", "appId": "var", "args": {"values": {"invoice": "{{ $prev.args.invoiceId }}"}}},
+                {
+                    "ref": "extractText",
+                    "appId": "template",
+                    "args": {"template": "Invoice {{ id }}", "data": {"id": "{{ $prev.downloadPdf.invoice }}"}},
+                },
+            ],
+        },
+    ).json()
     # The example exactly as the README shows it; only the host and the flow differ here.
     source = (JS_DIR / "readme_client.js").read_text()
     script = tmp_path / "readme_client.js"
-    script.write_text(source.replace("localhost:4454", f"127.0.0.1:{server.port}")
-                      .replace("'invoice-processing'", f"'{flow['permanentId']}'"))
+    script.write_text(
+        source.replace("localhost:4454", f"127.0.0.1:{server.port}").replace(
+            "'invoice-processing'", f"'{flow['permanentId']}'"
+        )
+    )
     token = api_key(alice, "readme js")["token"]
-    proc = subprocess.run([node, *flags, str(script)], capture_output=True, text=True, timeout=90,
-                          env={**os.environ, "FLOWPLAY_TOKEN": token})
+    proc = subprocess.run(
+        [node, *flags, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "FLOWPLAY_TOKEN": token},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     triggered = next(line for line in lines if line.startswith("Triggered play "))
