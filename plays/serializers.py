@@ -5,7 +5,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from .models import Approval, EventType, Layer, LayerState, Play, State, iso
+from .models import Approval, EventType, Layer, LayerState, Play, State, TriggerKind, iso
 
 # Output shapes for the OpenAPI document. The serializers below hand-roll their
 # to_representation for speed; these fields only describe what they send.
@@ -17,6 +17,12 @@ class StepErrorSerializer(serializers.Serializer):
     code = serializers.CharField(help_text="e.g. STEP_FAILED, STEP_TIMEOUT, CANCELLED, PLAY_TIMEOUT")
     message = serializers.CharField()
     ref = serializers.CharField(required=False, help_text="The step that failed, when one did")
+
+
+class TriggerSerializer(serializers.Serializer):
+    """``kind``, then what the kind adds (a schedule's id and fire time, a channel's route…)."""
+
+    kind = serializers.ChoiceField(choices=TriggerKind.choices)
 
 
 class DecidedBySerializer(serializers.Serializer):
@@ -67,11 +73,12 @@ class PlaySerializer(serializers.ModelSerializer):
     parentPlayId = serializers.CharField(source="parent_id", allow_null=True)
     args = serializers.DictField(help_text="The trigger args")
     error = StepErrorSerializer(allow_null=True)
+    trigger = TriggerSerializer(source="trigger_source", help_text="What started the play")
 
     class Meta:
         model = Play
         fields = ["id", "flowId", "flowVersion", "state", "args", "idempotencyKey", "createdAt", "startedAt",
-                  "completedAt", "duration", "runAt", "retryOf", "parentPlayId", "error"]
+                  "completedAt", "duration", "runAt", "retryOf", "parentPlayId", "error", "trigger"]
 
     def to_representation(self, play: Play) -> dict[str, Any]:
         # Hand-rolled: this runs for every row of a history page.
@@ -90,6 +97,7 @@ class PlaySerializer(serializers.ModelSerializer):
             "retryOf": play.retry_of_id,
             "parentPlayId": play.parent_id,
             "error": play.error,
+            "trigger": play.trigger_source,
         }
 
 

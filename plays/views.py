@@ -23,7 +23,7 @@ from flows.serializers import RunSerializer
 from flows.strict import NO_NUL
 from flows.views import get_flow
 
-from .models import Event, IdempotencyConflict, InvalidState, Layer, Play, State, iso
+from .models import Event, IdempotencyConflict, InvalidState, Layer, Play, State, TriggerKind, iso
 from .serializers import (
     ApproveSerializer,
     LayerSerializer,
@@ -166,6 +166,7 @@ class PlayFilter(django_filters.FilterSet):
     to = MomentFilter(field_name="created_at", lookup_expr="lte", end=True)
     idempotencyKey = django_filters.CharFilter(field_name="idempotency_key")
     flowId = django_filters.CharFilter(method="filter_flow")
+    trigger = django_filters.ChoiceFilter(field_name="trigger_kind", choices=TriggerKind.choices)
 
     class Meta:
         model = Play
@@ -188,7 +189,9 @@ class PlayFilter(django_filters.FilterSet):
 # its errors and the OpenAPI parameter all say ``from`` (a ``from_`` attribute leaked into
 # the schema as a second, phantom parameter).
 PlayFilter.base_filters["from"] = MomentFilter(field_name="created_at", lookup_expr="gte")
-PlayFilter.base_filters = {name: PlayFilter.base_filters[name] for name in ("state", "from", "to", "idempotencyKey", "flowId")}
+PlayFilter.base_filters = {
+    name: PlayFilter.base_filters[name] for name in ("state", "from", "to", "idempotencyKey", "flowId", "trigger")
+}
 
 
 MOMENT = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
@@ -202,6 +205,7 @@ HISTORY_PARAMETERS = [
                      "(`to=9999-12-31` is a 400: the day has no end in range)."),
     OpenApiParameter("idempotencyKey", {"type": "string", "pattern": NO_NUL}, description="Plays triggered with this key"),
     OpenApiParameter("flowId", {"type": "string", "pattern": NO_NUL}, description="The flow's id or permanentId"),
+    OpenApiParameter("trigger", {"type": "string", "enum": TriggerKind.values}, description="What started the play"),
 ]
 
 

@@ -68,7 +68,7 @@ def test_from_is_one_parameter_and_state_takes_repeated_values(api: APIClient, n
     assert api.get("/api/plays?state=RUN,DONE").json()["total"] == 1
     assert api.get("/api/plays?state=DONE").json()["total"] == 0
     params = {p["name"] for p in SCHEMA["paths"]["/api/plays"]["get"]["parameters"]}
-    assert params == {"state", "from", "to", "idempotencyKey", "flowId", "page", "size"}
+    assert params == {"state", "from", "to", "idempotencyKey", "flowId", "trigger", "page", "size"}
 
 
 def test_flow_list_enabled_takes_true_or_false_only(api: APIClient) -> None:
