@@ -42,6 +42,8 @@ def assert_400(response: Any, field: str | None = None) -> dict[str, Any]:
         ("state=%25s", "state"),
         ("state=%25(x)s,DONE", "state"),
         ("state=,", "state"),
+        ("trigger=%25s", "trigger"),
+        ("from=%25s", "from"),
     ],
 )
 def test_history_filters_out_of_range_or_with_percent_signs_are_400(api: APIClient, query: str, field: str) -> None:
@@ -75,7 +77,7 @@ def test_flow_list_enabled_takes_true_or_false_only(api: APIClient) -> None:
     make_flow(api, ONE_STEP)
     assert api.get("/api/flows?enabled=true").json()["total"] == 1
     assert api.get("/api/flows?enabled=false").json()["total"] == 0
-    for value in ("null", "1", "unknown", ""):
+    for value in ("null", "1", "unknown", "", "%25s", "%25(x)s"):
         assert_400(api.get(f"/api/flows?enabled={value}"), "enabled")
 
 
