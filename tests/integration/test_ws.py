@@ -300,7 +300,6 @@ def test_a_connection_sees_only_its_company_and_its_filters(
 
     with (
         connect(ws_url(server, token=charlie_token)) as charlie_all,
-        connect(ws_url(server, token=charlie_token, flowId=three_steps["id"])) as charlie_peeking,
         cookie_ws(server, alice) as alice_all,
         cookie_ws(server, alice, flowId=three_steps["id"]) as alice_flow,
     ):
@@ -316,12 +315,15 @@ def test_a_connection_sees_only_its_company_and_its_filters(
             by_flow = collect(alice_flow, ended(alice_play)) + quiet(alice_flow)
             by_play = quiet(alice_play_only, 3)
         theirs = collect(charlie_all, ended(charlie_play)) + quiet(charlie_all)
-        peeked = quiet(charlie_peeking, 2)
+    # Naming another company's flow is refused: accepted, then closed with 4403, nothing sent.
+    with connect(ws_url(server, token=charlie_token, flowId=three_steps["id"])) as charlie_peeking:
+        with pytest.raises(ConnectionClosed) as peeking:
+            charlie_peeking.recv(timeout=30)
+    assert peeking.value.rcvd is not None and peeking.value.rcvd.code == 4403
 
     assert {m["playId"] for m in mine} >= {alice_play, other_play}
     assert charlie_play not in {m["playId"] for m in mine}
     assert {m["playId"] for m in theirs} == {charlie_play}
-    assert peeked == []
     assert by_flow == stored(alice, alice_play)
     # Opened after the play started: a suffix of its events, and only its own.
     assert {m["playId"] for m in by_play} <= {alice_play}
@@ -486,8 +488,10 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
 def test_the_server_pings_and_drops_a_client_that_never_answers(server: Server, alice: httpx.Client) -> None:
     assert "--ping-interval 15 --ping-timeout 30" in (Path(__file__).parents[2] / "Procfile").read_text()
     token = api_key(alice, "keepalive")["token"]
-    nothing = "&playId=none-" + secrets.token_hex(4)
-    with connect(ws_url(server, token=token, playId="none")) as polite:  # answers pings (websockets does)
+    # A flow that never runs: both connections receive no event, only pings.
+    quiet_flow = make_flow(alice, [{"ref": "a", "appId": "var", "args": {"values": {}}}])
+    nothing = f"&flowId={quiet_flow['id']}"
+    with connect(ws_url(server, token=token, flowId=quiet_flow["id"])) as polite:  # answers pings (websockets does)
         sock = raw_handshake(server, token, nothing)
         opened = time.monotonic()
         sock.settimeout(90)
