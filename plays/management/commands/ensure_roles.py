@@ -1,4 +1,5 @@
-"""Create or update the "Operators" group: act on plays in the admin, read flows, edit nothing.
+"""Create or update the "Operators" group: act on plays in the admin, read flows, edit nothing;
+and the "Company admins" group: manage the company's credentials (API, page and admin).
 
 Idempotent; run it after migrating. Give a staff user the role with
 ``user.groups.add(Group.objects.get(name="Operators"))`` or in the admin.
@@ -25,6 +26,23 @@ OPERATOR_PERMISSIONS = [
 ]
 
 
+COMPANY_ADMINS = "Company admins"
+COMPANY_ADMIN_PERMISSIONS = [
+    ("flows", "view_credential"),
+    ("flows", "add_credential"),
+    ("flows", "change_credential"),
+    ("flows", "delete_credential"),
+]
+
+
+def ensure_company_admins() -> Group:
+    create_permissions(apps.get_app_config("flows"), verbosity=0)
+    group, _ = Group.objects.get_or_create(name=COMPANY_ADMINS)
+    perms = [Permission.objects.get(content_type__app_label=app, codename=code) for app, code in COMPANY_ADMIN_PERMISSIONS]
+    group.permissions.set(perms)
+    return group
+
+
 def ensure_operators() -> Group:
     for app in ("plays", "flows"):
         # Permissions are normally created after migrate; make sure they exist now.
@@ -36,8 +54,8 @@ def ensure_operators() -> Group:
 
 
 class Command(BaseCommand):
-    help = 'Create or update the "Operators" group (act on plays in the admin; read-only flows).'
+    help = 'Create or update the "Operators" group (act on plays in the admin; read-only flows) and "Company admins".'
 
     def handle(self, *args: Any, **options: Any) -> None:
-        group = ensure_operators()
-        self.stdout.write(f"{group.name}: {', '.join(sorted(p.codename for p in group.permissions.all()))}")
+        for group in (ensure_operators(), ensure_company_admins()):
+            self.stdout.write(f"{group.name}: {', '.join(sorted(p.codename for p in group.permissions.all()))}")
