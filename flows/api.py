@@ -195,6 +195,7 @@ def add_error_responses(result: dict[str, Any], generator: Any, request: Any, pu
     - every operation documents the error body for the error statuses (an error response
       declared without a body, e.g. login's 401, gets it too);
     - a run takes runAt or delayMs, not both;
+    - ``Patched…`` bodies carry no defaults;
     - strings in request bodies refuse NUL, and trimmed non-blank ones need a non-space
       character (a name of spaces is a 400), as patterns a client or a fuzzer can see.
     """
@@ -216,6 +217,11 @@ def add_error_responses(result: dict[str, Any], generator: Any, request: Any, pu
         if name.endswith("Request"):
             for prop in component.get("properties", {}).values():
                 _no_nul(prop)
+        if name.startswith("Patched"):
+            # A PATCH changes what it names; DRF applies no default to a partial update, and
+            # a generated client must not send one (it would reset the field).
+            for prop in component.get("properties", {}).values():
+                prop.pop("default", None)
     return result
 
 
