@@ -86,7 +86,7 @@ class StateListField(forms.CharField):
         if not value:
             return None
         states = [s.strip().upper() for s in value.split(",") if s.strip()]
-        unknown = [s for s in value.split(",") if s.strip() and s.strip().upper() not in State.values]
+        unknown = [s for s in states if s not in State.values]
         if unknown or not states:
             # The input goes in params, never into the message itself: django-filter
             # %-formats every message (`?state=%25` was a 500).
