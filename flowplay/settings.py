@@ -415,10 +415,13 @@ FLOWPLAY.update(
     }
 )
 # prometheus_client's multiprocess mode reads this variable when it is first imported, so it is
-# set here, before any app module loads. Each test run counts in a folder of its own.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _metrics_dir = tempfile.mkdtemp(prefix="flowplay-metrics-") if "pytest" in sys.modules else str(VAR_DIR / "metrics")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+# set here, before any app module loads. Each test process counts in a folder of its own (pytest-xdist
+# workers inherit the controller's environment: a shared folder would sum their counts).
+if "pytest" in sys.modules and os.environ.get("FLOWPLAY_METRICS_DIR_OWNER") != str(os.getpid()):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flowplay-metrics-")
+    os.environ["FLOWPLAY_METRICS_DIR_OWNER"] = str(os.getpid())
+elif not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(VAR_DIR / "metrics")
 Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 # One JSON object per line (flowplay/logs.py) in production, plain text in development.
 LOG_FORMAT = env_str("LOG_FORMAT", "json" if PRODUCTION else "text").lower()
