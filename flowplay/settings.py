@@ -53,6 +53,14 @@ def env_float(name: str, default: float) -> float:
         raise ImproperlyConfigured(f"{name} must be a number, not {raw!r}") from None
 
 
+def env_count(name: str, default: int) -> int:
+    """A non-negative integer (a number of things, e.g. proxies in front of the web process)."""
+    value = env_int(name, default)
+    if value < 0:
+        raise ImproperlyConfigured(f"{name} must be 0 or more, not {value}")
+    return value
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None:
@@ -62,11 +70,43 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 DEBUG = env_bool("DEBUG", False)
 PRODUCTION = env_bool("FLOWPLAY_PRODUCTION", False)
+
+
+def var_secret_key(var_dir: Path) -> str:
+    """The secret key kept in ``<var>/secret_key``, generated on first use.
+
+    Web, worker and beat start together and must agree: the key is written to a temporary
+    file and linked into place, which fails if another process got there first; then
+    everyone reads the one file. The file is readable by its owner only.
+    """
+    import secrets
+    import tempfile
+
+    path = var_dir / "secret_key"
+    if not path.exists():
+        var_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=var_dir, prefix=".secret_key.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(50))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise ImproperlyConfigured(f"{path} holds no usable secret key; delete it to have a new one made")
+    return key
+
+
 SECRET_KEY = env_str("SECRET_KEY", "")
 if not SECRET_KEY:
     if PRODUCTION:
         raise ImproperlyConfigured("SECRET_KEY must be set when FLOWPLAY_PRODUCTION is on")
-    SECRET_KEY = "flowplay-embedded-insecure-key-change-me-" + "x" * 20
+    # Never a key written in the code: each installation makes its own on first run.
+    SECRET_KEY = var_secret_key(VAR_DIR)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
@@ -236,6 +276,14 @@ else:
 # A consumer that falls 100 messages behind loses the newest ones and reads the table.
 CHANNEL_LAYERS["local"] = {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100}}
 
+# --- Client addresses -----------------------------------------------------------------
+# How many reverse proxies in front of the web process append to X-Forwarded-For. 0 (the
+# default) trusts none: the client is the connection's address and X-Forwarded-For is
+# ignored, so a client cannot pick its own address (and with it a fresh login budget). With
+# N, the client is the N-th address from the right of X-Forwarded-For. Everything that
+# needs a client's address reads it through DRF's get_ident(), which applies this.
+TRUSTED_PROXIES = env_count("FLOWPLAY_TRUSTED_PROXIES", 0)
+
 # --- REST framework -------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -250,6 +298,8 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "flows.api.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_RATES": {"login": env_str("LOGIN_THROTTLE_RATE", "10/min")},
+    # Who the client is (the login throttle's key): REMOTE_ADDR unless proxies are trusted.
+    "NUM_PROXIES": TRUSTED_PROXIES,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {

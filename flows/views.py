@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
-from django.contrib.auth import authenticate, login, logout
+from django.contrib.auth import login, logout
 from django.db import transaction
 from django.db.models import Q
 from django.utils.decorators import method_decorator
@@ -19,7 +19,8 @@ from rest_framework.views import APIView
 
 from .api import ApiError, not_found, validation_error
 from .audit import record
-from .models import ApiKey, Flow, Flowlet, User
+from .auth import authenticate_by_login
+from .models import ApiKey, Flow, Flowlet
 from .serializers import (
     ApiKeyCreatedSerializer,
     ApiKeySerializer,
@@ -222,9 +223,7 @@ class LoginView(APIView):
     def post(self, request: Any) -> Response:
         data = LoginSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        email = data.validated_data["email"]
-        user = User.objects.filter(email__iexact=email).first() or User.objects.filter(username=email).first()
-        authed = authenticate(request, username=user.username, password=data.validated_data["password"]) if user else None
+        authed = authenticate_by_login(request, data.validated_data["email"], data.validated_data["password"])
         if authed is None:
             raise ApiError("UNAUTHORIZED", "Wrong email or password", 401)
         login(request, authed)

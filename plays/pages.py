@@ -30,7 +30,8 @@ from django.views.decorators.http import require_POST
 
 from flows.api import ApiError, PagePagination
 from flows.audit import PLAY_VERBS, record
-from flows.models import Company, Flow, User
+from flows.auth import authenticate_by_login
+from flows.models import Company, Flow
 from flows.views import LoginThrottle
 
 from .models import (
@@ -85,14 +86,14 @@ class EmailAuthenticationForm(AuthenticationForm):
     }
 
     def clean(self) -> dict[str, Any]:
-        login = (self.cleaned_data.get("username") or "").strip()
-        # The same lookup as POST /api/auth/login: email first (case-insensitive), then username.
-        user = User.objects.filter(email__iexact=login).first() if login else None
-        if user is None and login:
-            user = User.objects.filter(username=login).first()
-        if user is not None:
-            self.cleaned_data["username"] = user.get_username()
-        return super().clean()
+        # The same login as POST /api/auth/login (flows.auth.authenticate_by_login).
+        login, password = self.cleaned_data.get("username"), self.cleaned_data.get("password")
+        if login is not None and password:
+            self.user_cache = authenticate_by_login(self.request, login, password)
+            if self.user_cache is None:
+                raise self.get_invalid_login_error()
+            self.confirm_login_allowed(self.user_cache)
+        return self.cleaned_data
 
 
 class LoginPage(auth_views.LoginView):
