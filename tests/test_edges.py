@@ -20,7 +20,6 @@ from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.core.cache import cache
 from django.test import Client
 
-from flowplay.bodylimit import BodyLimitMiddleware
 from flows.models import User
 
 from .conftest import PASSWORD
@@ -142,6 +141,8 @@ def _scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
 
 
 def test_a_declared_length_over_the_limit_is_refused_without_reading_the_body() -> None:
+    from flowplay.bodylimit import BodyLimitMiddleware
+
     reached: list[Any] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
