@@ -398,6 +398,10 @@ FLOWPLAY = {
     "MAX_SUBFLOW_DEPTH": env_int("FLOWPLAY_MAX_SUBFLOW_DEPTH", 8),
     "CURL_DENY": env_list("FLOWPLAY_CURL_DENY", ["169.254.0.0/16", "fd00:ec2::254/128", "100.100.100.200/32"]),
     "CURL_ALLOW": env_list("FLOWPLAY_CURL_ALLOW", []),
+    # Only public addresses (no loopback, private, link-local, 0.0.0.0/8, NAT64, 6to4, mapped
+    # forms) unless allow-listed: on in production; the embedded default's tutorial fetches
+    # from localhost. See flows/egress.py.
+    "CURL_PUBLIC_ONLY": env_bool("FLOWPLAY_CURL_PUBLIC_ONLY", PRODUCTION),
     # A RUN play whose task was lost (no runner, untouched this long) is requeued by reap_stuck.
     "REAP_IDLE_SECONDS": env_float("FLOWPLAY_REAP_IDLE_SECONDS", 30.0),
     # Retention of finished plays (plays/retention.py): days, unless the flow sets retention_days;
