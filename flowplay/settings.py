@@ -141,6 +141,9 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "flowplay.urls"
 AUTH_USER_MODEL = "flows.User"
+# Roles are Django permissions everywhere (API, pages, admin); a user without any role is a
+# company member with the members' permissions (flows/permissions.py).
+AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend", "flows.permissions.MemberBackend"]
 # The pages' names are namespaced: the API router already uses "flow-list", "play-detail".
 LOGIN_URL = "pages:login"
 LOGIN_REDIRECT_URL = "pages:flows"
@@ -290,7 +293,13 @@ REST_FRAMEWORK = {
         "flows.auth.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # The user's role (Django permissions, as in the admin) and the API key's scopes:
+    # flows/permissions.py.
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "flows.permissions.ScopePermission",
+        "flows.permissions.RolePermission",
+    ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["flows.api.JSONParser"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
@@ -309,7 +318,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     # The spec: every endpoint but login and health needs authentication, the schema too.
-    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated", "flows.permissions.ScopePermission"],
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "flows.api.add_error_responses"],
     "ENUM_NAME_OVERRIDES": {"PlayStateEnum": "plays.models.State", "LayerStateEnum": "plays.models.LayerState"},
 }

@@ -20,7 +20,8 @@ from rest_framework.views import APIView
 from .api import ApiError, not_found, validation_error
 from .audit import record
 from .auth import authenticate_by_login
-from .models import ApiKey, Flow, Flowlet
+from .models import ApiKey, Flow, Flowlet, KeyScopeError
+from .permissions import ANY_SCOPE, RUN_FLOW, VIEW_FLOW, request_key
 from .serializers import (
     ApiKeyCreatedSerializer,
     ApiKeySerializer,
@@ -62,6 +63,13 @@ class FlowViewSet(viewsets.ModelViewSet):
     lookup_field = "pk"
     lookup_url_kwarg = "flow_id"
     lookup_value_regex = "[^/]+"
+    # API key scopes and roles (flows/permissions.py): reading needs "read", running "run",
+    # the rest "flows"; the role's Django permissions are the admin's.
+    write_scope = "flows"
+    scopes = {"run": "run"}
+    read_perm = VIEW_FLOW
+    perms = {"create": "flows.add_flow", "update": "flows.change_flow", "partial_update": "flows.change_flow",
+             "destroy": "flows.delete_flow", "run": RUN_FLOW}
 
     def get_queryset(self) -> Any:
         return (
@@ -122,6 +130,9 @@ class FlowletViewSet(
     serializer_class = FlowletSerializer
     pagination_class = None
     lookup_url_kwarg = "layer_id"
+    write_scope = "flows"
+    read_perm = VIEW_FLOW
+    write_perm = "flows.change_flow"  # a layer is part of its flow, as in the admin's inline
 
     def flow(self, for_update: bool = False) -> Flow:
         return get_flow(self.request, self.kwargs["flow_id"], for_update=for_update)
@@ -231,6 +242,7 @@ class LoginView(APIView):
 
 
 class LogoutView(APIView):
+    scope = ANY_SCOPE
     @extend_schema(request=None, responses={204: None})
     def post(self, request: Any) -> Response:
         logout(request)
@@ -238,6 +250,7 @@ class LogoutView(APIView):
 
 
 class MeView(APIView):
+    scope = ANY_SCOPE
     @extend_schema(responses={200: MeSerializer})
     def get(self, request: Any) -> Response:
         return Response(MeSerializer(request.user).data)
@@ -248,9 +261,15 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Destr
     serializer_class = ApiKeySerializer
     pagination_class = None
     lookup_url_kwarg = "key_id"
+    scope = "keys"
 
     def get_queryset(self) -> Any:
-        return ApiKey.objects.active().filter(user=self.request.user).order_by("-created_at")
+        keys = ApiKey.objects.active().filter(user=self.request.user).order_by("-created_at")
+        caller = request_key(self.request)
+        if caller is not None and caller.scopes:
+            # A scoped key manages itself and the keys it minted, not its user's other keys.
+            keys = keys.filter(pk__in=caller.family_ids())
+        return keys
 
     def get_object(self) -> ApiKey:
         key = self.get_queryset().filter(pk=self.kwargs["key_id"]).first()
@@ -262,7 +281,11 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Destr
     def create(self, request: Any, *args: Any, **kwargs: Any) -> Response:
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        key, token = ApiKey.issue(request.user, serializer.validated_data["name"], serializer.validated_data.get("scopes"))
+        try:
+            key, token = ApiKey.issue(request.user, serializer.validated_data["name"],
+                                      serializer.validated_data.get("scopes"), parent=request_key(request))
+        except KeyScopeError as exc:
+            raise ApiError("FORBIDDEN", str(exc), 403) from None
         key.token = token
         record(request.user, "api_key.created", key)
         return Response(ApiKeyCreatedSerializer(key).data, status=status.HTTP_201_CREATED)

@@ -32,6 +32,7 @@ from flows.api import ApiError, PagePagination
 from flows.audit import PLAY_VERBS, record
 from flows.auth import authenticate_by_login
 from flows.models import Company, Flow
+from flows.permissions import OPERATE_PLAY
 from flows.views import LoginThrottle
 
 from .models import (
@@ -180,9 +181,9 @@ def pretty(value: Any) -> str:
 
 
 def _may_operate(user: Any) -> bool:
-    # The API's rule: any active member of the play's company may hold, resume, cancel,
-    # retry and decide (the play was already looked up within the user's company).
-    return bool(user.is_authenticated and user.is_active)
+    # The API's and the admin's rule: the role's plays.operate_play (flows/permissions.py);
+    # the play was already looked up within the user's company.
+    return bool(user.is_authenticated and user.is_active and user.has_perm(OPERATE_PLAY))
 
 
 def _canonical_query(query: Any) -> dict[str, str]:

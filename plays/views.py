@@ -19,6 +19,7 @@ from rest_framework.response import Response
 from flows.api import ApiError, invalid_state, not_found
 from flows.audit import PLAY_VERBS, record
 from flows.models import Flow
+from flows.permissions import OPERATE_PLAY, VIEW_PLAY
 from flows.views import get_flow
 
 from .models import Event, IdempotencyConflict, InvalidState, Layer, Play, State, iso
@@ -166,6 +167,11 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     serializer_class = PlaySerializer
     filterset_class = PlayFilter
     lookup_url_kwarg = "play_id"
+    # Reading needs the "read" scope and plays.view_play; every verb "operate" and
+    # plays.operate_play, as the admin's actions (flows/permissions.py).
+    write_scope = "operate"
+    read_perm = VIEW_PLAY
+    write_perm = OPERATE_PLAY
 
     def get_queryset(self) -> Any:
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular building the schema
