@@ -23,6 +23,7 @@ from flows.permissions import OPERATE_PLAY, VIEW_PLAY
 from flows.views import get_flow
 
 from .models import Event, IdempotencyConflict, InvalidState, Layer, Play, State, iso
+from .redaction import redact
 from .serializers import (
     ApproveSerializer,
     LayerSerializer,
@@ -226,7 +227,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         since = _int_param(request, "since", 0, minimum=0, maximum=2**63 - 1)  # a bigint column
         limit = _int_param(request, "limit", 1000, minimum=1, maximum=10000)
         events = Event.objects.filter(play=play, seq__gt=since).order_by("seq")[:limit]
-        return Response([e.payload for e in events])
+        return Response([redact(e.payload) for e in events])
 
     def _verb(self, verb: str, request: Any) -> Response:
         play = self.get_object()
