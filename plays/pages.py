@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 from django import forms
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.decorators import login_required
+from django.contrib.auth.decorators import login_required, permission_required
 from django.contrib.auth.forms import AuthenticationForm
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
@@ -32,7 +32,7 @@ from flows.api import ApiError, PagePagination
 from flows.audit import PLAY_VERBS, record
 from flows.auth import authenticate_by_login
 from flows.models import Company, Flow
-from flows.permissions import OPERATE_PLAY
+from flows.permissions import OPERATE_PLAY, VIEW_FLOW, VIEW_PLAY
 from flows.views import LoginThrottle
 
 from .models import (
@@ -213,6 +213,7 @@ class _Query:
 
 
 @login_required
+@permission_required(VIEW_FLOW, raise_exception=True)
 def flow_list(request: HttpRequest) -> HttpResponse:
     company_id = request.user.company_id
     last = Play.objects.filter(flow=OuterRef("pk")).order_by("-created_at", "-id")
@@ -245,11 +246,13 @@ def flow_list(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
+@permission_required(VIEW_PLAY, raise_exception=True)
 def flow_history(request: HttpRequest, flow_key: str) -> HttpResponse:
     return _history(request, _flow_or_404(request, flow_key))
 
 
 @login_required
+@permission_required(VIEW_PLAY, raise_exception=True)
 def play_history(request: HttpRequest) -> HttpResponse:
     return _history(request, None)
 
@@ -337,6 +340,7 @@ def _bar(layer: Layer, start: datetime, span_ms: int, now: datetime) -> tuple[fl
 
 
 @login_required
+@permission_required(VIEW_PLAY, raise_exception=True)
 def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
     seq = _head_seq(request.user.company_id)
     play = get_object_or_404(

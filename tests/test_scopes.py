@@ -290,3 +290,18 @@ def test_a_member_without_a_role_has_the_same_rights_in_the_admin_as_in_the_api(
     assert admin.get(f"/admin/flows/flow/{flow['id']}/change/").status_code == 200
     assert alice.has_perm("flows.change_flow") and alice.has_perm("plays.operate_play")
     assert not alice.has_perm("flows.change_user") and not alice.has_perm("flows.change_company")
+
+
+def test_the_pages_follow_the_role_too(api: APIClient, alice: User, no_enqueue: list[str]) -> None:
+    flow = make_flow(api, ONE_STEP)
+    play = api.post(f"/api/flows/{flow['id']}/run", {"args": {}, "start": False}, format="json").json()["playId"]
+    nobody = User.objects.create_user("nina", "nina@acme.test", PASSWORD, company=alice.company)
+    nobody.groups.add(Group.objects.create(name="Nothing"))
+    page = Client()
+    page.force_login(nobody)
+    for path in ("/flows/", "/plays/", f"/plays/{play}/", f"/flows/{flow['id']}/plays/"):
+        assert page.get(path).status_code == 403, path
+    assert client_for(nobody).get("/api/plays").status_code == 403
+    member = Client()
+    member.force_login(alice)
+    assert b"/cancel/" in member.get(f"/plays/{play}/").content
