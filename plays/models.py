@@ -69,6 +69,21 @@ class LayerState(models.TextChoices):
 LAYER_TERMINAL = frozenset({LayerState.DONE, LayerState.FAIL, LayerState.SKIP, LayerState.FILTERED})
 
 
+class TriggerKind(models.TextChoices):
+    API = "api"
+    """POST /api/flows/{id}/run (or the pages and the admin on a person's behalf)."""
+    SCHEDULE = "schedule"
+    """A schedule's fire."""
+    CHANNEL = "channel"
+    """A request to an HTTP channel's route."""
+    MCP = "mcp"
+    """An MCP tool call."""
+    SUBFLOW = "subflow"
+    """A `subflow` step of another play."""
+    RETRY = "retry"
+    """A retry of a failed play."""
+
+
 class InvalidState(Exception):
     """A transition that is not legal from the play's current state (API: 409)."""
 
@@ -265,6 +280,10 @@ class Play(models.Model):
     triggered_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
+    # What started the play (TriggerKind) and its details (the schedule and fire time, the
+    # channel route, ...); the API shows them together as `trigger`.
+    trigger_kind = models.CharField(max_length=16, choices=TriggerKind, default=TriggerKind.API)
+    trigger_info = models.JSONField(null=True, blank=True)
     # Index of the next flowlet to run; the runner advances it with each finished step.
     next_index = models.IntegerField(default=0)
     # The runner that currently executes this play, and how long its lease lasts without a heartbeat.
@@ -292,6 +311,12 @@ class Play(models.Model):
             models.Index(fields=["company", "-created_at", "-id"], name="plays_play_company_created"),
             models.Index(fields=["company", "state", "-created_at", "-id"], name="plays_play_company_state"),
             models.Index(fields=["flow", "idempotency_key"], name="plays_play_flow_key"),
+            # ?trigger= on the history lists; API plays (most of them) stay out of it.
+            models.Index(
+                fields=["company", "trigger_kind", "-created_at", "-id"],
+                condition=~Q(trigger_kind="api"),
+                name="plays_play_company_trigger",
+            ),
             # release_due(): deferred plays by due time.
             models.Index(
                 fields=["run_at", "created_at"], condition=Q(state="DEFERRED"), name="plays_play_deferred_due"
@@ -323,6 +348,11 @@ class Play(models.Model):
     def definition(self) -> dict[str, Any]:
         return self.flow_version.definition
 
+    @property
+    def trigger_source(self) -> dict[str, Any]:
+        """What started the play, as the API shows it: ``{"kind": …, **details}``."""
+        return {"kind": self.trigger_kind, **(self.trigger_info or {})}
+
     def _cas(self, from_states: Iterable[str], **changes: Any) -> bool:
         """Compare-and-set: apply ``changes`` if the play is still in ``from_states``."""
         changes.setdefault("updated_at", timezone.now())
@@ -351,6 +381,7 @@ class Play(models.Model):
         parent: Play | None = None,
         parent_layer: Layer | None = None,
         on_created: Callable[[Play], Any] | None = None,
+        source: dict[str, Any] | None = None,
     ) -> tuple[Play, bool]:
         """Create a play of ``flow`` and start it; return (play, created).
 
@@ -359,7 +390,9 @@ class Play(models.Model):
         Two concurrent requests with one key race on the partial unique constraint: the
         loser catches the IntegrityError and returns the winner's play. ``on_created`` runs in
         the transaction that creates the play (the API writes its audit entry there, so a play
-        never exists without the record of who triggered it).
+        never exists without the record of who triggered it). ``source`` is what started
+        it: ``{"kind": <TriggerKind>, **details}`` (default: the API, or the parent's subflow
+        step).
         """
         digest = args_digest(args)
         if idempotency_key:
@@ -367,6 +400,8 @@ class Play(models.Model):
             if existing is not None:
                 return existing, False
         version = flow.snapshot()
+        source = dict(source or {"kind": TriggerKind.SUBFLOW if parent is not None else TriggerKind.API})
+        kind = source.pop("kind")
         try:
             with transaction.atomic():
                 play = cls.objects.create(
@@ -380,6 +415,8 @@ class Play(models.Model):
                     triggered_by=user if getattr(user, "pk", None) else None,
                     parent=parent,
                     parent_layer=parent_layer,
+                    trigger_kind=kind,
+                    trigger_info=source or None,
                 )
                 if start:
                     play.start()
@@ -834,6 +871,7 @@ class Play(models.Model):
                 retry_of=self,
                 parent=self.parent,
                 triggered_by=by if getattr(by, "pk", None) else None,
+                trigger_kind=TriggerKind.RETRY,
             )
             failed = (
                 self.layers.exclude(state__in=[LayerState.DONE, LayerState.FILTERED, LayerState.SKIP])

@@ -37,11 +37,12 @@ class PlaySerializer(serializers.ModelSerializer):
     retryOf = serializers.CharField(source="retry_of_id", allow_null=True)
     parentPlayId = serializers.CharField(source="parent_id", allow_null=True)
     error = serializers.JSONField(allow_null=True)
+    trigger = serializers.JSONField(source="trigger_source")
 
     class Meta:
         model = Play
         fields = ["id", "flowId", "flowVersion", "state", "args", "idempotencyKey", "createdAt", "startedAt",
-                  "completedAt", "duration", "runAt", "retryOf", "parentPlayId", "error"]
+                  "completedAt", "duration", "runAt", "retryOf", "parentPlayId", "error", "trigger"]
 
     def to_representation(self, play: Play) -> dict[str, Any]:
         # Hand-rolled: this runs for every row of a history page.
@@ -61,6 +62,7 @@ class PlaySerializer(serializers.ModelSerializer):
             "retryOf": play.retry_of_id,
             "parentPlayId": play.parent_id,
             "error": redact(play.error),
+            "trigger": play.trigger_source,
         }
 
 

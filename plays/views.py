@@ -22,7 +22,7 @@ from flows.models import Flow
 from flows.permissions import OPERATE_PLAY, VIEW_PLAY
 from flows.views import get_flow
 
-from .models import Event, IdempotencyConflict, InvalidState, Layer, Play, State, iso
+from .models import Event, IdempotencyConflict, InvalidState, Layer, Play, State, TriggerKind, iso
 from .redaction import redact
 from .serializers import (
     ApproveSerializer,
@@ -144,6 +144,7 @@ class PlayFilter(django_filters.FilterSet):
     to = MomentFilter(field_name="created_at", lookup_expr="lte")
     idempotencyKey = django_filters.CharFilter(field_name="idempotency_key")
     flowId = django_filters.CharFilter(method="filter_flow")
+    trigger = django_filters.ChoiceFilter(field_name="trigger_kind", choices=TriggerKind.choices)
 
     class Meta:
         model = Play
@@ -201,6 +202,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             OpenApiParameter("to", str, description="Created at or before (date = the whole day)"),
             OpenApiParameter("idempotencyKey", str),
             OpenApiParameter("flowId", str),
+            OpenApiParameter("trigger", str, enum=TriggerKind.values, description="What started the play"),
         ]
     )
     def list(self, request: Any, *args: Any, **kwargs: Any) -> Response:

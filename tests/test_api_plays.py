@@ -184,3 +184,20 @@ def test_events_endpoint_replays_since_a_seq(api: Any, drain: Any) -> None:
     later = api.get(f"/api/plays/{play_id}/events?since={events[1]['seq']}").json()
     assert later == events[2:]
     assert api.get(f"/api/plays/{play_id}/events?since=x").status_code == 400
+
+
+def test_a_play_says_what_triggered_it_and_history_filters_by_it(api: Any, acme: Any, drain: Any) -> None:
+    from flows.models import Flow
+
+    flow = make_flow(api, ONE_STEP)
+    by_api = api.post(f"/api/flows/{flow['id']}/run", {"args": {"id": 1}}, format="json").json()["playId"]
+    fired, _ = Play.trigger(
+        Flow.objects.get(pk=flow["id"]), {"id": 2}, source={"kind": "schedule", "scheduleId": "s1", "firedAt": "t"}
+    )
+    assert api.get(f"/api/plays/{by_api}").json()["trigger"] == {"kind": "api"}
+    assert api.get(f"/api/plays/{fired.id}").json()["trigger"] == {"kind": "schedule", "scheduleId": "s1", "firedAt": "t"}
+    listed = api.get(f"/api/flows/{flow['id']}/plays?trigger=schedule").json()
+    assert [p["id"] for p in listed["data"]] == [fired.id]
+    assert [p["id"] for p in api.get("/api/plays?trigger=api").json()["data"]] == [by_api]
+    bad = api.get("/api/plays?trigger=fax")
+    assert bad.status_code == 400 and bad.json()["error"] == "VALIDATION_ERROR"
