@@ -22,7 +22,8 @@ with HTTP 403):
 
 - 4400: bad query parameters (``since`` not a non-negative integer).
 - 4401: credentials no longer valid (API key revoked, user deactivated, logged out).
-- 4403: the API key has scopes, and ``read`` is not one of them (flows/permissions.py).
+- 4403: the API key has scopes and ``read`` is not one of them, or the user's role may not
+  view plays (flows/permissions.py).
 - 4008: the client reads too slowly: its send buffer stayed over the high-water mark
   for ``STALL_SECONDS`` or it fell more than ``MAX_LAG`` events behind. Reconnect with
   ``?since=<last seq received>`` to lose nothing.
@@ -44,7 +45,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from flows.models import ApiKey, Company, Flow
-from flows.permissions import key_allows
+from flows.permissions import VIEW_PLAY, key_allows
 
 from .fanout import company_group
 from .models import Event
@@ -106,7 +107,8 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated or not origin_allowed(self.scope):
             await self.close(code=CLOSE_UNAUTHORIZED)
             return
-        if not key_allows(self.scope.get(API_KEY_SCOPES), "read"):
+        # The API's rule for reading plays: the key's "read" scope and the role's view_play.
+        if not key_allows(self.scope.get(API_KEY_SCOPES), "read") or not await db_read(user.has_perm)(VIEW_PLAY):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))

@@ -219,6 +219,11 @@ def test_the_websocket_needs_the_read_scope(alice: User) -> None:
 
     assert asyncio.run(connect(writer)) == (False, 4403)
     assert asyncio.run(connect(reader))[0] is True
+    # A user whose role may not view plays: refused as GET /api/plays would be.
+    nina = User.objects.create_user("nina", "nina@acme.test", PASSWORD, company=alice.company)
+    nina.groups.add(Group.objects.create(name="Nothing"))
+    _, ninas = ApiKey.issue(nina, "hers")
+    assert asyncio.run(connect(ninas)) == (False, 4403)
 
 
 # --- Roles: the same through the API, the pages and the admin ----------------------------
