@@ -21,6 +21,8 @@ def _fast_settings(settings: Any, tmp_path: Any) -> None:
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     settings.CELERY_TASK_ALWAYS_EAGER = False
     settings.REDIS_URL = ""
+    # PBKDF2's 1M iterations per login or create_user cost more CPU than the rest of a test.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture
