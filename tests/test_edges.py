@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.contrib.auth.hashers import PBKDF2PasswordHasher
+from django.contrib.auth.hashers import get_hasher
 from django.core.cache import cache
 from django.test import Client
 
@@ -269,14 +269,16 @@ def test_daphne_stops_reading_a_chunked_body_past_the_limit(web: int) -> None:
 
 @pytest.fixture
 def hashings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passwords the default hasher (the one Django hashes new passwords with) hashed."""
     calls: list[str] = []
-    real = PBKDF2PasswordHasher.encode
+    hasher = type(get_hasher("default"))
+    real = hasher.encode
 
-    def counting(self: Any, password: str, salt: str, iterations: int | None = None) -> str:
+    def counting(self: Any, password: str, *args: Any, **kwargs: Any) -> str:
         calls.append(password)
-        return real(self, password, salt, iterations)
+        return real(self, password, *args, **kwargs)
 
-    monkeypatch.setattr(PBKDF2PasswordHasher, "encode", counting)
+    monkeypatch.setattr(hasher, "encode", counting)
     return calls
 
 
