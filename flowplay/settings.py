@@ -320,7 +320,8 @@ SPECTACULAR_SETTINGS = {
     # The spec: every endpoint but login and health needs authentication, the schema too.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated", "flows.permissions.ScopePermission"],
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "flows.api.add_error_responses"],
-    "ENUM_NAME_OVERRIDES": {"PlayStateEnum": "plays.models.State", "LayerStateEnum": "plays.models.LayerState"},
+    "ENUM_NAME_OVERRIDES": {"PlayStateEnum": "plays.models.State", "LayerStateEnum": "plays.models.LayerState",
+                             "CredentialKindEnum": "flows.models.CredentialKind"},
 }
 
 # --- Security -------------------------------------------------------------------------
@@ -422,13 +423,23 @@ FLOWPLAY = {
     "RETENTION_BATCH": env_int("FLOWPLAY_RETENTION_BATCH", 200),
 }
 
+# Keys that encrypt credentials and KV values (flows/vault.py): the first encrypts, all decrypt.
+# Unset: the embedded default generates one into $FLOWPLAY_VAR_DIR/secret-keys.
+FLOWPLAY_SECRET_KEYS = env_list("FLOWPLAY_SECRET_KEYS", [])
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     # Credentials (Bearer/Basic tokens, passwords) are masked in every log line.
-    "filters": {"redact": {"()": "plays.redaction.RedactingFilter"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]}},
+    "filters": {
+        "redact": {"()": "plays.redaction.RedactingFilter"},
+        # Credential values revealed to steps in this process, masked by value.
+        "secrets": {"()": "flows.vault.SecretLogFilter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact", "secrets"]},
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},

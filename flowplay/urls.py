@@ -5,7 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from flows import module_views
+from flows import credential_views, module_views
 from flows import views as flow_views
 from plays import views as play_views
 
@@ -14,6 +14,7 @@ router.register("flows", flow_views.FlowViewSet, basename="flow")
 router.register(r"flows/(?P<flow_id>[^/]+)/layers", flow_views.FlowletViewSet, basename="flowlet")
 router.register("plays", play_views.PlayViewSet, basename="play")
 router.register("auth/api-keys", flow_views.ApiKeyViewSet, basename="api-key")
+router.register("credentials", credential_views.CredentialViewSet, basename="credential")
 
 api = [
     path("auth/login", flow_views.LoginView.as_view(), name="api-login"),

@@ -34,6 +34,10 @@ ACTIONS = {
     "flow.deleted": "Deleted a flow",
     "api_key.created": "Issued an API key",
     "api_key.revoked": "Revoked an API key",
+    "credential.created": "Created a credential",
+    "credential.rotated": "Rotated a credential's value",
+    "credential.changed": "Changed a credential's description",
+    "credential.deleted": "Deleted a credential",
 }
 
 # The past tense of the play verbs of plays.models.Play, by method name.

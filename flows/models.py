@@ -384,6 +384,60 @@ class KV(models.Model):
     def __str__(self) -> str:
         return self.key
 
+    @property
+    def plain_value(self) -> Any:
+        """The value, decrypted (it is stored encrypted, see ``flows.vault``)."""
+        from .vault import unseal
+
+        return unseal(self.value)
+
+
+# --- Credentials ----------------------------------------------------------------------
+
+
+class CredentialKind(models.TextChoices):
+    TOKEN = "token"
+    BASIC = "basic"
+    HEADER = "header"
+    OAUTH2_CLIENT = "oauth2-client"
+
+
+class Credential(models.Model):
+    """A secret that flows use by name and nobody reads back (see ``flows.credentials``).
+
+    ``secret`` is the value encrypted with ``flows.vault`` (Fernet); the API and the admin
+    show only ``fingerprint`` (a keyed hash) and ``last4``. ``public`` holds what is not
+    secret (a basic credential's username, a header's name, an OAuth2 client's token URL,
+    client id and scopes). An ``oauth2-client`` caches its access token, encrypted too.
+    """
+
+    id = models.CharField(primary_key=True, max_length=24, default=new_id, editable=False)
+    company = models.ForeignKey(Company, on_delete=models.CASCADE, related_name="credentials")
+    name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=16, choices=CredentialKind)
+    description = models.CharField(max_length=500, blank=True, default="")
+    public = models.JSONField(default=dict, blank=True)
+    secret = models.TextField(editable=False)
+    fingerprint = models.CharField(max_length=32, editable=False)
+    last4 = models.CharField(max_length=4, blank=True, default="", editable=False)
+    created_by = models.ForeignKey(User, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    rotated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_used_play_id = models.CharField(max_length=24, blank=True, default="", editable=False)
+    use_count = models.PositiveBigIntegerField(default=0, editable=False)
+    # oauth2-client: the cached access token (encrypted) and when it expires.
+    access_token = models.TextField(blank=True, default="", editable=False)
+    access_token_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["company", "name"], name="flows_credential_unique_name"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
 
 # --- Audit ----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 from rest_framework import serializers
 
-from . import expr
+from . import credentials, expr
 from .models import ApiKey, Flow, Flowlet, OnError
 from .modules import get_module
 from .modules.iterator import loop_end
@@ -111,6 +111,7 @@ def validate_steps(layers: list[dict[str, Any]], flow_filters: Any = None, *, co
                 elif seen[name] >= i:
                     add(f"layers[{i}].{field}", f"{where}: expression refers to {name!r}, which does not run before it")
     _check_loops(layers, add)
+    credentials.check_flow(layers, company_id, add)
     if company_id is not None:
         _check_subflows(layers, company_id, flow_id, add)
     if flow_filters:
@@ -123,6 +124,8 @@ def validate_steps(layers: list[dict[str, Any]], flow_filters: Any = None, *, co
             refs = set()
         for name in sorted(refs):
             add("filters", f"Flow filters run before any step and can only read $prev.args, not {name!r}")
+        if expr.credential_references(flow_filters):
+            add("filters", "$credentials cannot be used in filters")
     return errors
 
 

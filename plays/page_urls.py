@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
+from flows import credential_views
+
 from . import pages
 
 app_name = "pages"
@@ -15,6 +17,8 @@ urlpatterns = [
     path("flows/", pages.flow_list, name="flows"),
     path("flows/<str:flow_key>/plays/", pages.flow_history, name="flow-history"),
     path("plays/", pages.play_history, name="history"),
+    path("credentials/", credential_views.credential_list, name="credentials"),
+    path("credentials/change/", credential_views.credential_action, name="credential-action"),
     path("plays/<str:play_id>/", pages.play_detail, name="play-detail"),
     path("plays/<str:play_id>/decide/", pages.play_decide, name="play-decide"),
     re_path(r"^plays/(?P<play_id>[^/]+)/(?P<verb>start|hold|resume|cancel|retry)/$", pages.play_action, name="play-action"),

@@ -36,6 +36,7 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
+from flows import credentials, vault
 from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, render
 from flows.modules import Park, RunContext, StepError, get_module
 from flows.modules.iterator import loop_end
@@ -368,6 +369,7 @@ class Runner:
             prev={"args": self.play.args, **self.outputs, **self.loop_scope},
             flow_id=self.play.flow_id,
             play_id=self.play.id,
+            credentials=credentials.CredentialsView(self.play.company_id, self.play.id),
         )
 
     # -- loops ----------------------------------------------------------------------------
@@ -544,15 +546,22 @@ class Runner:
         """Run one attempt; record success; return the error of a failed attempt."""
         if module is None:
             return {**error_body("UNKNOWN_MODULE", f"No module with appId {step['appId']!r}"), "retryable": False}
-        try:
-            args = step.get("args") or {}
-            if module.raw_args:
-                raw = {k: v for k, v in args.items() if k in module.raw_args}
-                args = {**render({k: v for k, v in args.items() if k not in module.raw_args}, self.scope()), **raw}
-            else:
-                args = render(args, self.scope())
-        except ExpressionError as exc:
-            return {**error_body("EXPRESSION_ERROR", str(exc)), "retryable": False}
+        # The credentials this attempt reads ($credentials, `auth`) are masked in what it leaves.
+        with vault.collecting() as secrets:
+            try:
+                args = step.get("args") or {}
+                if module.raw_args:
+                    raw = {k: v for k, v in args.items() if k in module.raw_args}
+                    args = {**render({k: v for k, v in args.items() if k not in module.raw_args}, self.scope()), **raw}
+                else:
+                    args = render(args, self.scope())
+                auth = None
+                if module.uses_credentials and isinstance(args.get("auth"), str):
+                    auth = credentials.resolve_auth(self.play.company_id, args["auth"], self.play.id)
+            except ExpressionError as exc:
+                return {**error_body("EXPRESSION_ERROR", redact_text(str(exc), secrets)), "retryable": False}
+            except credentials.CredentialError as exc:
+                return {**error_body(exc.code, redact_text(exc.message, secrets)), "retryable": exc.retryable}
         if self.play.deadline_at is not None:
             timeout = min(timeout, max(0.0, (self.play.deadline_at - timezone.now()).total_seconds()))
         ctx = RunContext(
@@ -565,12 +574,13 @@ class Runner:
             layer_id=layer.id,
             iteration=layer.iteration,
             collect=self.collect,
+            auth=auth,
         )
         try:
             if module.inline:
-                out = module.run(args, ctx)
+                out = _masked(module, args, ctx, secrets)
             else:
-                out = self.wait(_executor.submit(_call, module, args, ctx), timeout)
+                out = self.wait(_executor.submit(_call, module, args, ctx, secrets), timeout)
         except FutureTimeout:
             if self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at:
                 self.fail_play(error_body("PLAY_TIMEOUT", "The play exceeded its timeout", step["ref"]))
@@ -744,9 +754,18 @@ class _Done(Exception):
     """The play reached a terminal state or was handed back: the runner is finished."""
 
 
-def _call(module: Any, args: dict[str, Any], ctx: RunContext) -> Any:
-    # Credentials in the step's args never reach its stored out, error, events or logs.
-    secrets = secrets_of(args)
+def _call(module: Any, args: dict[str, Any], ctx: RunContext, revealed: Any = ()) -> Any:
+    try:
+        return _masked(module, args, ctx, revealed)
+    finally:
+        # Modules that touch the ORM (kv, subflow) open a connection in this thread.
+        close_old_connections()
+
+
+def _masked(module: Any, args: dict[str, Any], ctx: RunContext, revealed: Any = ()) -> Any:
+    # Credentials in the step's args, and those it read by name, never reach its stored
+    # out, error, events or logs.
+    secrets = secrets_of(args) | set(revealed)
     try:
         return redact(module.run(args, ctx), secrets)
     except StepError as exc:
@@ -760,6 +779,3 @@ def _call(module: Any, args: dict[str, Any], ctx: RunContext) -> Any:
         if any(secret in str(exc) for secret in secrets):
             raise StepError(redact_text(f"{type(exc).__name__}: {exc}", secrets)) from None
         raise
-    finally:
-        # Modules that touch the ORM (kv, subflow) open a connection in this thread.
-        close_old_connections()

@@ -336,8 +336,8 @@ def test_kv_counter_and_append_are_exact_with_20_concurrent_plays(concurrent_db:
 
     def results() -> tuple[set[str], Any, Any]:
         states = set(Play.objects.filter(pk__in=play_ids).values_list("state", flat=True))
-        counter = KV.objects.get(key="plays", flow_id=flow_id).value
-        seen = KV.objects.get(key="seen", flow__isnull=True).value
+        counter = KV.objects.get(key="plays", flow_id=flow_id).plain_value
+        seen = KV.objects.get(key="seen", flow__isnull=True).plain_value
         return states, counter, seen
 
     states, counter, seen = _in_thread(results)

@@ -7,7 +7,17 @@ filters.py for flow/flowlet filter lists.
 from __future__ import annotations
 
 from .errors import ExpressionError, FilterError
-from .evaluator import Scope, check, check_template, is_expression, references, render, render_template
+from .evaluator import (
+    Scope,
+    check,
+    check_template,
+    credential_paths,
+    credential_references,
+    is_expression,
+    references,
+    render,
+    render_template,
+)
 from .filters import OPERATORS, check_filters, evaluate_filters
 
 __all__ = [
@@ -19,6 +29,8 @@ __all__ = [
     "check",
     "check_template",
     "references",
+    "credential_references",
+    "credential_paths",
     "evaluate_filters",
     "check_filters",
     "is_expression",

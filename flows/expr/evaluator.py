@@ -3,10 +3,12 @@
 Expressions are Jinja2 expressions (never statements) compiled by a locked-down
 ``ImmutableSandboxedEnvironment``:
 
-* Only ``$prev``, ``$flowId``, ``$playId``, ``$date`` and ``$rand`` exist (plain names
+* Only ``$prev``, ``$flowId``, ``$playId``, ``$date``, ``$rand`` and ``$credentials`` exist (plain names
   in ``render_template``). The source is rewritten (``$prev`` -> ``_prev``) outside
   string literals, then every name becomes a lookup in one root mapping, so nothing
   else (``range``, ``lipsum``, ``self``...) is reachable.
+* ``$credentials`` is only read whole, as ``{{ $credentials.<name>.<field> }}`` (no filter,
+  operator or computed name), so a credential is sent as it is and can be masked by value.
 * ``a.b`` / ``a["b"]`` / ``a[0]`` only read mapping keys and list items; there is no
   attribute access to Python objects, so no methods and no ``__class__``. Function
   calls are refused. A missing path is ``None`` at any depth.
@@ -27,6 +29,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from dataclasses import field as _field
 from typing import Any
 
 from jinja2 import nodes
@@ -46,14 +49,18 @@ __all__ = [
     "check",
     "check_template",
     "references",
+    "credential_references",
+    "credential_paths",
     "is_expression",
 ]
 
 # `$name` -> internal Jinja name; the `_` prefix keeps user-typed names apart (see _prepare).
-_SIGILS = {"prev": "_prev", "flowId": "_flowId", "playId": "_playId", "date": "_date", "rand": "_rand"}
+_SIGILS = {"prev": "_prev", "flowId": "_flowId", "playId": "_playId", "date": "_date", "rand": "_rand",
+           "credentials": "_credentials"}
 _INTERNAL_NAMES = {internal: name for name, internal in _SIGILS.items()}
 _ROOT = "fp_root"
 _PREV = "_prev"
+_CREDENTIALS = "_credentials"
 
 # Strings up to this length have their parsed form cached; longer ones are rare
 # (templates, documents) and would make the cache memory unbounded.
@@ -67,6 +74,8 @@ class Scope:
     prev: Mapping[str, Any]
     flow_id: str = ""
     play_id: str = ""
+    # name -> {field: value}; the runner's is lazy and records each use (flows.credentials).
+    credentials: Mapping[str, Any] = _field(default_factory=dict)
 
 
 def is_expression(value: Any) -> bool:
@@ -291,6 +300,7 @@ class _Compiled:
     run: Callable[[Context], Iterator[str]] | None
     refs: frozenset[str]
     error: str | None
+    credentials: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +368,7 @@ def _prepare(body: str, template_mode: bool) -> str:
                     raise _CompileError("unexpected '$' (template variables have no '$')")
                 if not name:
                     raise _CompileError("unexpected '$'")
-                raise _CompileError(f"unknown variable '${name}' (use $prev, $flowId, $playId, $date or $rand)")
+                raise _CompileError(f"unknown variable '${name}' (use $prev, $flowId, $playId, $date, $rand or $credentials)")
             out.append(_SIGILS[name])
             i = match.end()  # type: ignore[union-attr]
             after_dot = False
@@ -422,7 +432,7 @@ _JINJA_WORDING = (
     ("end of print statement", "end of expression"),
     ("Encountered unknown tag", "unexpected"),
 )
-_INTERNAL_IN_MESSAGE = re.compile(r"\b_(prev|flowId|playId|date|rand)\b")
+_INTERNAL_IN_MESSAGE = re.compile(r"\b_(prev|flowId|playId|date|rand|credentials)\b")
 
 
 def _clean_message(message: str, template_mode: bool) -> str:
@@ -488,12 +498,16 @@ class _Transformer:
     def __init__(self, template_mode: bool) -> None:
         self.template_mode = template_mode
         self.refs: set[str] = set()
+        self.credentials: set[str] = set()
 
     def _root_lookup(self, key: str) -> nodes.Node:
         return nodes.Getitem(nodes.Name(_ROOT, "load", lineno=1), nodes.Const(key, lineno=1), "load", lineno=1)
 
     def _note_ref(self, node: nodes.Getattr | nodes.Getitem) -> None:
         inner = node.node
+        if not self.template_mode and isinstance(inner, nodes.Name) and inner.name == _CREDENTIALS:
+            self.credentials.add(_credential_name(node))
+            return
         if self.template_mode or not (isinstance(inner, nodes.Name) and inner.name == _PREV):
             return
         if isinstance(node, nodes.Getattr):
@@ -569,7 +583,7 @@ class _Transformer:
             return self._root_lookup(name)
         if name in _INTERNAL_NAMES:
             return self._root_lookup(_INTERNAL_NAMES[name])
-        raise _CompileError(f"unknown name '{name}' (use $prev, $flowId, $playId, $date or $rand; text needs quotes)")
+        raise _CompileError(f"unknown name '{name}' (use $prev, $flowId, $playId, $date, $rand or $credentials; text needs quotes)")
 
     def _filter(self, node: nodes.Filter) -> None:
         func = PIPES.get(node.name)
@@ -586,6 +600,39 @@ class _Transformer:
         return nodes.Filter(target, "_slice", bounds, [], None, None, lineno=1)
 
 
+def _const_key(node: nodes.Node) -> str | None:
+    if isinstance(node, nodes.Getattr):
+        return node.attr
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        return node.arg.value
+    return None
+
+
+def _credential_name(node: nodes.Getattr | nodes.Getitem) -> str:
+    return _const_key(node) or ""
+
+
+def _check_credential_use(expr: nodes.Node) -> None:
+    """``$credentials`` only as the whole expression ``$credentials.<name>.<field>``."""
+    names = [expr] if isinstance(expr, nodes.Name) else list(expr.find_all(nodes.Name))
+    if not any(name.name == _CREDENTIALS for name in names):
+        return
+    inner = getattr(expr, "node", None)
+    if (
+        isinstance(expr, (nodes.Getattr, nodes.Getitem))
+        and _const_key(expr) is not None
+        and isinstance(inner, (nodes.Getattr, nodes.Getitem))
+        and _const_key(inner) is not None
+        and isinstance(inner.node, nodes.Name)
+        and inner.node.name == _CREDENTIALS
+    ):
+        return
+    raise _CompileError(
+        "$credentials can only be used whole, as {{ $credentials.<name>.<field> }} "
+        "(no filters, operators or computed names)"
+    )
+
+
 def _compile_uncached(body: str, template_mode: bool) -> _Compiled:
     transformer = _Transformer(template_mode)
     try:
@@ -595,6 +642,8 @@ def _compile_uncached(body: str, template_mode: bool) -> _Compiled:
         if not parser.stream.eos:
             token = parser.stream.current
             raise _CompileError(f"unexpected '{token.value}' after the expression")
+        if not template_mode:
+            _check_credential_use(expr)
         expr = transformer.visit(expr)
         target = nodes.Name("result", "store", lineno=1)
         template_node = nodes.Template([nodes.Assign(target, expr, lineno=1)], lineno=1)
@@ -609,7 +658,9 @@ def _compile_uncached(body: str, template_mode: bool) -> _Compiled:
     except Exception as exc:  # TemplateSyntaxError and the rare ValueError from the lexer
         message = getattr(exc, "message", None) or str(exc)
         return _Compiled(body, None, frozenset(), _clean_message(message, template_mode))
-    return _Compiled(body, template.root_render_func, frozenset(transformer.refs), None)
+    return _Compiled(
+        body, template.root_render_func, frozenset(transformer.refs), None, frozenset(transformer.credentials)
+    )
 
 
 # About 5 KB per entry.
@@ -809,6 +860,7 @@ def render(value: Any, scope: Scope) -> Any:
         "playId": scope.play_id,
         "date": _DATE,
         "rand": _RAND,
+        "credentials": scope.credentials,
     }
     evaluation = _Evaluation(root)
     try:
@@ -900,3 +952,30 @@ def references(value: Any) -> set[str]:
     except (RecursionError, _StackExhausted):
         pass
     return refs
+
+
+def credential_references(value: Any) -> set[str]:
+    """Credential names read through ``$credentials.<name>`` anywhere in value."""
+    names: set[str] = set()
+    try:
+        for _, text in _walk_strings(value):
+            for part in _program(text, False).parts:
+                if isinstance(part, _Compiled):
+                    names |= part.credentials
+    except (RecursionError, _StackExhausted):
+        pass
+    return names
+
+
+def credential_paths(value: Any) -> Iterator[tuple[str, set[str]]]:
+    """(path, credential names) of every string in value that reads ``$credentials``."""
+    try:
+        for path, text in _walk_strings(value):
+            names: set[str] = set()
+            for part in _program(text, False).parts:
+                if isinstance(part, _Compiled):
+                    names |= part.credentials
+            if names:
+                yield path, names
+    except (RecursionError, _StackExhausted):
+        return

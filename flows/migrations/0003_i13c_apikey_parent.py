@@ -22,7 +22,7 @@ def keep_existing_access(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("flows", "0002_audit_and_retention_keep"),
+        ("flows", "0003_i18_credentials"),
     ]
 
     operations = [

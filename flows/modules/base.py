@@ -76,6 +76,9 @@ class RunContext:
     iteration: int | None = None
     # The outputs of a loop step's iterations in item order (for `aggregator`).
     collect: Callable[[str], list] | None = None
+    # The credential named by the step's `auth` arg, resolved by the runner
+    # (flows.credentials.resolve_auth); only for modules with `uses_credentials`.
+    auth: dict | None = None
 
 
 def is_expression(value: Any) -> bool:
@@ -210,6 +213,10 @@ class Module:
     # runner's thread and connection, not in the step thread pool: they are quick, and
     # they see what the runner has written.
     inline: ClassVar[bool] = False
+    # Modules that send credentials to another service (curl): their args may read
+    # `$credentials` and their `auth` arg names a credential. Elsewhere a credential's value
+    # could come back in the step's out, so saving such a flow is refused.
+    uses_credentials: ClassVar[bool] = False
 
     def __init__(self) -> None:
         Draft202012Validator.check_schema(self.args_schema)

@@ -33,6 +33,35 @@ MAX_REDIRECTS = 10
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
+def _apply_credential(name: str, material: dict | None, headers: dict[str, str]) -> tuple[dict[str, str], Any]:
+    """Headers and basic auth for the credential the runner resolved (flows.credentials)."""
+    if not material or material.get("credential") != name:
+        raise StepError(f"Credential {name!r} was not resolved for this step", "CREDENTIAL_ERROR", retryable=False)
+    if material["scheme"] == "basic":
+        return headers, (material["username"], material["password"])
+    header, value = ("Authorization", f"Bearer {material['token']}") if material["scheme"] == "bearer" else (
+        material["header"], material["value"])
+    headers = {k: v for k, v in headers.items() if k.lower() != header.lower()}
+    headers[header] = value
+    return headers, None
+
+
+def _same_origin_only(url: str, header: str) -> Any:
+    """A request hook that sends a credential's header to the step's own origin only."""
+    try:
+        first = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        first = None
+
+    def hook(request: httpx.Request) -> None:
+        if first is None or (request.url.scheme, request.url.host, request.url.port) != (
+            first.scheme, first.host, first.port
+        ):
+            request.headers.pop(header, None)
+
+    return hook
+
+
 def _is_json_type(content_type: str) -> bool:
     mime = content_type.split(";", 1)[0].strip().lower()
     return mime in ("application/json", "text/json") or mime.endswith("+json")
@@ -43,6 +72,7 @@ class Curl(Module):
     app_id = "curl"
     name = "HTTP request (curl)"
     summary = "Make an HTTP request; a non-2xx status is an ordinary result, not a failure."
+    uses_credentials = True
     args_schema = _obj(
         {
             "method": {
@@ -75,6 +105,11 @@ class Curl(Module):
                 {"username": {"type": "string"}, "password": {"type": "string"}}, ["username", "password"]
             ),
             "bearerToken": {"type": "string", "minLength": 1},
+            "auth": {
+                "type": "string",
+                "minLength": 1,
+                "description": "the name of a credential: a bearer token, basic, a header or an OAuth2 client",
+            },
         },
         ["url"],
     )
@@ -110,6 +145,8 @@ class Curl(Module):
             yield "bodyForm", "cannot be combined with body"
         if args.get("basicAuth") is not None and args.get("bearerToken") is not None:
             yield "bearerToken", "cannot be combined with basicAuth"
+        if args.get("auth") is not None and (args.get("basicAuth") is not None or args.get("bearerToken") is not None):
+            yield "auth", "cannot be combined with basicAuth or bearerToken"
 
     def execute(self, args: dict, ctx: RunContext) -> Any:
         budget = min(float(args["timeout"]), ctx.timeout)
@@ -124,6 +161,12 @@ class Curl(Module):
         auth = None
         if "basicAuth" in args:
             auth = (args["basicAuth"]["username"], args["basicAuth"]["password"])
+        hooks = None
+        if "auth" in args:
+            headers, auth = _apply_credential(args["auth"], ctx.auth, headers)
+            if ctx.auth and ctx.auth.get("scheme") == "header":
+                # httpx drops Authorization on a redirect to another origin, not other headers.
+                hooks = {"request": [_same_origin_only(args["url"], ctx.auth["header"])]}
         body, form = args.get("body"), args.get("bodyForm")
 
         started = time.monotonic()
@@ -137,6 +180,7 @@ class Curl(Module):
             follow_redirects=args["followRedirects"],
             max_redirects=MAX_REDIRECTS,
             trust_env=False,
+            event_hooks=hooks,
         ) as client:
             try:
                 url = httpx.URL(args["url"])

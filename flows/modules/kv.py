@@ -6,6 +6,7 @@ flow (``flow``). Every write is a read-modify-write of one row under ``select_fo
 counters (``kv-set`` with ``increment``) and appends stay exact when plays run at once.
 A missing row is created in a savepoint; losing that race to another play raises
 IntegrityError on the unique constraint, and the loop then locks the row the winner made.
+Values are stored encrypted (``flows.vault``, the credentials' keys); the modules see them plain.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from .. import vault
 from .base import Module, RunContext, StepError, _invalid, _obj, register
 
 MAX_KV_VALUE_CHARS = 1024 * 1024
@@ -55,17 +57,18 @@ def _update(ctx: RunContext, scope: str, key: str, change: Callable[[Any, bool],
                 # The row lock is what makes concurrent increments and appends exact.
                 entry = _entries(ctx, scope).select_for_update().filter(key=key).first()
                 if entry is not None:
-                    entry.value = _size_checked(change(entry.value, True))
+                    value = _size_checked(change(vault.unseal(entry.value), True))
+                    entry.value = vault.seal(value)
                     entry.updated_at = timezone.now()
                     entry.save(update_fields=["value", "updated_at"])
-                    return entry.value, True
+                    return value, True
                 value = _size_checked(change(None, False))
                 with transaction.atomic():  # a savepoint: the IntegrityError must not spoil the outer block
                     KV.objects.create(
                         company_id=ctx.company_id,
                         flow_id=ctx.flow_id if scope == "flow" else None,
                         key=key,
-                        value=value,
+                        value=vault.seal(value),
                     )
                 return value, False
         except IntegrityError:
@@ -89,7 +92,7 @@ class KVGet(_KVModule):
         entry = _entries(ctx, args["scope"]).filter(key=args["key"]).only("value").first()
         if entry is None:
             return {"value": args["default"], "found": False}
-        return {"value": entry.value, "found": True}
+        return {"value": vault.unseal(entry.value), "found": True}
 
 
 @register

@@ -1,4 +1,5 @@
-"""Create or update the "Operators" group: act on plays in the admin, read flows, edit nothing.
+"""Create or update the "Operators" group: act on plays in the admin, read flows, edit nothing;
+and the "Company admins" group: manage the company's credentials (API, page and admin).
 
 Idempotent; run it after migrating. Give a staff user the role with
 ``user.groups.add(Group.objects.get(name="Operators"))`` or in the admin.
@@ -13,6 +14,8 @@ from django.contrib.auth.management import create_permissions
 from django.contrib.auth.models import Group, Permission
 from django.core.management.base import BaseCommand
 
+from flows.permissions import MEMBER_PERMISSIONS
+
 OPERATORS = "Operators"
 OPERATOR_PERMISSIONS = [
     ("plays", "operate_play"),
@@ -23,6 +26,27 @@ OPERATOR_PERMISSIONS = [
     ("flows", "view_flow"),
     ("flows", "view_flowlet"),
 ]
+
+
+COMPANY_ADMINS = "Company admins"
+# A role is all its holder may do (flows/permissions.py): a company admin is a member (edits
+# flows, runs and operates plays) who also manages the company's credentials.
+COMPANY_ADMIN_PERMISSIONS = [
+    *(tuple(perm.split(".", 1)) for perm in sorted(MEMBER_PERMISSIONS)),
+    ("flows", "view_credential"),
+    ("flows", "add_credential"),
+    ("flows", "change_credential"),
+    ("flows", "delete_credential"),
+]
+
+
+def ensure_company_admins() -> Group:
+    for app in ("plays", "flows"):
+        create_permissions(apps.get_app_config(app), verbosity=0)
+    group, _ = Group.objects.get_or_create(name=COMPANY_ADMINS)
+    perms = [Permission.objects.get(content_type__app_label=app, codename=code) for app, code in COMPANY_ADMIN_PERMISSIONS]
+    group.permissions.set(perms)
+    return group
 
 
 def ensure_operators() -> Group:
@@ -36,8 +60,8 @@ def ensure_operators() -> Group:
 
 
 class Command(BaseCommand):
-    help = 'Create or update the "Operators" group (act on plays in the admin; read-only flows).'
+    help = 'Create or update the "Operators" group (act on plays in the admin; read-only flows) and "Company admins".'
 
     def handle(self, *args: Any, **options: Any) -> None:
-        group = ensure_operators()
-        self.stdout.write(f"{group.name}: {', '.join(sorted(p.codename for p in group.permissions.all()))}")
+        for group in (ensure_operators(), ensure_company_admins()):
+            self.stdout.write(f"{group.name}: {', '.join(sorted(p.codename for p in group.permissions.all()))}")
