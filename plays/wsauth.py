@@ -46,8 +46,10 @@ class TokenMiddleware:
             scope = dict(
                 scope,
                 user=key.user if key is not None else AnonymousUser(),
-                **{API_KEY_ID: key.pk if key is not None else None,
-                   API_KEY_SCOPES: list(key.scopes) if key is not None else []},
+                **{
+                    API_KEY_ID: key.pk if key is not None else None,
+                    API_KEY_SCOPES: list(key.scopes) if key is not None else [],
+                },
             )
         return await self.inner(scope, receive, send)
 

@@ -87,22 +87,28 @@ def test_a_urls_password_is_masked_in_the_worker_log_and_the_output(db: Any, ech
 
 def test_echoed_basic_and_private_token_headers_and_json_text_passwords_are_masked(db: Any, echo: int) -> None:
     basic = base64.b64encode(b"bob:hunter2-hunter2").decode()
-    out = _call(get_module("curl"), {"url": f"http://127.0.0.1:{echo}/x",
-                                     "headers": {"Private-Token": TOKEN, "X-Forward-Auth": f"Basic {basic}"}}, ctx())
+    out = _call(
+        get_module("curl"),
+        {"url": f"http://127.0.0.1:{echo}/x", "headers": {"Private-Token": TOKEN, "X-Forward-Auth": f"Basic {basic}"}},
+        ctx(),
+    )
     body = out["body"]
     assert TOKEN not in body and basic not in body and SECRET not in body, body
     assert f"Private-Token: {MASK}" in body and f'"password": "{MASK}"' in body and f"Basic {MASK}" in body
     assert "User-Agent: flowplay" in body  # the rest stays readable
 
 
-@pytest.mark.parametrize("text", [
-    f'{{"password": "{SECRET}"}}',
-    f'{{\\"password\\": \\"{SECRET}\\"}}',
-    f"Private-Token: {SECRET}",
-    f"https://deploy:{SECRET}@git.example.com/repo.git",
-    f"Authorization: Basic {base64.b64encode(('u:' + SECRET).encode()).decode()}",
-    f"grant_type=password&password={SECRET}",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'{{"password": "{SECRET}"}}',
+        f'{{\\"password\\": \\"{SECRET}\\"}}',
+        f"Private-Token: {SECRET}",
+        f"https://deploy:{SECRET}@git.example.com/repo.git",
+        f"Authorization: Basic {base64.b64encode(('u:' + SECRET).encode()).decode()}",
+        f"grant_type=password&password={SECRET}",
+    ],
+)
 def test_credentials_in_text_are_masked_in_values_and_logs(text: str) -> None:
     assert SECRET not in json.dumps(redact({"note": text}))
     assert SECRET not in json.dumps(redact([text]))
@@ -113,8 +119,13 @@ def test_credentials_in_text_are_masked_in_values_and_logs(text: str) -> None:
 
 
 def test_ordinary_text_is_left_alone() -> None:
-    for text in ("Basic information about the invoice", "the bearer of good news", "see https://example.com/a@b",
-                 '{"passwordHint": "the usual"}', "token budget: 10"):
+    for text in (
+        "Basic information about the invoice",
+        "the bearer of good news",
+        "see https://example.com/a@b",
+        '{"passwordHint": "the usual"}',
+        "token budget: 10",
+    ):
         assert redact({"note": text}) == {"note": text}
 
 
@@ -127,8 +138,9 @@ def test_run_args_with_a_password_are_masked_in_the_api_the_page_and_the_admin(
     api: Any, alice: User, no_enqueue: list[str]
 ) -> None:
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}}])
-    play_id = api.post(f"/api/flows/{flow['id']}/run", {"args": {"user": "ann", "password": SECRET}},
-                       format="json").json()["playId"]
+    play_id = api.post(
+        f"/api/flows/{flow['id']}/run", {"args": {"user": "ann", "password": SECRET}}, format="json"
+    ).json()["playId"]
     detail = api.get(f"/api/plays/{play_id}")
     # Found: masked on the HTML page, in clear in the API and the admin.
     assert detail.json()["args"] == {"user": "ann", "password": MASK}
