@@ -240,3 +240,70 @@ def test_the_connection_goes_to_the_checked_address_with_the_urls_host(
     out = run({"url": f"http://pinned.example.test:{port}/x"})
     assert out["body"] == {"host": f"pinned.example.test:{port}", "path": "/x"}
     assert lookups == ["pinned.example.test"] and connects == ["127.0.0.1"]
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_tls_to_the_pinned_address_sends_sni_and_checks_the_certificate_for_the_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import ssl
+
+    name = "pinned.example.test"
+    cert, key = _self_signed(tmp_path, name)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    sni: list[str | None] = []
+    server_ctx.sni_callback = lambda sock, server_name, ctx: sni.append(server_name)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+    httpd.daemon_threads = True
+    Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(cert))  # trusts this certificate only
+        monkeypatch.setattr(egress, "_ssl_context", lambda: client_ctx)
+        real = socket.getaddrinfo
+
+        def resolve(host: str, *args: Any, **kwargs: Any) -> Any:
+            return real("127.0.0.1" if host == name else host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", resolve)
+        policy(monkeypatch)
+        out = run({"url": f"https://{name}:{port}/tls"})
+        assert out["body"] == {"host": f"{name}:{port}", "path": "/tls"}
+        assert sni == [name]  # the URL's name, although the socket went to 127.0.0.1
+        # The certificate is checked against the name: by address, it does not match.
+        assert denied({"url": f"https://127.0.0.1:{port}/tls"}) == "HTTP_ERROR"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
