@@ -125,6 +125,7 @@ INSTALLED_APPS = [
     "channels",
     "flows",
     "plays",
+    "triggers",
 ]
 
 MIDDLEWARE = [
@@ -137,6 +138,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After commit, a broker error is reported in the answer, never as a 500 (plays/broker.py).
+    "plays.broker.BrokerNoticeMiddleware",
 ]
 
 ROOT_URLCONF = "flowplay.urls"
@@ -245,6 +248,8 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 10},
     },
     "expire-timed-out-plays": {"task": "plays.tasks.expire_timed_out", "schedule": 2.0, "options": {"expires": 10}},
+    # Schedules fire from this one sweep (no ETA tasks: a broker may redeliver those).
+    "fire-schedules": {"task": "triggers.tasks.fire_schedules", "schedule": 1.0, "options": {"expires": 5}},
     "prune-old-plays": {
         "task": "plays.tasks.prune_old_plays",
         "schedule": env_float("FLOWPLAY_RETENTION_EVERY_SECONDS", 300.0),
@@ -406,6 +411,17 @@ FLOWPLAY = {
     "DEFAULT_STEP_TIMEOUT": env_int("FLOWPLAY_DEFAULT_STEP_TIMEOUT", 300),
     "MAX_ITERATOR_ITEMS": env_int("FLOWPLAY_MAX_ITERATOR_ITEMS", 10000),
     "MAX_SUBFLOW_DEPTH": env_int("FLOWPLAY_MAX_SUBFLOW_DEPTH", 8),
+    # Plays one root play may spawn in all (subflows of subflows…): depth is bounded above,
+    # this bounds breadth (a flow that starts itself asynchronously in a loop).
+    "MAX_DESCENDANT_PLAYS": env_int("FLOWPLAY_MAX_DESCENDANT_PLAYS", 1000),
+    # Root plays of one company in RUN at once (0: no limit); more wait DEFERRED for a slot.
+    "MAX_RUNNING_PLAYS_PER_COMPANY": env_int("FLOWPLAY_MAX_RUNNING_PLAYS_PER_COMPANY", 50),
+    # The largest out a step may produce, as JSON (OUTPUT_TOO_LARGE beyond). Room for a
+    # curl download at its 10 MiB limit, which is base64 in the out.
+    "MAX_OUTPUT_BYTES": env_int("FLOWPLAY_MAX_OUTPUT_BYTES", 16 * 1024 * 1024),
+    # CPU-bound modules (pdf-extract, csv-parse, regex, array-map…) run in a forked process
+    # that a timeout or a cancel kills (plays/killable.py); 0 runs them in threads.
+    "KILLABLE_STEPS": env_bool("FLOWPLAY_KILLABLE_STEPS", True),
     "CURL_DENY": env_list("FLOWPLAY_CURL_DENY", ["169.254.0.0/16", "fd00:ec2::254/128", "100.100.100.200/32"]),
     "CURL_ALLOW": env_list("FLOWPLAY_CURL_ALLOW", []),
     # Only public addresses (no loopback, private, link-local, 0.0.0.0/8, NAT64, 6to4, mapped
@@ -414,6 +430,9 @@ FLOWPLAY = {
     "CURL_PUBLIC_ONLY": env_bool("FLOWPLAY_CURL_PUBLIC_ONLY", PRODUCTION),
     # A RUN play whose task was lost (no runner, untouched this long) is requeued by reap_stuck.
     "REAP_IDLE_SECONDS": env_float("FLOWPLAY_REAP_IDLE_SECONDS", 30.0),
+    # How long a runner retries recording a step's outcome through transient database errors
+    # (a restart, a dropped connection) before it gives the play up to the reaper.
+    "RECORD_RETRY_SECONDS": env_float("FLOWPLAY_RECORD_RETRY_SECONDS", 60.0),
     # Retention of finished plays (plays/retention.py): days, unless the flow sets retention_days;
     # 0 keeps them for ever. FILTERED plays (nothing ran) go sooner. The newest RETENTION_KEEP
     # finished plays of each flow are always kept. Deleted RETENTION_BATCH plays per transaction.
@@ -421,6 +440,9 @@ FLOWPLAY = {
     "RETENTION_FILTERED_DAYS": env_int("FLOWPLAY_RETENTION_FILTERED_DAYS", 7),
     "RETENTION_KEEP": env_int("FLOWPLAY_RETENTION_KEEP", 100),
     "RETENTION_BATCH": env_int("FLOWPLAY_RETENTION_BATCH", 200),
+    # A schedule's fire this late is still on time; older ones were missed (the scheduler
+    # was down) and follow the schedule's catch-up policy.
+    "SCHEDULE_GRACE_SECONDS": env_float("FLOWPLAY_SCHEDULE_GRACE_SECONDS", 60.0),
 }
 
 # Keys that encrypt credentials and KV values (flows/vault.py): the first encrypts, all decrypt.

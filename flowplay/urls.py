@@ -8,6 +8,7 @@ from rest_framework.routers import SimpleRouter
 from flows import credential_views, module_views
 from flows import views as flow_views
 from plays import views as play_views
+from triggers import views as trigger_views
 
 router = SimpleRouter(trailing_slash=False)
 router.register("flows", flow_views.FlowViewSet, basename="flow")
@@ -15,6 +16,8 @@ router.register(r"flows/(?P<flow_id>[^/]+)/layers", flow_views.FlowletViewSet, b
 router.register("plays", play_views.PlayViewSet, basename="play")
 router.register("auth/api-keys", flow_views.ApiKeyViewSet, basename="api-key")
 router.register("credentials", credential_views.CredentialViewSet, basename="credential")
+router.register("schedules", trigger_views.ScheduleViewSet, basename="schedule")
+router.register(r"flows/(?P<flow_id>[^/]+)/schedules", trigger_views.FlowScheduleViewSet, basename="flow-schedule")
 
 api = [
     path("auth/login", flow_views.LoginView.as_view(), name="api-login"),

@@ -13,6 +13,8 @@ from rest_framework.parsers import JSONParser as DRFJSONParser
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from .storable import input_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -113,6 +115,11 @@ class JSONParser(DRFJSONParser):
             raise exceptions.ParseError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
         if json_depth_exceeds(data):
             raise exceptions.ParseError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        # What the database could not store as sent (NUL, lone surrogates, non-finite numbers)
+        # is refused here, for every JSON body, rather than repaired behind the client's back.
+        problem = input_problem(data)
+        if problem is not None:
+            raise exceptions.ValidationError({problem[0]: [problem[1]]})
         return data
 
 

@@ -38,6 +38,12 @@ ACTIONS = {
     "credential.rotated": "Rotated a credential's value",
     "credential.changed": "Changed a credential's description",
     "credential.deleted": "Deleted a credential",
+    "schedule.created": "Created a schedule",
+    "schedule.changed": "Changed a schedule",
+    "schedule.deleted": "Deleted a schedule",
+    "schedule.paused": "Paused a schedule",
+    "schedule.resumed": "Resumed a schedule",
+    "schedule.triggered": "Fired a schedule by hand",
 }
 
 # The past tense of the play verbs of plays.models.Play, by method name.

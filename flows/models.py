@@ -15,6 +15,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from .ids import new_id
+from .storable import StorableJSONField
 
 DEFAULT_COMPANY_NAME = "Default"
 
@@ -96,7 +97,7 @@ class ApiKey(models.Model):
     name = models.CharField(max_length=200)
     prefix = models.CharField(max_length=16, editable=False)
     token_hash = models.CharField(max_length=64, unique=True, editable=False)
-    scopes = models.JSONField(default=list, blank=True)
+    scopes = StorableJSONField(default=list, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)
@@ -210,7 +211,7 @@ class Flow(models.Model):
     category = models.CharField(max_length=100, blank=True, default="")
     enabled = models.BooleanField(default=True)
     version = models.PositiveIntegerField(default=1)
-    filters = models.JSONField(default=list, blank=True)
+    filters = StorableJSONField(default=list, blank=True)
     timeout = models.PositiveIntegerField(null=True, blank=True, help_text="Seconds for the whole play.")
     max_concurrency = models.PositiveIntegerField(null=True, blank=True)
     queue = models.CharField(max_length=100, default="default")
@@ -305,10 +306,10 @@ class Flowlet(models.Model):
     name = models.CharField(max_length=200, blank=True, default="")
     app_id = models.CharField(max_length=100)
     index = models.IntegerField()
-    args = models.JSONField(default=dict, blank=True)
-    filters = models.JSONField(default=list, blank=True)
+    args = StorableJSONField(default=dict, blank=True)
+    filters = StorableJSONField(default=list, blank=True)
     timeout = models.PositiveIntegerField(null=True, blank=True, help_text="Seconds for one attempt.")
-    retry = models.JSONField(default=dict, blank=True)
+    retry = StorableJSONField(default=dict, blank=True)
     on_error = models.CharField(max_length=10, choices=OnError, default=OnError.FAIL)
     needs_approval = models.BooleanField(default=False)
 
@@ -343,7 +344,7 @@ class FlowVersion(models.Model):
 
     flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="versions")
     version = models.PositiveIntegerField()
-    definition = models.JSONField()
+    definition = StorableJSONField()
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -366,7 +367,7 @@ class KV(models.Model):
     company = models.ForeignKey(Company, on_delete=models.CASCADE, related_name="kv")
     flow = models.ForeignKey(Flow, on_delete=models.CASCADE, null=True, blank=True, related_name="kv")
     key = models.CharField(max_length=255)
-    value = models.JSONField(null=True)
+    value = StorableJSONField(null=True)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -416,7 +417,7 @@ class Credential(models.Model):
     name = models.CharField(max_length=100)
     kind = models.CharField(max_length=16, choices=CredentialKind)
     description = models.CharField(max_length=500, blank=True, default="")
-    public = models.JSONField(default=dict, blank=True)
+    public = StorableJSONField(default=dict, blank=True)
     secret = models.TextField(editable=False)
     fingerprint = models.CharField(max_length=32, editable=False)
     last4 = models.CharField(max_length=4, blank=True, default="", editable=False)
@@ -456,7 +457,7 @@ class AuditEntry(models.Model):
     object_type = models.CharField(max_length=32)
     object_id = models.CharField(max_length=64)
     object_repr = models.CharField(max_length=200, blank=True, default="")
-    details = models.JSONField(default=dict, blank=True)
+    details = StorableJSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:

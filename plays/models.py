@@ -27,6 +27,9 @@ from django.utils import timezone
 
 from flows.ids import new_id
 from flows.models import Company, Flow, FlowVersion
+from flows.storable import StorableJSONField, storable
+
+from .broker import send_on_commit
 
 
 class State(models.TextChoices):
@@ -137,7 +140,7 @@ class Event(models.Model):
     play = models.ForeignKey("Play", on_delete=models.CASCADE, related_name="events")
     flow = models.ForeignKey(Flow, on_delete=models.CASCADE, related_name="+", db_constraint=False)
     type = models.CharField(max_length=32, choices=EventType)
-    payload = models.JSONField()
+    payload = StorableJSONField()
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -207,7 +210,10 @@ def emit(play: Play, items: Iterable[tuple[str, dict[str, Any]]]) -> list[Event]
 
 def event_payload(play: Play, kind: str, seq: int, extra: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The message of an event: what is stored in ``Event.payload`` and sent on /api/ws."""
-    return {"type": kind, "seq": seq, "playId": play.id, "flowId": play.flow_id, **extra, "timestamp": iso(now)}
+    # Repaired here, not only by the field: what is published is what is stored.
+    return storable(
+        {"type": kind, "seq": seq, "playId": play.id, "flowId": play.flow_id, **extra, "timestamp": iso(now)}
+    )
 
 
 def _store(items: list[tuple[Play, str, dict[str, Any]]]) -> list[Event]:
@@ -261,11 +267,11 @@ class Play(models.Model):
     flow = models.ForeignKey(Flow, on_delete=models.PROTECT, related_name="plays")
     flow_version = models.ForeignKey(FlowVersion, on_delete=models.PROTECT, related_name="plays")
     state = models.CharField(max_length=8, choices=State, default=State.NEW)
-    args = models.JSONField(default=dict, blank=True)
+    args = StorableJSONField(default=dict, blank=True)
     args_hash = models.CharField(max_length=64, editable=False)
     # NULL, not "": the partial unique constraint on (flow, key) must ignore keyless plays.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
-    error = models.JSONField(null=True, blank=True)
+    error = StorableJSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -277,13 +283,16 @@ class Play(models.Model):
     retry_of = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="retries")
     parent = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="children")
     parent_layer = models.ForeignKey("Layer", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # The play at the top of a subflow tree (null for that play itself): its descendants are
+    # counted against FLOWPLAY_MAX_DESCENDANT_PLAYS with one indexed query.
+    root = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     triggered_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     # What started the play (TriggerKind) and its details (the schedule and fire time, the
     # channel route, ...); the API shows them together as `trigger`.
     trigger_kind = models.CharField(max_length=16, choices=TriggerKind, default=TriggerKind.API)
-    trigger_info = models.JSONField(null=True, blank=True)
+    trigger_info = StorableJSONField(null=True, blank=True)
     # Index of the next flowlet to run; the runner advances it with each finished step.
     next_index = models.IntegerField(default=0)
     # The runner that currently executes this play, and how long its lease lasts without a heartbeat.
@@ -415,6 +424,7 @@ class Play(models.Model):
                     triggered_by=user if getattr(user, "pk", None) else None,
                     parent=parent,
                     parent_layer=parent_layer,
+                    root_id=(parent.root_id or parent.pk) if parent is not None else None,
                     trigger_kind=kind,
                     trigger_info=source or None,
                 )
@@ -497,6 +507,8 @@ class Play(models.Model):
         return True
 
     def _slot_free(self) -> bool:
+        if not self._company_slot_free():
+            return False
         limit = self.definition.get("execution", {}).get("maxConcurrency")
         if not limit:
             return True
@@ -506,12 +518,42 @@ class Play(models.Model):
         running = Play.objects.filter(flow_id=self.flow_id, state__in=ACTIVE).exclude(pk=self.pk).count()
         return running < limit
 
+    def _company_slot_free(self) -> bool:
+        """FLOWPLAY_MAX_RUNNING_PLAYS_PER_COMPANY: one tenant cannot take every worker.
+
+        Counts root plays in RUN; subflow plays belong to their root (counting them could
+        deadlock a parent that waits for its children) and are bounded by
+        FLOWPLAY_MAX_DESCENDANT_PLAYS instead. A soft limit: without a lock, starts racing
+        each other may pass it by a few, which keeps the trigger path lock-free.
+        """
+        limit = settings.FLOWPLAY["MAX_RUNNING_PLAYS_PER_COMPANY"]
+        if not limit or self.parent_id is not None:
+            return True
+        running = (
+            Play.objects.filter(company_id=self.company_id, state=State.RUN, parent__isnull=True)
+            .exclude(pk=self.pk)
+            .count()
+        )
+        return running < limit
+
+    def descendants(self) -> int:
+        """Plays started under this play's root (subflows of subflows …), the root excluded."""
+        return Play.objects.filter(root_id=self.root_id or self.pk).count()
+
     def enqueue(self) -> None:
         from .tasks import run_play
 
         queue = self.definition.get("execution", {}).get("queue") or "default"
         play_id = self.id
-        transaction.on_commit(lambda: run_play.apply_async((play_id,), queue=queue))
+        send_on_commit(
+            lambda: run_play.apply_async((play_id,), queue=queue), f"play {play_id}", lambda: Play.unsent(play_id)
+        )
+
+    @staticmethod
+    def unsent(play_id: str) -> None:
+        """The play's runner task could not be sent (broker down): give it an expired lease,
+        which the reaper's next sweep requeues, instead of waiting REAP_IDLE_SECONDS."""
+        Play.objects.filter(pk=play_id, state=State.RUN, runner="").update(lease_until=timezone.now())
 
     @staticmethod
     def take_lease(play_id: str, runner: str, lease_seconds: float) -> Play | None:
@@ -789,7 +831,8 @@ class Play(models.Model):
             from .tasks import release_flow
 
             flow_id = self.flow_id
-            transaction.on_commit(lambda: release_flow.delay(flow_id))
+            # Unsent, release_due's sweep starts the waiting plays all the same.
+            send_on_commit(lambda: release_flow.delay(flow_id), f"release of flow {flow_id}")
         if self.parent_layer_id and self.state in TERMINAL:
             self._wake_parent()
 
@@ -870,6 +913,7 @@ class Play(models.Model):
                 idempotency_key=key,
                 retry_of=self,
                 parent=self.parent,
+                root_id=self.root_id,
                 triggered_by=by if getattr(by, "pk", None) else None,
                 trigger_kind=TriggerKind.RETRY,
             )
@@ -934,12 +978,12 @@ class Layer(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
-    out = models.JSONField(null=True, blank=True)
-    error = models.JSONField(null=True, blank=True)
+    out = StorableJSONField(null=True, blank=True)
+    error = StorableJSONField(null=True, blank=True)
     # Set on the layers a retry copied instead of running them again.
     reused_from = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     # A step that parked the play (sleep) keeps its result here until the play wakes up.
-    parked_out = models.JSONField(null=True, blank=True)
+    parked_out = StorableJSONField(null=True, blank=True)
     approved = models.BooleanField(default=False)
 
     class Meta:
@@ -1091,7 +1135,7 @@ class Iteration(models.Model):
     play = models.ForeignKey(Play, on_delete=models.CASCADE, related_name="iterations")
     ref = models.CharField(max_length=100, help_text="The iterator step's ref.")
     index = models.IntegerField()
-    item = models.JSONField(null=True, blank=True)
+    item = StorableJSONField(null=True, blank=True)
     state = models.CharField(max_length=8, choices=IterationState, default=IterationState.PENDING)
     next_index = models.IntegerField()
     runner = models.CharField(max_length=64, blank=True, default="")
@@ -1117,7 +1161,14 @@ class Iteration(models.Model):
 
         queue = self.play.definition.get("execution", {}).get("queue") or "default"
         pk = self.pk
-        transaction.on_commit(lambda: run_iteration.apply_async((pk,), queue=queue))
+        send_on_commit(
+            lambda: run_iteration.apply_async((pk,), queue=queue), f"iteration {pk}", lambda: Iteration.unsent(pk)
+        )
+
+    @staticmethod
+    def unsent(pk: int) -> None:
+        """Its task could not be sent: an expired lease, for the reaper's next sweep (see Play.unsent)."""
+        Iteration.objects.filter(pk=pk, state=IterationState.RUN, runner="").update(lease_until=timezone.now())
 
     def claim(self, runner: str, lease_seconds: float) -> bool:
         """Take the lease of a RUN iteration of a RUN play; False if a live runner has it."""

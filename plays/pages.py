@@ -44,6 +44,7 @@ from .models import (
     Layer,
     Play,
     State,
+    TriggerKind,
     duration_ms,
     iso,
 )
@@ -51,7 +52,7 @@ from .redaction import redact
 from .views import PlayFilter, PlayViewSet
 
 # Query parameters of a history page, in the order of its canonical (bookmarkable) URL.
-HISTORY_PARAMS = ("state", "from", "to", "idempotencyKey", "flowId", "page", "size")
+HISTORY_PARAMS = ("state", "from", "to", "idempotencyKey", "flowId", "trigger", "page", "size")
 # What a layer's out or error may show inline; the API has the whole value.
 MAX_JSON_CHARS = 20_000
 # A loop over thousands of items leaves as many layers: the page shows the first ones.
@@ -321,6 +322,9 @@ def _history(request: HttpRequest, flow: Flow | None) -> HttpResponse:
         if flow is None
         else [],
         "sizes": [10, 25, 50, 100],
+        "triggers": TriggerKind.values,
+        # A flow's schedules (the triggers app's, through the reverse relation): spec, next fire, last play.
+        "schedules": list(flow.schedules.select_related("last_play").order_by("created_at", "id")) if flow else [],
         "live": {"flowId": flow.pk if flow else None, "since": seq, "page": page},
         "api_url": (f"/api/flows/{flow.pk}/plays" if flow else "/api/plays") + (f"?{query}" if query else ""),
     }

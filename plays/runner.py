@@ -11,11 +11,16 @@ attempt and carries on. A step that had finished is never run again.
    the task loses and returns).
 2. For each step from ``play.next_index``: filters → ``FILTERED``; ``needsApproval`` →
    ``WAIT``; else the layer is opened (``RUN``), its args rendered and the module called
-   in a thread, bounded by the step's timeout, retried with backoff.
+   in a thread (a ``cpu_bound`` one in a forked child that a timeout or cancel kills:
+   ``plays/killable.py``), bounded by the step's timeout, retried with backoff.
 3. The outcome is recorded together with ``next_index``; ``onError`` decides whether the
    play goes on. A success is recorded in the same transaction that opens the next step's
    layer (or finishes the play): one commit per step, each state change still durable
    before its event is sent.
+4. Recording an outcome goes through ``Runner.record``: a transient database error (a
+   restart, a dropped connection) is retried there with the outcome the runner holds, so
+   the step does not run again; a write that cannot succeed (``StorageFailure``) fails the
+   step once with ``STORAGE_ERROR``. A step runs again only when its worker died.
 """
 
 from __future__ import annotations
@@ -27,20 +32,25 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import nullcontext
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection, transaction
 from django.utils import timezone
 
 from flows import credentials, vault
 from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, render
 from flows.modules import Park, RunContext, StepError, get_module
+from flows.modules.base import check_output_size, json_size, max_output_bytes
 from flows.modules.iterator import loop_end
+from flows.storable import UnstorableValue, storable
 
+from . import killable
 from .models import (
     LAYER_TERMINAL,
     TERMINAL,
@@ -68,6 +78,34 @@ def config(name: str) -> Any:
 
 class Stop(Exception):
     """The runner must stop: the play left RUN, or its lease moved to another runner."""
+
+
+class StorageFailure(Exception):
+    """A step's outcome cannot be recorded, and trying again would not change that."""
+
+
+T = TypeVar("T")
+
+
+def transient(exc: DatabaseError) -> bool:
+    """Whether a database error is about the connection or the moment (a restart, a dropped
+    connection, a deadlock, a lock timeout) rather than about what was written."""
+    if isinstance(exc, InterfaceError):
+        return True
+    if isinstance(exc, OperationalError):
+        # PostgreSQL's class 54, "program limit exceeded" (e.g. a too deep document), is
+        # an OperationalError that no retry changes.
+        return not str(getattr(exc.__cause__, "sqlstate", "") or "").startswith("54")
+    return False
+
+
+def reset_connection() -> None:
+    """Drop this thread's database connection (or give it back to the pool, which checks
+    it): the next query opens a working one."""
+    try:
+        connection.close()
+    except Exception:  # already broken: nothing to close cleanly
+        log.debug("closing a broken database connection failed", exc_info=True)
 
 
 # --- Heartbeat ------------------------------------------------------------------------
@@ -215,13 +253,10 @@ class Runner:
         self.layers: dict[str, Layer] = {}
         self.outputs: dict[str, Any] = {}
         self.loop_scope: dict[str, Any] = {}
-        for layer in play.layers.filter(iteration__isnull=True):
-            layer.play = play
-            self.layers[layer.ref] = layer
-            self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
+        self.start = -1
         if iteration is not None:
-            start = next(s["index"] for s in self.steps if s["ref"] == iteration.ref)
-            self.end = loop_end(self.steps, start)
+            self.start = next(s["index"] for s in self.steps if s["ref"] == iteration.ref)
+            self.end = loop_end(self.steps, self.start)
             total = iteration.play.iterations.filter(ref=iteration.ref).count()
             self.loop_scope = {
                 iteration.ref: {
@@ -231,13 +266,24 @@ class Runner:
                     "isLast": iteration.index == total - 1,
                 }
             }
-            for layer in play.layers.filter(iteration=iteration.index, index__gt=start, index__lt=self.end):
-                layer.play = play
-                self.layers[layer.ref] = layer
-                self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
+        self.load_layers()
         self.slice_ends = time.monotonic() + config("RUNNER_SLICE_SECONDS")
         # The layer that succeed() opened for the next step, whose first attempt has begun.
         self.opened: str | None = None
+
+    def load_layers(self) -> None:
+        """Read the play's layers (an iteration's: those of its loop body) as they are stored."""
+        play, iteration = self.play, self.iteration
+        self.layers, self.outputs = {}, {}
+        for layer in play.layers.filter(iteration__isnull=True):
+            layer.play = play
+            self.layers[layer.ref] = layer
+            self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
+        if iteration is not None:
+            for layer in play.layers.filter(iteration=iteration.index, index__gt=self.start, index__lt=self.end):
+                layer.play = play
+                self.layers[layer.ref] = layer
+                self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
 
     @property
     def cursor(self) -> int:
@@ -579,8 +625,16 @@ class Runner:
         try:
             if module.inline:
                 out = _masked(module, args, ctx, secrets)
+            elif module.cpu_bound and not module.cheap(args) and config("KILLABLE_STEPS") and killable.available():
+                # A forked child that a timeout or a cancel kills (plays/killable.py). It runs
+                # _masked, not _call: it must not close the database connection it inherited.
+                out = killable.call(
+                    _masked, module, args, ctx, secrets, timeout=timeout, ended=self.ended, max_bytes=max_output_bytes()
+                )
             else:
                 out = self.wait(_executor.submit(_call, module, args, ctx, secrets), timeout)
+        except killable.Cancelled:
+            raise Stop from None
         except FutureTimeout:
             if self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at:
                 self.fail_play(error_body("PLAY_TIMEOUT", "The play exceeded its timeout", step["ref"]))
@@ -604,7 +658,14 @@ class Runner:
     def park(self, layer: Layer, park: Park) -> None:
         """Give the worker up until ``park.until``, or until ``park.ready`` says so."""
         ready = getattr(park, "ready", None)
-        parked = RERUN if park.out is None else park.out
+        try:
+            parked = RERUN if park.out is None else storable(park.out)
+            self.record(lambda retry: self._record_park(layer, parked, park, ready))
+        except (StorageFailure, UnstorableValue) as exc:
+            self.store_failed(self.steps[layer.index], layer, exc)
+        raise Stop
+
+    def _record_park(self, layer: Layer, parked: Any, park: Park, ready: Any) -> None:
         with transaction.atomic():
             self.own()
             Layer.objects.filter(pk=layer.pk).update(parked_out=parked)
@@ -618,7 +679,6 @@ class Runner:
                 self.play.park(self.runner, park.until)
                 if ready is not None and ready():
                     Play.objects.filter(pk=self.play.pk, state=State.DEFERRED).update(run_at=timezone.now())
-        raise Stop
 
     def wait(self, future: Future, timeout: float) -> Any:
         """Wait for a step, abandoning it if the play is cancelled meanwhile."""
@@ -640,22 +700,103 @@ class Runner:
 
     # -- recording outcomes -----------------------------------------------------------------
 
+    def record(self, write: Callable[[bool], T]) -> T:
+        """Write a step's outcome: ``write(retry)`` is one transaction (or one statement).
+
+        The one place where the runner survives its database. A transient error (see
+        ``transient``: a restart, a dropped connection) is retried here, on a fresh
+        connection, with backoff (0.05 s doubling to 1 s) for up to RECORD_RETRY_SECONDS,
+        with the outcome this runner holds: the step does not run again. ``retry`` tells
+        ``write`` that an earlier try may have committed although its answer was lost.
+        Past the deadline the error propagates: the worker is as good as dead, its lease
+        expires and the reaper requeues the play. Any other database error, or a value that
+        cannot be stored, raises ``StorageFailure``: trying again would fail again.
+        """
+        deadline = time.monotonic() + config("RECORD_RETRY_SECONDS")
+        pause = 0.05
+        retry = False
+        while True:
+            try:
+                if retry:
+                    self.take_back()
+                return write(retry)
+            except UnstorableValue as exc:
+                raise StorageFailure(str(exc)) from exc
+            except DatabaseError as exc:
+                if not transient(exc):
+                    raise StorageFailure(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from exc
+                # Inside a caller's transaction (tests) there is nothing to reconnect.
+                if connection.in_atomic_block or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("recording play %s failed (%s); retrying in %.2f s", self.play.id, exc, pause)
+                reset_connection()
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                retry = True
+
+    def take_back(self) -> None:
+        """Before a retried write: hold the lease again. While the database was away no
+        heartbeat could renew it; if it expired and the reaper requeued the play (or the
+        iteration) but no other runner has taken it yet, take it back, so that the outcome
+        held here is written rather than the step run again. A runner that took it first
+        keeps it: the write then stops this runner."""
+        if self.iteration is not None:
+            self.iteration.claim(self.runner, config("LEASE_SECONDS"))
+        else:
+            Play.take_lease(self.play.pk, self.runner, config("LEASE_SECONDS"))
+
+    def recorded(self, layer: Layer) -> bool:
+        """Whether ``layer`` has ended in the database: a retried write's earlier try committed."""
+        if not Layer.objects.filter(pk=layer.pk).exclude(state__in=[LayerState.RUN, LayerState.WAIT]).exists():
+            return False
+        # Carry on from what is stored, like a runner that took the play over.
+        self.play.refresh_from_db()
+        if self.iteration is not None:
+            self.iteration.refresh_from_db()
+        self.load_layers()
+        following = self.steps[self.cursor] if self.cursor < self.end else None
+        opened = self.layers.get(following["ref"]) if following is not None else None
+        self.opened = opened.pk if opened is not None and opened.state == LayerState.RUN else None
+        return True
+
+    def store_failed(self, step: dict[str, Any], layer: Layer, exc: Exception) -> None:
+        """The step's outcome cannot be stored: the step fails once, and onError decides."""
+        log.error("the outcome of step %s of play %s cannot be stored: %s", step["ref"], self.play.id, exc)
+        self.outputs[step["ref"]] = None
+        message = f"The outcome of step {step['ref']} could not be stored: {exc}"
+        self.finish_failed(step, layer, error_body("STORAGE_ERROR", message[:1000]))
+
     def succeed(self, step: dict[str, Any], layer: Layer, out: Any) -> None:
         """Record the step DONE and, in the same transaction, go on: open the next step's
         layer when it can start at once, or finish the play after its last step."""
+        try:
+            out = storable(out)  # the next steps see what is stored, here and after a resume
+        except UnstorableValue as exc:
+            self.store_failed(step, layer, exc)
+            return
         self.outputs[step["ref"]] = out  # the next step's filters may read it
         following = self.opens_next(step)
-        if following is not None and self.step_on(layer, out, following):
+        try:
+            finished = self.record(lambda retry: self._record_success(step, layer, out, following, retry))
+        except StorageFailure as exc:
+            self.store_failed(step, layer, exc)
             return
-        finished = False
+        if finished:
+            raise _Done
+
+    def _record_success(self, step: dict[str, Any], layer: Layer, out: Any, following: Any, retry: bool) -> bool:
+        """succeed()'s write; True when the play finished."""
+        if retry and self.recorded(layer):
+            return self.play.state in TERMINAL
+        if following is not None and self.step_on(layer, out, following):
+            return False
         with transaction.atomic(), batched_events():
             running = self.advance_running(step["index"])
             if not layer.end(LayerState.DONE, out=out):
                 raise Stop
             if running:
-                finished = self.go_on(following)
-        if finished:
-            raise _Done
+                return self.go_on(following)
+        return False
 
     def opens_next(self, step: dict[str, Any]) -> dict[str, Any] | None:
         """The step after ``step`` if its layer opens RUN in the transaction that ends
@@ -681,7 +822,10 @@ class Runner:
         if self.iteration is not None or not Play.can_step_on():
             return False
         lease = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
-        opened = self.play.step_on(self.runner, layer, out, following, lease)
+        # Alone it is atomic; inside a caller's transaction (tests) a savepoint keeps a
+        # failed statement from breaking that transaction.
+        with transaction.atomic() if connection.in_atomic_block else nullcontext():
+            opened = self.play.step_on(self.runner, layer, out, following, lease)
         if opened is None:
             return False
         self.layers[following["ref"]] = opened
@@ -728,26 +872,44 @@ class Runner:
         return False
 
     def finish_failed(self, step: dict[str, Any], layer: Layer, error: dict[str, Any]) -> None:
+        try:
+            failed = self.record(lambda retry: self._record_failure(step, layer, error))
+        except StorageFailure as exc:
+            # Not even the failure could be stored: the play fails with a plain error.
+            log.error("the failure of step %s of play %s cannot be stored: %s", step["ref"], self.play.id, exc)
+            failed = self.record(
+                lambda retry: self.play.fail(
+                    error_body(
+                        "STORAGE_ERROR", f"Step {step['ref']} failed and its error could not be stored", step["ref"]
+                    ),
+                    from_states=[State.RUN, State.ON_HOLD],
+                )
+            )
+        self.outputs[step["ref"]] = None
+        if failed is not None:
+            raise _Done if failed else Stop
+
+    def _record_failure(self, step: dict[str, Any], layer: Layer, error: dict[str, Any]) -> bool | None:
+        """finish_failed()'s write: whether the play failed (None: onError let it go on)."""
         on_error = step.get("onError") or "fail"
         with transaction.atomic():
             if on_error in ("skip", "continue"):
                 self.advance(step["index"])
                 layer.end(LayerState.SKIP if on_error == "skip" else LayerState.FAIL, error=error)
-                failed = None
-            else:
-                layer.end(LayerState.FAIL, error=error)
-                message = f"Step {step['ref']} failed: {error['message']}"
-                failed = self.play.fail(
-                    error_body("STEP_FAILED", message, step["ref"]), from_states=[State.RUN, State.ON_HOLD]
-                )
-        self.outputs[step["ref"]] = None
-        if failed is not None:
-            raise _Done if failed else Stop
+                return None
+            layer.end(LayerState.FAIL, error=error)
+            message = f"Step {step['ref']} failed: {error['message']}"
+            return self.play.fail(
+                error_body("STEP_FAILED", message, step["ref"]), from_states=[State.RUN, State.ON_HOLD]
+            )
 
     def fail_play(self, error: dict[str, Any]) -> None:
+        self.record(lambda retry: self._record_play_failure(error))
+        raise _Done
+
+    def _record_play_failure(self, error: dict[str, Any]) -> None:
         with transaction.atomic():
             self.play.fail(error, from_states=[State.RUN])
-        raise _Done
 
 
 class _Done(Exception):
@@ -767,7 +929,9 @@ def _masked(module: Any, args: dict[str, Any], ctx: RunContext, revealed: Any = 
     # out, error, events or logs.
     secrets = secrets_of(args) | set(revealed)
     try:
-        return redact(module.run(args, ctx), secrets)
+        out = redact(module.run(args, ctx), secrets)
+        check_output_size(json_size(out))  # FLOWPLAY_MAX_OUTPUT_BYTES → OUTPUT_TOO_LARGE
+        return out
     except StepError as exc:
         exc.message = redact_text(exc.message, secrets)
         exc.args = (exc.message,)

@@ -3,7 +3,7 @@
 Expressions are Jinja2 expressions (never statements) compiled by a locked-down
 ``ImmutableSandboxedEnvironment``:
 
-* Only ``$prev``, ``$flowId``, ``$playId``, ``$date``, ``$rand`` and ``$credentials`` exist (plain names
+* Only ``$prev``, ``$flowId``, ``$playId``, ``$date``, ``$rand``, ``$schedule`` and ``$credentials`` exist (plain names
   in ``render_template``). The source is rewritten (``$prev`` -> ``_prev``) outside
   string literals, then every name becomes a lookup in one root mapping, so nothing
   else (``range``, ``lipsum``, ``self``...) is reachable.
@@ -55,8 +55,15 @@ __all__ = [
 ]
 
 # `$name` -> internal Jinja name; the `_` prefix keeps user-typed names apart (see _prepare).
-_SIGILS = {"prev": "_prev", "flowId": "_flowId", "playId": "_playId", "date": "_date", "rand": "_rand",
-           "credentials": "_credentials"}
+_SIGILS = {
+    "prev": "_prev",
+    "flowId": "_flowId",
+    "playId": "_playId",
+    "date": "_date",
+    "rand": "_rand",
+    "schedule": "_schedule",
+    "credentials": "_credentials",
+}
 _INTERNAL_NAMES = {internal: name for name, internal in _SIGILS.items()}
 _ROOT = "fp_root"
 _PREV = "_prev"
@@ -76,6 +83,8 @@ class Scope:
     play_id: str = ""
     # name -> {field: value}; the runner's is lazy and records each use (flows.credentials).
     credentials: Mapping[str, Any] = _field(default_factory=dict)
+    # A schedule's fire ({"id", "firedAt"}) while its args are rendered; null elsewhere.
+    schedule: Mapping[str, Any] | None = None
 
 
 def is_expression(value: Any) -> bool:
@@ -368,7 +377,7 @@ def _prepare(body: str, template_mode: bool) -> str:
                     raise _CompileError("unexpected '$' (template variables have no '$')")
                 if not name:
                     raise _CompileError("unexpected '$'")
-                raise _CompileError(f"unknown variable '${name}' (use $prev, $flowId, $playId, $date, $rand or $credentials)")
+                raise _CompileError(f"unknown variable '${name}' (use $prev, $flowId, $playId, $date, $rand, $schedule or $credentials)")
             out.append(_SIGILS[name])
             i = match.end()  # type: ignore[union-attr]
             after_dot = False
@@ -583,7 +592,7 @@ class _Transformer:
             return self._root_lookup(name)
         if name in _INTERNAL_NAMES:
             return self._root_lookup(_INTERNAL_NAMES[name])
-        raise _CompileError(f"unknown name '{name}' (use $prev, $flowId, $playId, $date, $rand or $credentials; text needs quotes)")
+        raise _CompileError(f"unknown name '{name}' (use $prev, $flowId, $playId, $date, $rand, $schedule or $credentials; text needs quotes)")
 
     def _filter(self, node: nodes.Filter) -> None:
         func = PIPES.get(node.name)
@@ -861,6 +870,7 @@ def render(value: Any, scope: Scope) -> Any:
         "date": _DATE,
         "rand": _RAND,
         "credentials": scope.credentials,
+        "schedule": scope.schedule,
     }
     evaluation = _Evaluation(root)
     try:

@@ -13,9 +13,7 @@ are false when either side is null.
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,10 +43,6 @@ _UNARY = frozenset({"is_empty", "not_empty"})
 
 _TRUE_WORDS = frozenset({"true", "1", "yes", "on", "y"})
 _FALSE_WORDS = frozenset({"false", "0", "no", "off", "n"})
-
-# A repeat whose maximum is at least this counts as unbounded for the ReDoS guard.
-_LARGE_REPEAT = 100
-
 
 # --------------------------------------------------------------------------- values
 
@@ -200,64 +194,19 @@ def _is_empty(value: Any) -> bool:
     return False
 
 
-def _unbounded(max_repeat: int) -> bool:
-    return max_repeat >= _LARGE_REPEAT
+def _compile_pattern(pattern: str) -> Any:
+    """The compiled pattern (RE2, linear time: see flows.patterns), or why it is refused."""
+    from flows.patterns import PatternError, compile_pattern  # noqa: PLC0415
 
-
-def _nested_repeat(parsed: Any, inside_repeat: bool) -> bool:
-    """True when an unbounded repeat contains another one, e.g. ``(a+)+`` or ``(\\w*\\s?)*``."""
-    from re import _constants as c  # noqa: PLC0415 - private, but the parse tree is the point
-
-    repeats = {c.MAX_REPEAT, c.MIN_REPEAT}
-    possessive = getattr(c, "POSSESSIVE_REPEAT", None)
-    if possessive is not None:
-        repeats.add(possessive)
-    for op, av in parsed:
-        if op in repeats:
-            low, high, sub = av
-            big = _unbounded(high)
-            if big and inside_repeat:
-                return True
-            if _nested_repeat(sub, inside_repeat or big):
-                return True
-        elif op is c.SUBPATTERN:
-            if _nested_repeat(av[-1], inside_repeat):
-                return True
-        elif op is c.BRANCH:
-            if any(_nested_repeat(branch, inside_repeat) for branch in av[1]):
-                return True
-        elif op in (c.ASSERT, c.ASSERT_NOT):
-            if _nested_repeat(av[1], inside_repeat):
-                return True
-        elif op is getattr(c, "ATOMIC_GROUP", None):
-            if _nested_repeat(av, inside_repeat):
-                return True
-        elif op is c.GROUPREF_EXISTS:
-            if any(part is not None and _nested_repeat(part, inside_repeat) for part in av[1:]):
-                return True
-    return False
-
-
-def _compile_pattern(pattern: str) -> re.Pattern[str] | str:
-    """The compiled pattern, or why it is refused."""
     if len(pattern) > limits.MAX_REGEX_PATTERN_CHARS:
         return f"regular expression is too long (limit {limits.MAX_REGEX_PATTERN_CHARS} characters)"
-    return _compile_pattern_cached(pattern)
-
-
-@functools.lru_cache(maxsize=512)
-def _compile_pattern_cached(pattern: str) -> re.Pattern[str] | str:
     try:
-        compiled = re.compile(pattern)
-        from re import _parser  # noqa: PLC0415
-
-        if _nested_repeat(_parser.parse(pattern), False):
-            return "regular expression has nested repetition (like '(a+)+') and could run for a very long time"
-    except re.error as exc:
-        return f"invalid regular expression: {exc}"
-    except RecursionError:
-        return "regular expression is nested too deeply"
-    return compiled
+        return compile_pattern(pattern)
+    except PatternError as exc:
+        message = str(exc)
+        if message.startswith("is not a valid regular expression: "):
+            return "invalid regular expression: " + message.removeprefix("is not a valid regular expression: ")
+        return f"regular expression {message}"
 
 
 def _regex(left: Any, right: Any, cast: str | None) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .base import Module, RunContext, StepError, _obj, register
+from .base import Module, RunContext, StepError, _obj, json_size, max_output_bytes, output_too_large, register
 
 MAX_ARRAY_ITEMS = 100_000
 
@@ -29,19 +29,27 @@ def _each(args: dict, ctx: RunContext, name: str) -> Iterable[tuple[Any, Any]]:
     items = args["items"]
     if len(items) > MAX_ARRAY_ITEMS:
         raise StepError(f"More than {MAX_ARRAY_ITEMS} items", "INVALID_INPUT", retryable=False)
+    # Each item's value has its own expression budget, so the list as a whole is counted
+    # here, as it grows (an out of 100,000 items of 1 MB each is never built).
+    limit, size = max_output_bytes(), 0
     for index, item in enumerate(items):
         here = {"item": item, "index": index, "total": len(items)}
         prev = {**here, "data": args["data"]}
         if ctx.ref:
             prev[ctx.ref] = here
         try:
-            yield item, render(args[name], Scope(prev=prev, flow_id=ctx.flow_id, play_id=ctx.play_id))
+            value = render(args[name], Scope(prev=prev, flow_id=ctx.flow_id, play_id=ctx.play_id))
         except ExpressionError as exc:
             raise StepError(f"{name} for item {index}: {exc}", "EXPRESSION_ERROR", retryable=False) from exc
+        size += len(value) + 3 if isinstance(value, str) else json_size(value) + 1
+        if size > limit:
+            raise output_too_large(size)
+        yield item, value
 
 
 class _ArrayModule(Module):
     expression_arg: str
+    cpu_bound = True
 
     def extra_checks(self, args: dict, lenient: bool) -> Iterable[tuple[str, str]]:
         if lenient and self.expression_arg in args:

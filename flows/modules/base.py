@@ -49,6 +49,39 @@ class StepError(Exception):
         return f"StepError({self.message!r}, code={self.code!r}, retryable={self.retryable!r})"
 
 
+def max_output_bytes() -> int:
+    """FLOWPLAY_MAX_OUTPUT_BYTES: the largest out (as JSON) a step may produce."""
+    from django.conf import settings
+
+    return int(settings.FLOWPLAY.get("MAX_OUTPUT_BYTES", DEFAULT_MAX_OUTPUT_BYTES))
+
+
+DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+
+
+def output_too_large(size: int | None = None) -> StepError:
+    limit = max_output_bytes()
+    what = f"about {size:,} bytes" if size is not None else "too large"
+    return StepError(
+        f"The step's output would be {what}, more than FLOWPLAY_MAX_OUTPUT_BYTES ({limit:,} bytes)",
+        "OUTPUT_TOO_LARGE",
+        retryable=False,
+    )
+
+
+def check_output_size(size: int) -> None:
+    """Raise OUTPUT_TOO_LARGE if an output of ``size`` bytes (estimated before building it)
+    would exceed the limit."""
+    if size > max_output_bytes():
+        raise output_too_large(size)
+
+
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as stored (compact JSON, UTF-8)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 class Park(Exception):
     """Raised by a module that wants the play to wait without holding a worker.
 
@@ -213,6 +246,16 @@ class Module:
     # runner's thread and connection, not in the step thread pool: they are quick, and
     # they see what the runner has written.
     inline: ClassVar[bool] = False
+    # Modules whose work is CPU-bound and unbounded by any wait (parsing, matching, mapping)
+    # run in a forked process that the runner kills on timeout or cancel
+    # (plays/killable.py): a thread cannot be stopped, and it would keep the CPU and the GIL.
+    cpu_bound: ClassVar[bool] = False
+
+    def cheap(self, args: Any) -> bool:
+        """For a cpu_bound module: True when these (rendered) args are small enough for its
+        worst case to be short, so that the step runs in a thread and no fork is paid."""
+        return False
+
     # Modules that send credentials to another service (curl): their args may read
     # `$credentials` and their `auth` arg names a credential. Elsewhere a credential's value
     # could come back in the step's out, so saving such a flow is refused.

@@ -16,6 +16,7 @@ from .base import (
     _b64decode,
     _invalid,
     _obj,
+    check_output_size,
     is_expression,
     register,
 )
@@ -30,6 +31,7 @@ class Base64Encode(Module):
 
     def execute(self, args: dict, ctx: RunContext) -> Any:
         raw = args["input"].encode("utf-8")
+        check_output_size(4 * -(-len(raw) // 3) + 16)
         encoded = base64.urlsafe_b64encode(raw) if args["urlSafe"] else base64.b64encode(raw)
         return {"result": encoded.decode("ascii")}
 

@@ -18,6 +18,12 @@ from .base import (
 
 MAX_PDF_BYTES = 20 * 1024 * 1024
 MAX_PDF_PAGES = 2000
+# Decoded page content streams, summed over the pages (a stream shared by many pages counts
+# once per page: it is parsed once per page). A 19 KB PDF whose pages share one 5 MB Flate
+# stream would otherwise keep pypdf busy for minutes. Text-heavy pages have a few KB each.
+MAX_PDF_CONTENT_BYTES = 16 * 1024 * 1024
+# Per stream, any filter (pypdf's default is 75 MB).
+MAX_PDF_STREAM_BYTES = 16 * 1024 * 1024
 
 
 def _pdf_bytes(content: Any) -> bytes:
@@ -40,6 +46,7 @@ class PdfExtract(Module):
     app_id = "pdf-extract"
     name = "PDF extract"
     summary = "Extract the text of a PDF given as base64, a data: URL or a curl binary download."
+    cpu_bound = True
     args_schema = _obj(
         {
             "content": {
@@ -55,6 +62,19 @@ class PdfExtract(Module):
     out_schema = _obj({"text": {"type": "string"}, "pages": {"type": "integer", "minimum": 0}}, ["text", "pages"])
 
     def execute(self, args: dict, ctx: RunContext) -> Any:
+        from pypdf import apply_configuration
+
+        limit = MAX_PDF_STREAM_BYTES
+        with apply_configuration(
+            zlib_maximum_output_length=limit,
+            lzw_maximum_output_length=limit,
+            run_length_maximum_output_length=limit,
+            brotli_maximum_output_length=limit,
+            maximum_declared_stream_length=limit,
+        ):
+            return self._extract(args)
+
+    def _extract(self, args: dict) -> Any:
         from pypdf import PdfReader
 
         try:
@@ -74,6 +94,17 @@ class PdfExtract(Module):
             pages = reader.pages
             if len(pages) > MAX_PDF_PAGES:
                 raise StepError(f"PDF has more than {MAX_PDF_PAGES} pages", "PDF_ERROR", False)
+            content = 0
+            for page in pages:  # all pages before any text: a stream is decoded once, parsing is slow
+                contents = page.get_contents()
+                content += len(contents.get_data()) if contents is not None else 0
+                if content > MAX_PDF_CONTENT_BYTES:
+                    raise StepError(
+                        f"The PDF's page contents expand to more than {MAX_PDF_CONTENT_BYTES:,} bytes "
+                        "(a decompression bomb?)",
+                        "PDF_ERROR",
+                        False,
+                    )
             texts = [page.extract_text() or "" for page in pages]
         except StepError:
             raise

@@ -9,7 +9,9 @@ The child records its parent (``parentPlayId``); holding or cancelling the paren
 or cancels it (``plays.models.Play.hold`` / ``cancel``). Re-running the step after a
 crash finds the child it already started (one child per parent layer). Cycles are refused
 when a flow is saved (``flows.serializers``) and, for flow ids only known at run time, by
-``FLOWPLAY_MAX_SUBFLOW_DEPTH``.
+``FLOWPLAY_MAX_SUBFLOW_DEPTH``. Breadth is bounded too: one root play and all the plays
+under it may start ``FLOWPLAY_MAX_DESCENDANT_PLAYS`` plays in all (``SUBFLOW_LIMIT``), so a
+flow that starts itself asynchronously cannot multiply.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 
 from .base import Module, Park, RunContext, StepError, _obj, register
 
@@ -74,7 +77,19 @@ class Subflow(Module):
             if not flow.enabled:
                 raise StepError(f"Flow {key!r} is disabled", "FLOW_DISABLED", retryable=False)
             layer = Layer.objects.get(pk=ctx.layer_id)
-            child, _ = Play.trigger(flow, args["args"], parent=parent, parent_layer=layer)
+            budget = settings.FLOWPLAY["MAX_DESCENDANT_PLAYS"]
+            with transaction.atomic():
+                # Iterations of one play start children at once: lock the root so that
+                # counting and starting are one step per tree (SQLite serializes anyway).
+                Play.objects.select_for_update().filter(pk=parent.root_id or parent.pk).first()
+                if budget and parent.descendants() >= budget:
+                    raise StepError(
+                        f"The root play {parent.root_id or parent.pk} already started {budget} subflow plays "
+                        "(FLOWPLAY_MAX_DESCENDANT_PLAYS)",
+                        "SUBFLOW_LIMIT",
+                        retryable=False,
+                    )
+                child, _ = Play.trigger(flow, args["args"], parent=parent, parent_layer=layer)
         if args["async"]:
             return {"state": child.state, "playId": child.id, "out": None}
         child.refresh_from_db(fields=["state", "error"])

@@ -90,8 +90,20 @@ def redis_url_for(db: int) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", "", ""))
 
 
+# The Redis and PostgreSQL servers the drills restart are the ones REDIS_URL and DATABASE_URL
+# name: CI points them at the machine's services; on a shared machine point them at private
+# instances (a redis-server on its own port, a cluster of initdb + pg_ctl in a temporary
+# folder: see the README's Reliability section) and nobody else is disturbed.
+
+
+def redis_address() -> tuple[str, int]:
+    parts = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
 def redis_cli(*args: str, db: int | None = None) -> subprocess.CompletedProcess:
-    cmd = ["redis-cli", "-h", "127.0.0.1", "-p", "6379"]
+    host, port = redis_address()
+    cmd = ["redis-cli", "-h", host, "-p", str(port)]
     if db is not None:
         cmd += ["-n", str(db)]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30)
@@ -104,34 +116,66 @@ def redis_up() -> bool:
 def restart_redis() -> None:
     """Stop Redis without saving (every queued message is lost) and start it again."""
     try:
-        redis_cli("shutdown", "nosave")
-        wait_until(lambda: not redis_up(), 15, "Redis to stop")
+        stop_redis()
     finally:
         start_redis()
+
+
+def stop_redis() -> None:
+    redis_cli("shutdown", "nosave")
+    wait_until(lambda: not redis_up(), 15, "Redis to stop")
 
 
 def start_redis() -> None:
     if redis_up():
         return
-    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
+    host, port = redis_address()
+    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", host, "--port", str(port),
                     "--save", "", "--appendonly", "no"], capture_output=True, timeout=30)
     wait_until(redis_up, 30, "Redis to start", every=0.2)
 
 
+def pg_address() -> tuple[str, int]:
+    parts = urlsplit(os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
+    return parts.hostname or "127.0.0.1", parts.port or 5432
+
+
 def pg_up() -> bool:
-    return subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"], timeout=10).returncode == 0
+    host, port = pg_address()
+    return subprocess.run(["pg_isready", "-h", host, "-p", str(port), "-q"], timeout=10).returncode == 0
+
+
+def pg_restart_command() -> list[str]:
+    """How to restart the server DATABASE_URL names: its Debian cluster (pg_ctlcluster) when
+    one listens on that port, else pg_ctl on the server's data directory, as its owner."""
+    _host, port = pg_address()
+    listed = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, timeout=30)
+    for line in listed.stdout.splitlines() if listed.returncode == 0 else []:
+        version, name, cluster_port = line.split()[:3]
+        if cluster_port == str(port):
+            return ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "restart"]
+    url = pg_admin_url(os.environ["DATABASE_URL"], "postgres")
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        data = conn.execute("SHOW data_directory").fetchone()[0]
+        binaries = conn.execute("SELECT setting FROM pg_config WHERE name = 'BINDIR'").fetchone()[0]
+    command = [os.path.join(binaries, "pg_ctl"), "-D", data, "-m", "fast", "-w", "-l",
+               os.path.join(data, "restart.log"), "restart"]
+    owner = Path(data).owner()
+    if os.geteuid() == 0 and owner != "root":
+        command = ["runuser", "-u", owner, "--", *command]
+    return command
 
 
 def restart_postgres() -> None:
-    """Restart the PostgreSQL cluster of this machine (every connection is cut)."""
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    """Restart the PostgreSQL server of DATABASE_URL (every connection is cut)."""
+    command = pg_restart_command()
     try:
-        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-                       capture_output=True, timeout=120)
+        subprocess.run(command, capture_output=True, timeout=120)
     finally:
-        if not pg_up():
-            subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-                           capture_output=True, timeout=120)
+        if not pg_up() and command[0] == "pg_ctlcluster":
+            subprocess.run([*command[:-1], "start"], capture_output=True, timeout=120)
         wait_until(pg_up, 60, "PostgreSQL to accept connections", every=0.3)
 
 
@@ -210,7 +254,7 @@ class Cluster:
         env.update(
             FLOWPLAY_VAR_DIR=str(root), PYTHONUNBUFFERED="1", PATH=f"{BIN}:{env.get('PATH', '')}",
             FLOWPLAY_LEASE_SECONDS="3", FLOWPLAY_HEARTBEAT_SECONDS="1", FLOWPLAY_REAP_EVERY_SECONDS="1",
-            FLOWPLAY_REAP_IDLE_SECONDS="5", LOGIN_THROTTLE_RATE="1000/min",
+            FLOWPLAY_REAP_IDLE_SECONDS="5", LOGIN_THROTTLE_RATE="1000/min", FLOWPLAY_CURL_ALLOW="127.0.0.1/32",
         )
         cluster = cls(root=root, env=env, port=free_port())
         if pg_and_redis():
@@ -488,4 +532,4 @@ def scrape(pattern: str, text: str) -> list[str]:
 
 
 __all__ = ["Cluster", "CountingServer", "EventCollector", "pg_and_redis", "restart_postgres", "restart_redis",
-           "run_play", "make_flow", "wait_terminal", "wait_until", "seqs_of", "start_redis", "Iterator"]
+           "run_play", "make_flow", "wait_terminal", "wait_until", "seqs_of", "start_redis", "stop_redis", "Iterator"]

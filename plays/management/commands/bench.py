@@ -155,6 +155,10 @@ class Command(BaseCommand):
 
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("flows.audit").setLevel(logging.WARNING)  # one line per bench flow would bury the table
+        # The bench measures the machinery with thousands of plays of one company at once and
+        # no scheduler: the per-company limit of running plays would park most of them.
+        os.environ["FLOWPLAY_MAX_RUNNING_PLAYS_PER_COMPANY"] = "0"  # the processes it starts
+        settings.FLOWPLAY["MAX_RUNNING_PLAYS_PER_COMPANY"] = 0  # this one
         quick = options["quick"]
         self.opts = {
             "steps": options["steps"] or (10 if quick else 40),
