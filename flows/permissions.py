@@ -5,10 +5,10 @@ without ``scopes`` has its user's full access (keys made before scopes were enfo
 README's examples, keep working). The vocabulary (``SCOPES``):
 
 =============== ==========================================================================
-``read``        read flows, layers, plays, events, modules, the schema; the WebSocket
-``run``         trigger plays: ``POST /api/flows/{id}/run``
+``read``        read flows, layers, plays, events, schedules, modules, the schema; the WebSocket
+``run``         trigger plays: ``POST /api/flows/{id}/run``, ``POST /api/schedules/{id}/trigger``
 ``operate``     start, hold, resume, cancel, approve/decline and retry plays
-``flows``       create, change and delete flows and their layers
+``flows``       create, change and delete flows, their layers and schedules
 ``keys``        list, create and revoke API keys
 ``credentials`` manage stored credentials
 ``mcp``         use the MCP endpoint
@@ -41,10 +41,10 @@ from django.contrib.auth.backends import BaseBackend
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 
 SCOPES: dict[str, str] = {
-    "read": "read flows, layers, plays, events, modules and the schema; the WebSocket",
-    "run": "trigger plays (POST /api/flows/{id}/run)",
+    "read": "read flows, layers, plays, events, schedules, modules and the schema; the WebSocket",
+    "run": "trigger plays (POST /api/flows/{id}/run, POST /api/schedules/{id}/trigger)",
     "operate": "start, hold, resume, cancel, approve/decline and retry plays",
-    "flows": "create, change and delete flows and their layers",
+    "flows": "create, change and delete flows, their layers and schedules",
     "keys": "list, create and revoke API keys",
     "credentials": "manage stored credentials",
     "mcp": "use the MCP endpoint",
