@@ -248,6 +248,11 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 10},
     },
     "expire-timed-out-plays": {"task": "plays.tasks.expire_timed_out", "schedule": 2.0, "options": {"expires": 10}},
+    "prune-channel-requests": {
+        "task": "triggers.tasks.prune_requests",
+        "schedule": env_float("FLOWPLAY_RETENTION_EVERY_SECONDS", 300.0),
+        "options": {"expires": 60},
+    },
     # Schedules fire from this one sweep (no ETA tasks: a broker may redeliver those).
     "fire-schedules": {"task": "triggers.tasks.fire_schedules", "schedule": 1.0, "options": {"expires": 5}},
     "prune-old-plays": {
@@ -440,6 +445,15 @@ FLOWPLAY = {
     "RETENTION_FILTERED_DAYS": env_int("FLOWPLAY_RETENTION_FILTERED_DAYS", 7),
     "RETENTION_KEEP": env_int("FLOWPLAY_RETENTION_KEEP", 100),
     "RETENTION_BATCH": env_int("FLOWPLAY_RETENTION_BATCH", 200),
+    # HTTP channels (triggers/channels.py): the largest request body a channel takes unless it
+    # sets its own, and how long the request log keeps a request (days; the newest
+    # HOOK_LOG_KEEP of each channel are kept whatever their age).
+    "HOOK_MAX_BODY_BYTES": env_int("FLOWPLAY_HOOK_MAX_BODY_BYTES", 1024 * 1024),
+    "HOOK_LOG_DAYS": env_int("FLOWPLAY_HOOK_LOG_DAYS", 14),
+    "HOOK_LOG_KEEP": env_int("FLOWPLAY_HOOK_LOG_KEEP", 100),
+    # MCP (triggers/mcp.py): how long a tool call waits for its play before it answers with
+    # the play id.
+    "MCP_TOOL_TIMEOUT_SECONDS": env_float("FLOWPLAY_MCP_TOOL_TIMEOUT_SECONDS", 30.0),
     # A schedule's fire this late is still on time; older ones were missed (the scheduler
     # was down) and follow the schedule's catch-up policy.
     "SCHEDULE_GRACE_SECONDS": env_float("FLOWPLAY_SCHEDULE_GRACE_SECONDS", 60.0),

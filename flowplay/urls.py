@@ -18,6 +18,8 @@ router.register("auth/api-keys", flow_views.ApiKeyViewSet, basename="api-key")
 router.register("credentials", credential_views.CredentialViewSet, basename="credential")
 router.register("schedules", trigger_views.ScheduleViewSet, basename="schedule")
 router.register(r"flows/(?P<flow_id>[^/]+)/schedules", trigger_views.FlowScheduleViewSet, basename="flow-schedule")
+router.register("channels", trigger_views.ChannelViewSet, basename="channel")
+router.register(r"channels/(?P<channel_id>[^/]+)/routes", trigger_views.RouteViewSet, basename="channel-route")
 
 api = [
     path("auth/login", flow_views.LoginView.as_view(), name="api-login"),
@@ -34,6 +36,7 @@ api = [
 urlpatterns = [
     path("api/", include(api)),
     path("admin/", admin.site.urls),
+    path("channels/", include("triggers.page_urls")),
     path("", include("plays.page_urls")),
 ]
 

@@ -218,6 +218,9 @@ class Flow(models.Model):
     retention_days = models.PositiveIntegerField(null=True, blank=True)
     # Retention keeps at least this many newest finished plays of the flow (None: the setting).
     retention_keep = models.PositiveIntegerField(null=True, blank=True)
+    # The flow as an MCP tool: {"name", "description", "inputSchema"} (a JSON Schema for its
+    # args); null = not a tool (triggers/mcp.py).
+    tool = StorableJSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now)
     deleted_at = models.DateTimeField(null=True, blank=True)

@@ -206,6 +206,31 @@ class ExecutionSerializer(serializers.Serializer):
     queue = serializers.RegexField(r"^[A-Za-z0-9_.\-]{1,100}$", required=False)
 
 
+TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ToolSerializer(serializers.Serializer):
+    """A flow offered as an MCP tool; ``inputSchema`` is a JSON Schema for its args."""
+
+    name = serializers.RegexField(TOOL_NAME_RE, max_length=64, error_messages={
+        "invalid": "a tool name is 1 to 64 letters, digits, '_', '-' or '.'"})
+    description = serializers.CharField(required=False, allow_blank=True, max_length=4000, default="")
+    inputSchema = serializers.JSONField(required=False, default=None)
+
+    def validate_inputSchema(self, value: Any) -> dict[str, Any]:  # noqa: N802 - the API's field name
+        import jsonschema
+
+        if value is None:
+            return {"type": "object", "properties": {}}
+        if not isinstance(value, dict) or value.get("type") != "object":
+            raise serializers.ValidationError('inputSchema must be a JSON Schema object with "type": "object"')
+        try:
+            jsonschema.validators.validator_for(value, default=jsonschema.Draft202012Validator).check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise serializers.ValidationError(f"not a valid JSON Schema: {exc.message}") from None
+        return value
+
+
 class FlowSerializer(serializers.ModelSerializer):
     permanentId = serializers.SlugField(source="permanent_id", required=False, max_length=200)
     category = serializers.CharField(required=False, allow_blank=True, max_length=100)
@@ -216,11 +241,12 @@ class FlowSerializer(serializers.ModelSerializer):
     filters = serializers.JSONField(required=False)
     execution = ExecutionSerializer(required=False)
     layers = FlowletSerializer(many=True, required=False)
+    tool = ToolSerializer(required=False, allow_null=True)
 
     class Meta:
         model = Flow
         fields = ["id", "name", "permanentId", "category", "enabled", "version", "createdAt", "updatedAt",
-                  "filters", "execution", "layers"]
+                  "filters", "execution", "tool", "layers"]
         read_only_fields = ["id"]
 
     def to_representation(self, instance: Flow) -> dict[str, Any]:
@@ -235,6 +261,7 @@ class FlowSerializer(serializers.ModelSerializer):
             "updatedAt": serializers.DateTimeField().to_representation(instance.updated_at),
             "filters": instance.filters,
             "execution": instance.execution,
+            "tool": instance.tool,
             "layers": FlowletSerializer(instance.flowlets.all(), many=True).data,
         }
 
@@ -259,6 +286,12 @@ class FlowSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError(errors)
         if "layers" in attrs:
             attrs["layers"] = ordered
+        if attrs.get("tool") and company_id is not None:
+            others = Flow.objects.alive().filter(company_id=company_id, tool__name=attrs["tool"]["name"])
+            if self.instance is not None:
+                others = others.exclude(pk=self.instance.pk)
+            if others.exists():
+                raise serializers.ValidationError({"tool.name": [f"tool name {attrs['tool']['name']!r} is already used"]})
         return attrs
 
     @transaction.atomic

@@ -112,9 +112,16 @@ def world(api: APIClient, alice: User, bob: User, charlie: User, drain: Any) -> 
     drain()
     assert Play.objects.get(pk=play_id).state == "WAIT"
     key = api.post("/api/auth/api-keys", {"name": "alice's script"}, format="json").json()
+    channel = api.post("/api/channels", {"name": "Alice's hooks"}, format="json").json()
+    route = api.post(f"/api/channels/{channel['id']}/routes", {"path": "/x", "flowIds": [flow["id"]]},
+                     format="json").json()
     credential = credentials.create(alice, "alices_token", "token", "alice-secret-token-value")
+    schedule = api.post(f"/api/flows/{flow['id']}/schedules", {"intervalSeconds": 3600, "enabled": False},
+                        format="json").json()
     return {"flow_id": flow["id"], "flow_key": flow["id"], "layer_id": flow["layers"][0]["id"], "play_id": play_id,
-            "key_id": key["id"], "pk": flow["id"], "object_id": flow["id"], "credential_id": credential.pk}
+            "key_id": key["id"], "pk": flow["id"], "object_id": flow["id"], "credential_id": credential.pk,
+            "channel_id": channel["id"], "channel_key": channel["id"], "route_id": route["id"],
+            "schedule_id": schedule["id"]}
 
 
 def test_the_route_enumeration_sees_the_api_admin_and_websocket() -> None:
@@ -265,7 +272,8 @@ def test_pages_and_admin_refuse_another_company(db: Any, world: dict[str, str], 
         path = concrete(regex, world)
         if name in LOGOUT:
             continue
-        names_object = any(f"<{k}>" in regex for k in ("flow_id", "flow_key", "play_id", "layer_id", "pk", "object_id"))
+        names_object = any(f"<{k}>" in regex for k in ("flow_id", "flow_key", "play_id", "layer_id", "pk", "object_id",
+                                                          "channel_key"))
         for method in methods_of(callback):
             response = browser.generic(method, path)
             if regex.startswith("admin/"):

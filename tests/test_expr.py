@@ -253,11 +253,11 @@ def test_operators(scope: Scope, expression: str, expected: object) -> None:
 
 def test_power_is_left_associative_like_jinja_and_bounded(scope: Scope) -> None:
     # Jinja parses 9**9**9 as (9**9)**9, a 78-digit number: harmless.
-    started = time.perf_counter()
+    started = time.thread_time()
     assert one("9**9**9", scope) == 9**81
     with pytest.raises(ExpressionError, match="number is too large"):
         one("9 ** (9 ** 9)", scope)
-    assert time.perf_counter() - started < 1
+    assert time.thread_time() - started < 1
     assert one("10 ** 9", scope) == 1_000_000_000
 
 
@@ -570,10 +570,10 @@ def test_dynamic_dunder_lookup_is_refused_at_runtime(scope: Scope) -> None:
     ],
 )
 def test_huge_or_invalid_results_are_refused_quickly(scope: Scope, expression: str) -> None:
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(ExpressionError):
         one(expression, scope)
-    assert time.perf_counter() - started < 1
+    assert time.thread_time() - started < 1
 
 
 def test_deep_parenthesis_nesting_is_an_expression_error(
@@ -751,10 +751,10 @@ def test_typical_flowlet_args_render_in_tens_of_microseconds(scope: Scope) -> No
     args = {"url": "http://x/{{ $prev.args.id }}.pdf", "n": "{{ $prev.checkBalance.amount + 1 }}", "static": "abc"}
     assert render(args, scope) == {"url": "http://x/42.pdf", "n": 1501.5, "static": "abc"}
     rounds = 2000
-    started = time.perf_counter()
+    started = time.thread_time()
     for _ in range(rounds):
         render(args, scope)
-    per_call = (time.perf_counter() - started) / rounds
+    per_call = (time.thread_time() - started) / rounds
     # About 6 µs on a developer machine; generous for slow CI.
     assert per_call < 200e-6
 
@@ -857,7 +857,7 @@ _EXPRESSIONS = st.recursive(_ATOMS, _extend, max_leaves=12)
 
 
 def _assert_contained(value: object) -> None:
-    started = time.perf_counter()
+    started = time.thread_time()
     problems = check(value)
     assert isinstance(problems, dict)
     try:
@@ -869,17 +869,17 @@ def _assert_contained(value: object) -> None:
         assert not problems, problems
         json.dumps(result, allow_nan=False)
     references(value)
-    assert time.perf_counter() - started < 1.0
+    assert time.thread_time() - started < 1.0
 
 
-@settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text())
 def test_arbitrary_text_only_ever_raises_expression_error(text: str) -> None:
     _assert_contained(text)
     _assert_contained("{{" + text + "}}")
 
 
-@settings(max_examples=400, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_EXPRESSIONS, st.text(max_size=5), st.text(max_size=5))
 def test_generated_expressions_only_ever_raise_expression_error(expression: str, before: str, after: str) -> None:
     _assert_contained("{{ " + expression + " }}")

@@ -65,6 +65,20 @@ ROUTES = [
     ("POST", "/api/schedules/{schedule}/trigger", "run"),
     ("GET", "/api/flows/{flow}/schedules", "read"),
     ("POST", "/api/flows/{flow}/schedules", "flows"),
+    ("GET", "/api/channels", "read"),
+    ("POST", "/api/channels", "flows"),
+    ("GET", "/api/channels/{channel}", "read"),
+    ("PUT", "/api/channels/{channel}", "flows"),
+    ("PATCH", "/api/channels/{channel}", "flows"),
+    ("DELETE", "/api/channels/{channel}", "flows"),
+    ("POST", "/api/channels/{channel}/rotate", "flows"),
+    ("GET", "/api/channels/{channel}/requests", "read"),
+    ("GET", "/api/channels/{channel}/routes", "read"),
+    ("POST", "/api/channels/{channel}/routes", "flows"),
+    ("GET", "/api/channels/{channel}/routes/{route}", "read"),
+    ("PUT", "/api/channels/{channel}/routes/{route}", "flows"),
+    ("PATCH", "/api/channels/{channel}/routes/{route}", "flows"),
+    ("DELETE", "/api/channels/{channel}/routes/{route}", "flows"),
     ("GET", "/api/credentials", "*"),
     ("POST", "/api/credentials", "credentials"),
     ("GET", "/api/credentials/{credential}", "credentials"),
@@ -93,10 +107,23 @@ def objects(api: APIClient, alice: User) -> dict[str, str]:
     play = Play.trigger(Flow.objects.get(pk=flow["id"]), {}, start=False)[0]
     other, _ = ApiKey.issue(alice, "victim")
     schedule = api.post(f"/api/flows/{flow['id']}/schedules", {"cron": "0 9 * * 1-5"}, format="json").json()
-    credential = api.post("/api/credentials", {"name": "stripe", "kind": "token", "value": "sk_live_abcdef123456"},
-                          format="json").json()
-    return {"flow": flow["id"], "layer": flow["layers"][0]["id"], "play": play.id, "key": other.id,
-            "schedule": schedule["id"], "credential": credential["id"]}
+    credential = api.post(
+        "/api/credentials", {"name": "stripe", "kind": "token", "value": "sk_live_abcdef123456"}, format="json"
+    ).json()
+    channel = api.post("/api/channels", {"name": "hooks"}, format="json").json()
+    route = api.post(
+        f"/api/channels/{channel['id']}/routes", {"path": "/x", "flowIds": [flow["id"]]}, format="json"
+    ).json()
+    return {
+        "flow": flow["id"],
+        "layer": flow["layers"][0]["id"],
+        "play": play.id,
+        "key": other.id,
+        "schedule": schedule["id"],
+        "credential": credential["id"],
+        "channel": channel["id"],
+        "route": route["id"],
+    }
 
 
 BODIES = {
@@ -123,7 +150,12 @@ def test_the_routes_table_covers_every_api_route() -> None:
             continue
         pattern = re.compile(regex.replace("\\Z", "$"))
         assert any(
-            pattern.match(path.format(flow="f", layer="l", play="p", key="k").lstrip("/")) for _, path, _ in ROUTES
+            pattern.match(
+                path.format(
+                    flow="f", layer="l", play="p", key="k", schedule="s", credential="c", channel="h", route="r"
+                ).lstrip("/")
+            )
+            for _, path, _ in ROUTES
         ), f"{name} ({regex}) needs a row in ROUTES"
 
 

@@ -22,7 +22,7 @@ def keep_existing_access(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("flows", "0003_i18_credentials"),
+        ("flows", "0004_i17_flow_tool"),
     ]
 
     operations = [
