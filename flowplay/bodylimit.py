@@ -26,10 +26,17 @@ from typing import Any
 Scope = dict[str, Any]
 
 
-def body_limit() -> int:
+# HTTP channels (``/hooks/…``) read their bodies themselves, each with its channel's own limit
+# (``max_body_bytes``, at most this much): here they are only held to that ceiling.
+HOOKS_PREFIX = "/hooks/"
+HOOKS_CEILING = 100 * 1024 * 1024
+
+
+def body_limit(path: str = "") -> int:
     from django.conf import settings
 
-    return int(settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+    limit = int(settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+    return max(limit, HOOKS_CEILING) if path.startswith(HOOKS_PREFIX) else limit
 
 
 def too_large_body(limit: int) -> bytes:
@@ -63,7 +70,7 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> Any:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit if self.limit is not None else body_limit()
+        limit = self.limit if self.limit is not None else body_limit(scope.get("path", ""))
         length = declared_length(scope.get("headers") or [])
         if length is not None and length > limit:
             return await self._refuse(send, limit)
@@ -120,7 +127,9 @@ def _limited_web_request() -> type:
         body_seen = 0
 
         def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted's name)
-            self.limit = body_limit()
+            # The request line is parsed by now (Twisted keeps its path on the channel).
+            path = getattr(self.channel, "_path", b"") or b""
+            self.limit = body_limit(path.decode("latin-1").split("?", 1)[0])
             if length is not None and length > self.limit:
                 self.refuse()
                 return

@@ -368,3 +368,15 @@ def test_processes_starting_together_agree_on_one_key(tmp_path: Path) -> None:
     ]
     keys = {p.communicate(timeout=60)[0].strip() for p in procs}
     assert len(keys) == 1 and len(keys.pop()) >= 50
+
+
+def test_http_channels_keep_their_own_larger_limits(web: int) -> None:
+    """/hooks/… bodies are held to the channels' ceiling only; each channel applies its own limit."""
+    with socket.create_connection(("127.0.0.1", web), timeout=30) as sock:
+        body = b"x" * 100_000  # over the 64 KiB of the fixture, under the hooks' ceiling
+        sock.sendall(
+            b"POST /hooks/nothing-here HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+        )
+        answer = _answer(sock)
+    assert not answer.startswith(b"HTTP/1.1 413"), answer[:200]
