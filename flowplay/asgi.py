@@ -11,6 +11,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from flowplay.bodylimit import BodyLimitMiddleware  # noqa: E402
+from plays.metrics import WebSocketMetrics, clean_multiproc_dir  # noqa: E402
 from plays.routing import websocket_urlpatterns  # noqa: E402
 from plays.wsauth import ApiKeyOrSessionAuthMiddleware  # noqa: E402
 from triggers.channels import PREFIX as HOOKS_PREFIX  # noqa: E402
@@ -34,6 +35,8 @@ application = ProtocolTypeRouter(
         # Bodies over FLOWPLAY_MAX_BODY_BYTES are answered 413 before they are read (Django,
         # the hooks and MCP alike).
         "http": BodyLimitMiddleware(http_app),
-        "websocket": ApiKeyOrSessionAuthMiddleware(URLRouter(websocket_urlpatterns)),
+        # WebSocketMetrics inside the auth stack: SendBacklogMiddleware must see Daphne's own send.
+        "websocket": ApiKeyOrSessionAuthMiddleware(WebSocketMetrics(URLRouter(websocket_urlpatterns))),
     }
 )
+clean_multiproc_dir()  # metrics of the processes of a previous start (plays/metrics.py)

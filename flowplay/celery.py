@@ -6,7 +6,7 @@ import os
 
 from celery import Celery
 from celery.fixups.django import DjangoWorkerFixup
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 from kombu.transport import TRANSPORT_ALIASES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "flowplay.settings")
@@ -61,3 +61,18 @@ def _close_the_childs_database_pool(**kwargs: object) -> None:
                 close_pool()
             except Exception:  # noqa: BLE001  (exiting: a pool already gone is fine)
                 pass
+
+
+@worker_init.connect
+def _clean_metrics(**kwargs: object) -> None:
+    """Drop the metric files of processes of a previous start (plays/metrics.py)."""
+    from plays.metrics import clean_multiproc_dir
+
+    clean_multiproc_dir()
+
+
+@worker_process_shutdown.connect
+def _drop_live_gauges(pid: int | None = None, **kwargs: object) -> None:
+    from plays.metrics import process_exited
+
+    process_exited(pid or os.getpid())

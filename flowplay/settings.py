@@ -8,6 +8,8 @@ filesystem transport and an in-process channel layer fed from the event table. S
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -129,6 +131,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Observability (flowplay/logs.py, plays/metrics.py): request id on log lines, latency by route.
+    "flowplay.logs.RequestIdMiddleware",
+    "plays.metrics.HttpMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from Daphne too (no separate web server in the embedded mode).
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -459,6 +464,30 @@ FLOWPLAY = {
     "SCHEDULE_GRACE_SECONDS": env_float("FLOWPLAY_SCHEDULE_GRACE_SECONDS", 60.0),
 }
 
+# --- Observability (README "Observability") ---------------------------------------------
+FLOWPLAY.update(
+    {
+        # /metrics: a bearer token, or a client address in these networks (loopback by default).
+        "METRICS_TOKEN": env_str("FLOWPLAY_METRICS_TOKEN"),
+        "METRICS_ALLOW": env_list("FLOWPLAY_METRICS_ALLOW", ["127.0.0.1/32", "::1/128"]),
+        # Flows are labelled by permanentId, at most this many per process; the rest are "other".
+        "METRICS_MAX_FLOWS": env_int("FLOWPLAY_METRICS_MAX_FLOWS", 100),
+        # A worker counts as live for a queue this long after its last beat (plays/workers.py).
+        "WORKER_LIVE_SECONDS": env_float("FLOWPLAY_WORKER_LIVE_SECONDS", 30.0),
+        "WORKER_BEAT_SECONDS": env_float("FLOWPLAY_WORKER_BEAT_SECONDS", 10.0),
+    }
+)
+# prometheus_client's multiprocess mode reads this variable when it is first imported, so it is
+# set here, before any app module loads. Each test run counts in a folder of its own.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _metrics_dir = tempfile.mkdtemp(prefix="flowplay-metrics-") if "pytest" in sys.modules else str(VAR_DIR / "metrics")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+# One JSON object per line (flowplay/logs.py) in production, plain text in development.
+LOG_FORMAT = env_str("LOG_FORMAT", "json" if PRODUCTION else "text").lower()
+if LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or text, not {LOG_FORMAT!r}")
+
 # Keys that encrypt credentials and KV values (flows/vault.py): the first encrypts, all decrypt.
 # Unset: the embedded default generates one into $FLOWPLAY_VAR_DIR/secret-keys.
 FLOWPLAY_SECRET_KEYS = env_list("FLOWPLAY_SECRET_KEYS", [])
@@ -466,15 +495,24 @@ FLOWPLAY_SECRET_KEYS = env_list("FLOWPLAY_SECRET_KEYS", [])
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    # Credentials (Bearer/Basic tokens, passwords) are masked in every log line.
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "flowplay.logs.JsonFormatter"},
+    },
+    # Credentials (Bearer/Basic tokens, passwords) are masked in every log line; the ids of
+    # the play, step and request being handled are added to it.
     "filters": {
         "redact": {"()": "plays.redaction.RedactingFilter"},
         # Credential values revealed to steps in this process, masked by value.
         "secrets": {"()": "flows.vault.SecretLogFilter"},
+        "context": {"()": "flowplay.logs.ContextFilter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact", "secrets"]},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["redact", "secrets", "context"],
+        }
     },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {

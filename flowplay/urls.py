@@ -7,6 +7,8 @@ from rest_framework.routers import SimpleRouter
 
 from flows import credential_views, module_views
 from flows import views as flow_views
+from plays import health as play_health
+from plays import metrics as play_metrics
 from plays import views as play_views
 from triggers import views as trigger_views
 
@@ -26,6 +28,7 @@ api = [
     path("auth/logout", flow_views.LogoutView.as_view(), name="api-logout"),
     path("auth/me", flow_views.MeView.as_view(), name="api-me"),
     path("health", flow_views.HealthView.as_view(), name="health"),
+    path("ready", play_health.ReadyView.as_view(), name="ready"),
     path("modules", module_views.ModuleListView.as_view(), name="module-list"),
     path("schema", SpectacularAPIView.as_view(), name="schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
@@ -35,6 +38,7 @@ api = [
 
 urlpatterns = [
     path("api/", include(api)),
+    path("metrics", play_metrics.metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("channels/", include("triggers.page_urls")),
     path("", include("plays.page_urls")),

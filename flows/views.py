@@ -35,6 +35,31 @@ from .serializers import (
 )
 
 
+class QueueWarningSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="QUEUE_WITHOUT_WORKER")
+    message = serializers.CharField()
+    queue = serializers.CharField()
+
+
+class FlowSavedSerializer(FlowSerializer):
+    """A flow as saved, with what may keep its plays from running (additive to the flow)."""
+
+    warnings = QueueWarningSerializer(many=True, read_only=True)
+
+    class Meta(FlowSerializer.Meta):
+        fields = [*FlowSerializer.Meta.fields, "warnings"]
+
+
+def with_queue_warnings(response: Response) -> Response:
+    """Add ``warnings`` to a saved flow: its queue has no live worker (plays/workers.py)."""
+    if response.status_code in (200, 201) and isinstance(response.data, dict) and "execution" in response.data:
+        from plays.workers import queue_warning
+
+        warning = queue_warning((response.data.get("execution") or {}).get("queue") or "default")
+        response.data["warnings"] = [warning] if warning else []
+    return response
+
+
 def get_flow(request: Any, key: str, *, for_update: bool = False) -> Flow:
     """The caller's live flow by id or permanentId; another company's flow is a 404."""
     qs = Flow.objects.alive().for_company(request.user.company_id)
@@ -81,6 +106,18 @@ class FlowViewSet(viewsets.ModelViewSet):
 
     def get_object(self) -> Flow:
         return get_flow(self.request, self.kwargs["flow_id"])
+
+    @extend_schema(responses={201: FlowSavedSerializer})
+    def create(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        return with_queue_warnings(super().create(request, *args, **kwargs))
+
+    @extend_schema(responses={200: FlowSavedSerializer})
+    def update(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        return with_queue_warnings(super().update(request, *args, **kwargs))
+
+    @extend_schema(responses={200: FlowSavedSerializer})
+    def partial_update(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)  # → update()
 
     def perform_create(self, serializer: Any) -> None:
         super().perform_create(serializer)
@@ -302,24 +339,9 @@ class HealthView(APIView):
     @extend_schema(responses={200: inline_serializer("Health", {
         "status": serializers.CharField(), "database": serializers.CharField(), "broker": serializers.CharField()})})
     def get(self, request: Any) -> Response:
-        from django.db import connection
+        from plays.health import health
 
-        database = broker = "ok"
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT 1")
-        except Exception:
-            database = "down"
-        try:
-            from flowplay.celery import app
-
-            with app.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=2)
-        except Exception:
-            broker = "down"
-        healthy = database == "ok" and broker == "ok"
-        return Response(
-            {"status": "ok" if healthy else "degraded", "database": database, "broker": broker},
-            status=200 if healthy else 503,
-        )
+        # Liveness: no broker connection per call (plays/health.py probes it in the background).
+        body, code = health()
+        return Response(body, status=code)
 

@@ -20,6 +20,8 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from .metrics import events_committed
+
 log = logging.getLogger(__name__)
 
 
@@ -73,6 +75,7 @@ publisher = Publisher()
 
 
 def publish_on_commit(company_id: str, payloads: list[dict[str, Any]]) -> None:
+    events_committed(payloads)  # metrics: plays started and finished (plays/metrics.py)
     if not settings.REDIS_URL:
         return
     transaction.on_commit(lambda: publisher.send(company_id, payloads))

@@ -293,6 +293,9 @@ class Play(models.Model):
     # channel route, ...); the API shows them together as `trigger`.
     trigger_kind = models.CharField(max_length=16, choices=TriggerKind, default=TriggerKind.API)
     trigger_info = StorableJSONField(null=True, blank=True)
+    # W3C traceparent of the request that created the play (plays/observe.py): the steps a
+    # worker runs later join that trace. Empty when tracing is off.
+    traceparent = models.CharField(max_length=64, blank=True, default="", editable=False)
     # Index of the next flowlet to run; the runner advances it with each finished step.
     next_index = models.IntegerField(default=0)
     # The runner that currently executes this play, and how long its lease lasts without a heartbeat.
@@ -1252,3 +1255,6 @@ def dispatch(play: Play, layer: Layer, relaunch: bool = False) -> bool:
             it.play = play
             it.enqueue()
     return False
+
+
+from .workers import Worker  # noqa: E402, F401  (worker liveness per queue: plays/workers.py)

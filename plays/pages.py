@@ -400,7 +400,18 @@ def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
             "steps": steps,
         },
     }
+    context["queue_warning"] = _queue_warning(play)
     return render(request, "flowplay/play_detail.html", context)
+
+
+def _queue_warning(play: Play) -> dict[str, Any] | None:
+    """A RUN play that no runner has taken, on a queue no live worker consumes (plays/workers.py)."""
+    if play.state != State.RUN or play.runner:
+        return None
+    from .workers import live_seconds, queue_of, queue_warning
+
+    warning = queue_warning(queue_of(play.definition))
+    return {**warning, "seconds": live_seconds()} if warning else None
 
 
 # --- Verbs ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ attempt and carries on. A step that had finished is never run again.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import random
@@ -50,7 +51,7 @@ from flows.modules.base import check_output_size, json_size, max_output_bytes
 from flows.modules.iterator import loop_end
 from flows.storable import UnstorableValue, storable
 
-from . import killable
+from . import killable, observe
 from .models import (
     LAYER_TERMINAL,
     TERMINAL,
@@ -208,7 +209,8 @@ def run(play_id: str) -> None:
         return
     ended = heartbeat.track(play.id, runner)
     try:
-        Runner(play, runner, ended).loop()
+        with observe.running(play):
+            Runner(play, runner, ended).loop()
     finally:
         heartbeat.untrack(play.id)
 
@@ -225,7 +227,8 @@ def run_iteration(iteration_id: int) -> None:
     iteration.play = play
     ended = heartbeat.track(play.id, runner, iteration.pk)
     try:
-        Runner(play, runner, ended, iteration).loop()
+        with observe.running(play, iteration):
+            Runner(play, runner, ended, iteration).loop()
     finally:
         heartbeat.untrack(play.id, iteration.pk)
 
@@ -374,7 +377,8 @@ class Runner:
                 self.own()
                 note = None if layer.approved and layer.attempts == 0 else "previous attempt interrupted"
                 layer.begin_attempt(play, note)
-        self.execute(step, layer)
+        with observe.step(self, step, layer):  # span, log ids, step metrics
+            self.execute(step, layer)
 
     def own(self, update_lease: bool = True) -> None:
         """Check, inside the current transaction, that the play is still ours and RUN."""
@@ -632,7 +636,10 @@ class Runner:
                     _masked, module, args, ctx, secrets, timeout=timeout, ended=self.ended, max_bytes=max_output_bytes()
                 )
             else:
-                out = self.wait(_executor.submit(_call, module, args, ctx, secrets), timeout)
+                # The step's thread sees this one's context: log ids, the trace (curl's traceparent).
+                out = self.wait(
+                    _executor.submit(contextvars.copy_context().run, _call, module, args, ctx, secrets), timeout
+                )
         except killable.Cancelled:
             raise Stop from None
         except FutureTimeout:

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import runner
+from . import metrics, runner
 from .models import ACTIVE, NON_TERMINAL, Iteration, IterationState, Play, State, error_body
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ def reap_stuck_one(idle_seconds: float = 30.0) -> bool:
         if play is None:
             return False
         Play.objects.filter(pk=play.pk, state=State.RUN).update(runner="", lease_until=None, updated_at=now)
+        metrics.reaped("play", lease_expired=bool(play.runner))
         log.warning("requeueing play %s (runner %r lost)", play.pk, play.runner)
         play.enqueue()
     return True
@@ -132,6 +133,7 @@ def reap_stuck_iteration_one(idle_seconds: float = 30.0) -> bool:
         if iteration is None:
             return False
         Iteration.objects.filter(pk=iteration.pk, state=IterationState.RUN).update(runner="", lease_until=None, updated_at=now)
+        metrics.reaped("iteration", lease_expired=bool(iteration.runner))
         if iteration.runner:
             log.warning("requeueing iteration %s (runner %r lost)", iteration, iteration.runner)
         iteration.enqueue()

@@ -86,7 +86,11 @@ class StateListField(forms.CharField):
         states = [s.strip().upper() for s in value.split(",") if s.strip()]
         unknown = [s for s in states if s not in State.values]
         if unknown:
-            raise forms.ValidationError(f"Unknown state(s): {', '.join(unknown)}. Known: {', '.join(State.values)}")
+            # Params, not an f-string: a "%" in the caller's value must not be a format directive.
+            raise forms.ValidationError(
+                "Unknown state(s): %(unknown)s. Known: %(known)s",
+                params={"unknown": ", ".join(unknown), "known": ", ".join(State.values)},
+            )
         return states
 
 

@@ -7,7 +7,9 @@ Routes are enumerated from the URL resolver and the WebSocket router when the te
 so pages and admin views added later are covered without touching this file.
 
 Public on purpose (the spec's section 3): ``POST /api/auth/login`` and ``GET /api/health``,
-plus the admin's own login page (it is how staff sign in). The OpenAPI schema and the docs
+plus the admin's own login page (it is how staff sign in), ``GET /api/ready`` (health's
+readiness twin, for load balancers) and ``/metrics``, which is guarded by its own token or
+address allow-list instead of a login (tests/test_metrics.py). The OpenAPI schema and the docs
 need a login like every other endpoint.
 """
 
@@ -36,7 +38,7 @@ from .conftest import PASSWORD, client_for, make_flow
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PUBLIC = {"api-login", "health", "admin:login", "pages:login"}
+PUBLIC = {"api-login", "health", "ready", "metrics", "admin:login", "pages:login"}
 # Logging out needs no protection, and following it would end the session under test.
 LOGOUT = {"api-logout", "admin:logout", "pages:logout"}
 # Sample values for path parameters that do not name one of alice's objects.

@@ -201,3 +201,10 @@ def test_a_play_says_what_triggered_it_and_history_filters_by_it(api: Any, acme:
     assert [p["id"] for p in api.get("/api/plays?trigger=api").json()["data"]] == [by_api]
     bad = api.get("/api/plays?trigger=fax")
     assert bad.status_code == 400 and bad.json()["error"] == "VALIDATION_ERROR"
+
+
+def test_a_percent_sign_in_a_state_filter_is_a_400_not_a_500(api: Any) -> None:
+    # Found by schemathesis: the value was formatted into the message, "%Y" broke DRF's "%".
+    r = api.get("/api/plays", {"state": "%Y-%m-%d %H"})
+    assert r.status_code == 400, r.content
+    assert r.json()["error"] == "VALIDATION_ERROR" and "%Y-%M-%D %H" in str(r.json()["details"])

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import httpcore
 import httpx
+from opentelemetry import propagate
 
 from ..egress import GuardedTransport, OutboundPolicy
 from .base import (
@@ -155,6 +156,8 @@ class Curl(Module):
         headers = dict(args.get("headers", {}))
         if not any(name.lower() == "user-agent" for name in headers):
             headers["User-Agent"] = "flowplay"
+        if not any(name.lower() == "traceparent" for name in headers):
+            propagate.inject(headers)  # W3C traceparent of the step's span, when tracing is on
         if "bearerToken" in args:
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             headers["Authorization"] = f"Bearer {args['bearerToken']}"

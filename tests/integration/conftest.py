@@ -74,7 +74,8 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     var = tmp_path_factory.mktemp("var")
     port = free_port(4454)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO_SETTINGS"))}
+    # PROMETHEUS_MULTIPROC_DIR: the server counts in its own var folder, not the test run's.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO_SETTINGS", "PROMETHEUS_MULTIPROC"))}
     env.update(FLOWPLAY_VAR_DIR=str(var), PORT=str(port), PYTHONUNBUFFERED="1",
                # Short leases so that the crash tests see a dead worker's play reaped quickly.
                FLOWPLAY_LEASE_SECONDS=env.get("FLOWPLAY_LEASE_SECONDS", "6"),
