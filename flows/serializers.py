@@ -13,6 +13,7 @@ from . import credentials, expr
 from .models import ApiKey, Flow, Flowlet, OnError
 from .modules import get_module
 from .modules.iterator import loop_end
+from .permissions import SCOPES
 
 REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_REFS = {"args"}
@@ -406,7 +407,11 @@ class MeSerializer(UserSerializer):
 class ApiKeySerializer(serializers.ModelSerializer):
     issuedAt = serializers.DateTimeField(source="created_at", read_only=True)
     lastUsedAt = serializers.DateTimeField(source="last_used_at", read_only=True)
-    scopes = serializers.ListField(child=serializers.CharField(max_length=50), required=False, max_length=20)
+    scopes = serializers.ListField(
+        child=serializers.ChoiceField(choices=sorted(SCOPES)), required=False, max_length=len(SCOPES),
+        help_text="What the key may do (flows/permissions.py); none: everything its user may do. "
+        "A key minting a key gets at most its own scopes.",
+    )
     name = serializers.CharField(max_length=200)
 
     class Meta:

@@ -22,6 +22,8 @@ with HTTP 403):
 
 - 4400: bad query parameters (``since`` not a non-negative integer).
 - 4401: credentials no longer valid (API key revoked, user deactivated, logged out).
+- 4403: the API key has scopes and ``read`` is not one of them, or the user's role may not
+  view plays (flows/permissions.py).
 - 4008: the client reads too slowly: its send buffer stayed over the high-water mark
   for ``STALL_SECONDS`` or it fell more than ``MAX_LAG`` events behind. Reconnect with
   ``?since=<last seq received>`` to lose nothing.
@@ -43,15 +45,17 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from flows.models import ApiKey, Company, Flow
+from flows.permissions import VIEW_PLAY, key_allows
 
 from .fanout import company_group
 from .models import Event
-from .wsauth import API_KEY_ID, SEND_BACKLOG, origin_allowed
+from .wsauth import API_KEY_ID, API_KEY_SCOPES, SEND_BACKLOG, origin_allowed
 
 log = logging.getLogger(__name__)
 
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 4008
 CLOSE_ERROR = 1011
 
@@ -102,6 +106,10 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated or not origin_allowed(self.scope):
             await self.close(code=CLOSE_UNAUTHORIZED)
+            return
+        # The API's rule for reading plays: the key's "read" scope and the role's view_play.
+        if not key_allows(self.scope.get(API_KEY_SCOPES), "read") or not await db_read(user.has_perm)(VIEW_PLAY):
+            await self.close(code=CLOSE_FORBIDDEN)
             return
         query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
         since_raw = (query.get("since") or [""])[0]

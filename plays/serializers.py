@@ -5,6 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from .models import Approval, Layer, Play, iso
+from .redaction import redact
 
 
 class ApprovalSerializer(serializers.ModelSerializer):
@@ -50,7 +51,8 @@ class PlaySerializer(serializers.ModelSerializer):
             "flowId": play.flow_id,
             "flowVersion": play.flow_version.version,
             "state": play.state,
-            "args": play.args,
+            # Run args are stored as given; what is shown is masked (plays/redaction.py).
+            "args": redact(play.args),
             "idempotencyKey": play.idempotency_key,
             "createdAt": iso(play.created_at),
             "startedAt": iso(play.started_at),
@@ -59,7 +61,7 @@ class PlaySerializer(serializers.ModelSerializer):
             "runAt": iso(play.run_at),
             "retryOf": play.retry_of_id,
             "parentPlayId": play.parent_id,
-            "error": play.error,
+            "error": redact(play.error),
             "trigger": play.trigger_source,
         }
 
@@ -106,8 +108,8 @@ class LayerSerializer(serializers.ModelSerializer):
             "startedAt": iso(layer.started_at),
             "completedAt": iso(layer.completed_at),
             "duration": layer.duration,
-            "out": layer.out,
-            "error": layer.error,
+            "out": redact(layer.out),
+            "error": redact(layer.error),
             "iteration": layer.iteration,
             "reusedFrom": layer.reused_from_id,
         }
