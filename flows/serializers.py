@@ -16,6 +16,7 @@ from .models import ApiKey, Flow, Flowlet, OnError
 from .modules import get_module
 from .modules.base import REGISTRY
 from .modules.iterator import loop_end
+from .permissions import SCOPES
 from .strict import NO_NUL, StrictJSONMixin
 
 # The play states (plays.models.State; flows does not import plays): the run answer's state.
@@ -464,7 +465,11 @@ class ApiKeySerializer(StrictJSONMixin, serializers.ModelSerializer):
     issuedAt = serializers.DateTimeField(source="created_at", read_only=True)
     lastUsedAt = serializers.DateTimeField(source="last_used_at", read_only=True, allow_null=True,
                                            help_text="null until the key is used")
-    scopes = serializers.ListField(child=serializers.CharField(max_length=50), required=False, max_length=20)
+    scopes = serializers.ListField(
+        child=serializers.ChoiceField(choices=sorted(SCOPES)), required=False, max_length=len(SCOPES),
+        help_text="What the key may do (flows/permissions.py); none: everything its user may do. "
+        "A key minting a key gets at most its own scopes.",
+    )
     name = serializers.CharField(max_length=200)
 
     class Meta:

@@ -6,7 +6,7 @@ from typing import Any
 
 import django_filters
 from django import forms
-from django.contrib.auth import authenticate, login, logout
+from django.contrib.auth import login, logout
 from django.db import transaction
 from django.db.models import Q
 from django.utils.decorators import method_decorator
@@ -22,7 +22,9 @@ from rest_framework.views import APIView
 
 from .api import ApiError, ErrorSerializer, not_found, validation_error
 from .audit import record
-from .models import ApiKey, Flow, Flowlet, User
+from .auth import authenticate_by_login
+from .models import ApiKey, Flow, Flowlet, KeyScopeError
+from .permissions import ANY_SCOPE, RUN_FLOW, VIEW_FLOW, request_key
 from .serializers import (
     ApiKeyCreatedSerializer,
     ApiKeySerializer,
@@ -106,6 +108,13 @@ class FlowViewSet(viewsets.ModelViewSet):
     lookup_field = "pk"
     lookup_url_kwarg = "flow_id"
     lookup_value_regex = "[^/]+"
+    # API key scopes and roles (flows/permissions.py): reading needs "read", running "run",
+    # the rest "flows"; the role's Django permissions are the admin's.
+    write_scope = "flows"
+    scopes = {"run": "run"}
+    read_perm = VIEW_FLOW
+    perms = {"create": "flows.add_flow", "update": "flows.change_flow", "partial_update": "flows.change_flow",
+             "destroy": "flows.delete_flow", "run": RUN_FLOW}
 
     def get_queryset(self) -> Any:
         return (
@@ -173,6 +182,9 @@ class FlowletViewSet(
     serializer_class = FlowletSerializer
     pagination_class = None
     lookup_url_kwarg = "layer_id"
+    write_scope = "flows"
+    read_perm = VIEW_FLOW
+    write_perm = "flows.change_flow"  # a layer is part of its flow, as in the admin's inline
 
     def flow(self, for_update: bool = False) -> Flow:
         return get_flow(self.request, self.kwargs["flow_id"], for_update=for_update)
@@ -277,9 +289,7 @@ class LoginView(APIView):
     def post(self, request: Any) -> Response:
         data = LoginSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        email = data.validated_data["email"]
-        user = User.objects.filter(email__iexact=email).first() or User.objects.filter(username=email).first()
-        authed = authenticate(request, username=user.username, password=data.validated_data["password"]) if user else None
+        authed = authenticate_by_login(request, data.validated_data["email"], data.validated_data["password"])
         if authed is None:
             raise ApiError("UNAUTHORIZED", "Wrong email or password", 401)
         login(request, authed)
@@ -287,6 +297,7 @@ class LoginView(APIView):
 
 
 class LogoutView(APIView):
+    scope = ANY_SCOPE
     @extend_schema(request=None, responses={204: None})
     def post(self, request: Any) -> Response:
         logout(request)
@@ -294,6 +305,7 @@ class LogoutView(APIView):
 
 
 class MeView(APIView):
+    scope = ANY_SCOPE
     @extend_schema(responses={200: MeSerializer})
     def get(self, request: Any) -> Response:
         return Response(MeSerializer(request.user).data)
@@ -304,9 +316,15 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Destr
     serializer_class = ApiKeySerializer
     pagination_class = None
     lookup_url_kwarg = "key_id"
+    scope = "keys"
 
     def get_queryset(self) -> Any:
-        return ApiKey.objects.active().filter(user=self.request.user).order_by("-created_at")
+        keys = ApiKey.objects.active().filter(user=self.request.user).order_by("-created_at")
+        caller = request_key(self.request)
+        if caller is not None and caller.scopes:
+            # A scoped key manages itself and the keys it minted, not its user's other keys.
+            keys = keys.filter(pk__in=caller.family_ids())
+        return keys
 
     def get_object(self) -> ApiKey:
         key = self.get_queryset().filter(pk=self.kwargs["key_id"]).first()
@@ -318,7 +336,11 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Destr
     def create(self, request: Any, *args: Any, **kwargs: Any) -> Response:
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        key, token = ApiKey.issue(request.user, serializer.validated_data["name"], serializer.validated_data.get("scopes"))
+        try:
+            key, token = ApiKey.issue(request.user, serializer.validated_data["name"],
+                                      serializer.validated_data.get("scopes"), parent=request_key(request))
+        except KeyScopeError as exc:
+            raise ApiError("FORBIDDEN", str(exc), 403) from None
         key.token = token
         record(request.user, "api_key.created", key)
         return Response(ApiKeyCreatedSerializer(key).data, status=status.HTTP_201_CREATED)

@@ -23,8 +23,9 @@ before the accept would reach the client as a bare HTTP 403 (Daphne), whatever t
 - 4400: bad query parameters (``since`` not a non-negative integer; see ``ws_params``).
 - 4401: no credentials, an unknown or revoked API key, a bad token beside a valid cookie;
   or, later, credentials no longer valid (key revoked, user deactivated, logged out).
-- 4403: credentials fine but not for this: ``playId``/``flowId`` names no play or flow of
-  the caller's company, or a cookie handshake from another origin's page.
+- 4403: credentials fine but not for this: the API key has scopes and ``read`` is not one of
+  them, or the user's role may not view plays (flows/permissions.py); ``playId``/``flowId``
+  names no play or flow of the caller's company; a cookie handshake from another origin's page.
 - 4008: the client reads too slowly: its send buffer stayed over the high-water mark
   for ``STALL_SECONDS`` or it fell more than ``MAX_LAG`` events behind. Reconnect with
   ``?since=<last seq received>`` to lose nothing.
@@ -46,10 +47,11 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from flows.models import ApiKey, Company, Flow
+from flows.permissions import VIEW_PLAY, key_allows
 
 from .fanout import company_group
 from .models import Event
-from .wsauth import API_KEY_ID, SEND_BACKLOG, origin_allowed
+from .wsauth import API_KEY_ID, API_KEY_SCOPES, SEND_BACKLOG, origin_allowed
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,9 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             raise Refused(CLOSE_UNAUTHORIZED)
         if not origin_allowed(self.scope):
+            raise Refused(CLOSE_FORBIDDEN)
+        # The API's rule for reading plays: the key's "read" scope and the role's view_play.
+        if not key_allows(self.scope.get(API_KEY_SCOPES), "read") or not await db_read(user.has_perm)(VIEW_PLAY):
             raise Refused(CLOSE_FORBIDDEN)
         params = ws_params(self.scope.get("query_string", b""))
         self.company_id = user.company_id

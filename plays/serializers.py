@@ -6,6 +6,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .models import Approval, EventType, Layer, LayerState, Play, State, TriggerKind, iso
+from .redaction import redact
 
 # Output shapes for the OpenAPI document. The serializers below hand-roll their
 # to_representation for speed; these fields only describe what they send.
@@ -87,7 +88,8 @@ class PlaySerializer(serializers.ModelSerializer):
             "flowId": play.flow_id,
             "flowVersion": play.flow_version.version,
             "state": play.state,
-            "args": play.args,
+            # Run args are stored as given; what is shown is masked (plays/redaction.py).
+            "args": redact(play.args),
             "idempotencyKey": play.idempotency_key,
             "createdAt": iso(play.created_at),
             "startedAt": iso(play.started_at),
@@ -96,7 +98,7 @@ class PlaySerializer(serializers.ModelSerializer):
             "runAt": iso(play.run_at),
             "retryOf": play.retry_of_id,
             "parentPlayId": play.parent_id,
-            "error": play.error,
+            "error": redact(play.error),
             "trigger": play.trigger_source,
         }
 
@@ -145,8 +147,8 @@ class LayerSerializer(serializers.ModelSerializer):
             "startedAt": iso(layer.started_at),
             "completedAt": iso(layer.completed_at),
             "duration": layer.duration,
-            "out": layer.out,
-            "error": layer.error,
+            "out": redact(layer.out),
+            "error": redact(layer.error),
             "iteration": layer.iteration,
             "reusedFrom": layer.reused_from_id,
         }

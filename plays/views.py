@@ -19,11 +19,13 @@ from rest_framework.response import Response
 from flows.api import ApiError, invalid_state, not_found
 from flows.audit import PLAY_VERBS, record
 from flows.models import Flow
+from flows.permissions import OPERATE_PLAY, VIEW_PLAY
 from flows.serializers import RunSerializer
 from flows.strict import NO_NUL
 from flows.views import get_flow
 
 from .models import Event, IdempotencyConflict, InvalidState, Layer, Play, State, TriggerKind, iso
+from .redaction import redact
 from .serializers import (
     ApproveSerializer,
     LayerSerializer,
@@ -216,6 +218,11 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     serializer_class = PlaySerializer
     filterset_class = PlayFilter
     lookup_url_kwarg = "play_id"
+    # Reading needs the "read" scope and plays.view_play; every verb "operate" and
+    # plays.operate_play, as the admin's actions (flows/permissions.py).
+    write_scope = "operate"
+    read_perm = VIEW_PLAY
+    write_perm = OPERATE_PLAY
 
     def get_queryset(self) -> Any:
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular building the schema
@@ -267,7 +274,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         since = _int_param(request, "since", 0, minimum=0, maximum=2**63 - 1)  # a bigint column
         limit = _int_param(request, "limit", 1000, minimum=1, maximum=10000)
         events = Event.objects.filter(play=play, seq__gt=since).order_by("seq")[:limit]
-        return Response([e.payload for e in events])
+        return Response([redact(e.payload) for e in events])
 
     def _verb(self, verb: str, request: Any) -> Response:
         play = self.get_object()
