@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PORT ?= 4454
+# Address the web process listens on: this machine only, unless WEB_HOST=0.0.0.0 (or an address).
+WEB_HOST ?= 127.0.0.1
 
 .PHONY: run test test-pg bench migrate user lint clean chromium
 
@@ -19,9 +21,9 @@ venv: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput
 
-## Start web (Daphne on $(PORT)), a Celery worker and the scheduler on the embedded default.
+## Start web (Daphne on $(WEB_HOST):$(PORT)), a Celery worker and the scheduler on the embedded default.
 run: migrate
-	PORT=$(PORT) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+	PORT=$(PORT) WEB_HOST=$(WEB_HOST) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
 ## Create the first user from DJANGO_SUPERUSER_EMAIL / _USERNAME / _PASSWORD.
 user: migrate

@@ -10,6 +10,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from flowplay.bodylimit import BodyLimitMiddleware  # noqa: E402
 from plays.metrics import WebSocketMetrics, clean_multiproc_dir  # noqa: E402
 from plays.routing import websocket_urlpatterns  # noqa: E402
 from plays.wsauth import ApiKeyOrSessionAuthMiddleware  # noqa: E402
@@ -31,7 +32,9 @@ async def http_app(scope, receive, send):  # noqa: ANN001, ANN201
 
 application = ProtocolTypeRouter(
     {
-        "http": http_app,
+        # Bodies over FLOWPLAY_MAX_BODY_BYTES are answered 413 before they are read (Django,
+        # the hooks and MCP alike).
+        "http": BodyLimitMiddleware(http_app),
         # WebSocketMetrics inside the auth stack: SendBacklogMiddleware must see Daphne's own send.
         "websocket": ApiKeyOrSessionAuthMiddleware(WebSocketMetrics(URLRouter(websocket_urlpatterns))),
     }

@@ -3,7 +3,7 @@
     python -m flowplay.serve [--port 4454] [--processes N] [daphne options …]
 
 The socket is bound here once and handed to ``WEB_CONCURRENCY`` (default 2) daphne
-processes (``daphne --fd``); the kernel spreads the connections over them. Daphne, not
+processes (``python -m flowplay.web --fd``: daphne with the request body guard); the kernel spreads the connections over them. Daphne, not
 another ASGI server's workers, because the WebSocket consumer's back-pressure reads the
 Twisted transport's send buffer (plays/wsauth.py). A process that exits is started again;
 SIGTERM / SIGINT stop them all.
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     listener.listen(1024)
     listener.set_inheritable(True)
     fd = listener.fileno()
-    command = [sys.executable, "-m", "daphne", "--fd", str(fd), *daphne_args, args.app]
+    command = [sys.executable, "-m", "flowplay.web", "--fd", str(fd), *daphne_args, args.app]
 
     stopping = False
     children: list[subprocess.Popen] = []

@@ -55,6 +55,14 @@ def env_float(name: str, default: float) -> float:
         raise ImproperlyConfigured(f"{name} must be a number, not {raw!r}") from None
 
 
+def env_count(name: str, default: int) -> int:
+    """A non-negative integer (a number of things, e.g. proxies in front of the web process)."""
+    value = env_int(name, default)
+    if value < 0:
+        raise ImproperlyConfigured(f"{name} must be 0 or more, not {value}")
+    return value
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None:
@@ -64,11 +72,43 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 DEBUG = env_bool("DEBUG", False)
 PRODUCTION = env_bool("FLOWPLAY_PRODUCTION", False)
+
+
+def var_secret_key(var_dir: Path) -> str:
+    """The secret key kept in ``<var>/secret_key``, generated on first use.
+
+    Web, worker and beat start together and must agree: the key is written to a temporary
+    file and linked into place, which fails if another process got there first; then
+    everyone reads the one file. The file is readable by its owner only.
+    """
+    import secrets
+    import tempfile
+
+    path = var_dir / "secret_key"
+    if not path.exists():
+        var_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=var_dir, prefix=".secret_key.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(50))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise ImproperlyConfigured(f"{path} holds no usable secret key; delete it to have a new one made")
+    return key
+
+
 SECRET_KEY = env_str("SECRET_KEY", "")
 if not SECRET_KEY:
     if PRODUCTION:
         raise ImproperlyConfigured("SECRET_KEY must be set when FLOWPLAY_PRODUCTION is on")
-    SECRET_KEY = "flowplay-embedded-insecure-key-change-me-" + "x" * 20
+    # Never a key written in the code: each installation makes its own on first run.
+    SECRET_KEY = var_secret_key(VAR_DIR)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
@@ -83,6 +123,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc as local static files (no CDN)
     "django_celery_results",
     "channels",
     "flows",
@@ -109,6 +150,9 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "flowplay.urls"
 AUTH_USER_MODEL = "flows.User"
+# Roles are Django permissions everywhere (API, pages, admin); a user without any role is a
+# company member with the members' permissions (flows/permissions.py).
+AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend", "flows.permissions.MemberBackend"]
 # The pages' names are namespaced: the API router already uses "flow-list", "play-detail".
 LOGIN_URL = "pages:login"
 LOGIN_REDIRECT_URL = "pages:flows"
@@ -251,13 +295,27 @@ else:
 # A consumer that falls 100 messages behind loses the newest ones and reads the table.
 CHANNEL_LAYERS["local"] = {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100}}
 
+# --- Client addresses -----------------------------------------------------------------
+# How many reverse proxies in front of the web process append to X-Forwarded-For. 0 (the
+# default) trusts none: the client is the connection's address and X-Forwarded-For is
+# ignored, so a client cannot pick its own address (and with it a fresh login budget). With
+# N, the client is the N-th address from the right of X-Forwarded-For. Everything that
+# needs a client's address reads it through DRF's get_ident(), which applies this.
+TRUSTED_PROXIES = env_count("FLOWPLAY_TRUSTED_PROXIES", 0)
+
 # --- REST framework -------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "flows.auth.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # The user's role (Django permissions, as in the admin) and the API key's scopes:
+    # flows/permissions.py.
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "flows.permissions.ScopePermission",
+        "flows.permissions.RolePermission",
+    ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["flows.api.JSONParser"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
@@ -265,6 +323,8 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "flows.api.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_RATES": {"login": env_str("LOGIN_THROTTLE_RATE", "10/min")},
+    # Who the client is (the login throttle's key): REMOTE_ADDR unless proxies are trusted.
+    "NUM_PROXIES": TRUSTED_PROXIES,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {
@@ -274,10 +334,19 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     # The spec: every endpoint but login and health needs authentication, the schema too.
-    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated", "flows.permissions.ScopePermission"],
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "flows.api.add_error_responses"],
-    "ENUM_NAME_OVERRIDES": {"PlayStateEnum": "plays.models.State", "LayerStateEnum": "plays.models.LayerState",
-                             "CredentialKindEnum": "flows.models.CredentialKind"},
+    "ENUM_NAME_OVERRIDES": {
+        "PlayStateEnum": "plays.models.State",
+        "LayerStateEnum": "plays.models.LayerState",
+        "EventTypeEnum": "plays.models.EventType",
+        "CredentialKindEnum": "flows.models.CredentialKind",
+    },
+    # /api/docs (Swagger UI) and /api/redoc load their JavaScript from /static/, not a CDN:
+    # self-hosted installs often have no internet.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Security -------------------------------------------------------------------------
@@ -375,6 +444,10 @@ FLOWPLAY = {
     "KILLABLE_STEPS": env_bool("FLOWPLAY_KILLABLE_STEPS", True),
     "CURL_DENY": env_list("FLOWPLAY_CURL_DENY", ["169.254.0.0/16", "fd00:ec2::254/128", "100.100.100.200/32"]),
     "CURL_ALLOW": env_list("FLOWPLAY_CURL_ALLOW", []),
+    # Only public addresses (no loopback, private, link-local, 0.0.0.0/8, NAT64, 6to4, mapped
+    # forms) unless allow-listed: on in production; the embedded default's tutorial fetches
+    # from localhost. See flows/egress.py.
+    "CURL_PUBLIC_ONLY": env_bool("FLOWPLAY_CURL_PUBLIC_ONLY", PRODUCTION),
     # A RUN play whose task was lost (no runner, untouched this long) is requeued by reap_stuck.
     "REAP_IDLE_SECONDS": env_float("FLOWPLAY_REAP_IDLE_SECONDS", 30.0),
     # How long a runner retries recording a step's outcome through transient database errors
@@ -415,10 +488,13 @@ FLOWPLAY.update(
     }
 )
 # prometheus_client's multiprocess mode reads this variable when it is first imported, so it is
-# set here, before any app module loads. Each test run counts in a folder of its own.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _metrics_dir = tempfile.mkdtemp(prefix="flowplay-metrics-") if "pytest" in sys.modules else str(VAR_DIR / "metrics")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+# set here, before any app module loads. Each test process counts in a folder of its own (pytest-xdist
+# workers inherit the controller's environment: a shared folder would sum their counts).
+if "pytest" in sys.modules and os.environ.get("FLOWPLAY_METRICS_DIR_OWNER") != str(os.getpid()):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flowplay-metrics-")
+    os.environ["FLOWPLAY_METRICS_DIR_OWNER"] = str(os.getpid())
+elif not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(VAR_DIR / "metrics")
 Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 # One JSON object per line (flowplay/logs.py) in production, plain text in development.
 LOG_FORMAT = env_str("LOG_FORMAT", "json" if PRODUCTION else "text").lower()

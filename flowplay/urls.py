@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from flows import credential_views, module_views
@@ -30,8 +29,9 @@ api = [
     path("health", flow_views.HealthView.as_view(), name="health"),
     path("ready", play_health.ReadyView.as_view(), name="ready"),
     path("modules", module_views.ModuleListView.as_view(), name="module-list"),
-    path("schema", SpectacularAPIView.as_view(), name="schema"),
-    path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("schema", flow_views.SchemaView.as_view(), name="schema"),
+    path("docs", flow_views.SwaggerView.as_view(url_name="schema"), name="docs"),
+    path("redoc", flow_views.RedocView.as_view(url_name="schema"), name="redoc"),
     path("events", play_views.EventsView.as_view(), name="events"),
     path("flows/<str:flow_id>/plays", play_views.FlowPlaysViewSet.as_view({"get": "list"}), name="flow-plays"),
     *router.urls,

@@ -65,7 +65,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = ["revoked_at"]
     search_fields = ["name", "prefix", "user__username"]
     list_select_related = ["user"]
-    readonly_fields = ["id", "user", "name", "prefix", "token_hash", "scopes", "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = ["id", "user", "name", "prefix", "token_hash", "scopes", "parent", "created_at", "last_used_at",
+                       "revoked_at"]
     actions = ["revoke_keys"]
 
     def get_queryset(self, request: Any) -> Any:
@@ -76,7 +77,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         # Keys are issued through the API, which shows the token once.
         return False
 
-    @admin.action(description="Revoke selected keys", permissions=["change"])
+    @admin.action(description="Revoke selected keys (and the keys they minted)", permissions=["change"])
     def revoke_keys(self, request: Any, queryset: Any) -> None:
         for key in queryset:
             key.revoke()

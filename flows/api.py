@@ -7,15 +7,17 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, JsonResponse
-from rest_framework import exceptions, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.pagination import BasePagination
 from rest_framework.parsers import JSONParser as DRFJSONParser
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from .storable import input_problem
+from .strict import NO_NUL, NOT_BLANK
 
 log = logging.getLogger(__name__)
+
 
 
 class ApiError(exceptions.APIException):
@@ -156,6 +158,15 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     return response
 
 
+class ErrorSerializer(serializers.Serializer):
+    """The one error body of every API error (described by ERROR_SCHEMA in the document)."""
+
+    error = serializers.CharField()
+    message = serializers.CharField()
+    statusCode = serializers.IntegerField()
+    details = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False)
+
+
 ERROR_SCHEMA = {
     "type": "object",
     "required": ["error", "message", "statusCode"],
@@ -179,17 +190,47 @@ _ERROR_STATUSES = {
 
 
 def add_error_responses(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
-    """drf-spectacular postprocessing hook: document the error body on every operation."""
-    result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    """drf-spectacular postprocessing hook: what the serializers cannot say by themselves.
+
+    - every operation documents the error body for the error statuses (an error response
+      declared without a body, e.g. login's 401, gets it too);
+    - a run takes runAt or delayMs, not both;
+    - ``Patched…`` bodies carry no defaults;
+    - strings in request bodies refuse NUL, and trimmed non-blank ones need a non-space
+      character (a name of spaces is a 400), as patterns a client or a fuzzer can see.
+    """
+    schemas = result.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = ERROR_SCHEMA
     ref = {"$ref": "#/components/schemas/Error"}
     for methods in result.get("paths", {}).values():
         for operation in methods.values():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             for code, description in _ERROR_STATUSES.items():
-                operation["responses"].setdefault(code, {"description": description,
-                                                         "content": {"application/json": {"schema": ref}}})
+                operation["responses"].setdefault(code, {"description": description})
+            for code, response in operation["responses"].items():
+                if code.startswith(("4", "5")) and not response.get("content"):
+                    response["content"] = {"application/json": {"schema": ref}}
+    if "RunRequest" in schemas:
+        schemas["RunRequest"]["not"] = {"required": ["runAt", "delayMs"]}  # one or the other
+    for name, component in schemas.items():
+        if name.endswith("Request"):
+            for prop in component.get("properties", {}).values():
+                _no_nul(prop)
+        if name.startswith("Patched"):
+            # A PATCH changes what it names; DRF applies no default to a partial update, and
+            # a generated client must not send one (it would reset the field).
+            for prop in component.get("properties", {}).values():
+                prop.pop("default", None)
     return result
+
+
+def _no_nul(prop: dict[str, Any]) -> None:
+    if prop.get("type") == "array" and isinstance(prop.get("items"), dict):
+        _no_nul(prop["items"])
+    if prop.get("type") != "string" or {"enum", "pattern", "format"} & set(prop):
+        return
+    prop["pattern"] = NOT_BLANK if prop.get("minLength") else NO_NUL
 
 
 class PagePagination(BasePagination):

@@ -1,4 +1,4 @@
-"""Bearer API-key authentication for DRF and the WebSocket."""
+"""Logging in by email, and bearer API-key authentication for DRF and the WebSocket."""
 
 from __future__ import annotations
 
@@ -6,7 +6,25 @@ from typing import Any
 
 from rest_framework import authentication, exceptions
 
-from .models import ApiKey
+from .models import ApiKey, User
+
+
+def authenticate_by_login(request: Any, login: str, password: str) -> Any:
+    """The user whose email (case-insensitive) or else username is ``login``, if ``password`` is theirs.
+
+    The one login of both ``POST /api/auth/login`` and the login page. It takes as long for an
+    unknown login as for a known one: Django's backend runs the password hasher once in both
+    cases (for an unknown user on a throwaway password), so the answer's time does not tell
+    which emails have an account.
+    """
+    from django.contrib.auth import authenticate
+
+    login = (login or "").strip()
+    user = User.objects.filter(email__iexact=login).first() if login else None
+    # Unknown as an email: Django's backend looks the login up as a username, which is the
+    # fallback, and hashes the password whether it finds one or not.
+    username = user.get_username() if user is not None else login
+    return authenticate(request, username=username, password=password)
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):

@@ -25,6 +25,7 @@ from rest_framework.response import Response
 from . import credentials
 from .api import ApiError, not_found, validation_error
 from .models import Credential, CredentialKind
+from .permissions import ANY_SCOPE
 
 
 class CredentialNameSerializer(serializers.ModelSerializer):
@@ -107,6 +108,10 @@ class CredentialViewSet(viewsets.GenericViewSet):
     pagination_class = None
     lookup_url_kwarg = "credential_id"
     lookup_value_regex = "[^/]+"
+    # API key scopes (flows.permissions.ScopePermission): the list of names and kinds is for
+    # any key of the company; everything else needs "credentials" (and can_manage()).
+    scope = "credentials"
+    scopes = {"list": ANY_SCOPE}
 
     def get_queryset(self) -> Any:
         return Credential.objects.filter(company_id=self.request.user.company_id).order_by("name")

@@ -229,7 +229,7 @@ def access_token(credential: Credential) -> str:
 def _request_token(credential: Credential) -> tuple[str, float]:
     import httpx
 
-    from .modules.curl import OutboundPolicy, _GuardedTransport
+    from .egress import GuardedTransport, OutboundPolicy
 
     value = secret_of(credential)
     form = {"grant_type": "client_credentials"}
@@ -242,7 +242,7 @@ def _request_token(credential: Credential) -> tuple[str, float]:
         auth = (value["clientId"], value["clientSecret"])
     try:
         with httpx.Client(
-            transport=_GuardedTransport(OutboundPolicy.from_settings()),
+            transport=GuardedTransport(OutboundPolicy.from_settings()),
             timeout=TOKEN_TIMEOUT_SECONDS,
             trust_env=False,
             follow_redirects=False,

@@ -84,6 +84,10 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # The key that minted this one (None: minted with a session). Revoking a key revokes
+    # every key it minted, recursively.
+    parent = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, editable=False,
+                               related_name="children")
 
     objects = ApiKeyQuerySet.as_manager()
 
@@ -94,14 +98,47 @@ class ApiKey(models.Model):
         return f"{self.name} ({self.prefix}…)"
 
     @classmethod
-    def issue(cls, user: User, name: str, scopes: list[str] | None = None) -> tuple[ApiKey, str]:
-        """Create a key and return it with its token; the token is not recoverable later."""
+    @transaction.atomic
+    def issue(
+        cls, user: User, name: str, scopes: list[str] | None = None, parent: ApiKey | None = None
+    ) -> tuple[ApiKey, str]:
+        """Create a key and return it with its token; the token is not recoverable later.
+
+        Minted by ``parent`` (a key), the new key gets the parent's scopes when none are asked
+        for, and must stay within them (``KeyScopeError``). No scopes: the user's full access.
+        """
+        from .permissions import key_allows
+
+        scopes = list(dict.fromkeys(scopes or []))
+        if parent is not None:
+            # Locked, so that a revoke running now either sees this key or refuses it.
+            alive = cls.objects.select_for_update().filter(pk=parent.pk, revoked_at__isnull=True).first()
+            if alive is None:
+                raise KeyScopeError("The minting API key was revoked")
+            if alive.scopes and not scopes:
+                scopes = list(alive.scopes)
+            beyond = [scope for scope in scopes if not key_allows(alive.scopes, scope)]
+            if beyond:
+                raise KeyScopeError(f"An API key mints only keys within its own scopes; not: {', '.join(beyond)}")
         prefix = secrets.token_hex(4)
         token = f"fp_{prefix}_{secrets.token_urlsafe(32)}"
         key = cls.objects.create(
-            user=user, name=name, prefix=prefix, token_hash=hash_token(token), scopes=scopes or []
+            user=user, name=name, prefix=prefix, token_hash=hash_token(token), scopes=scopes, parent=parent
         )
         return key, token
+
+    def allows(self, scope: str) -> bool:
+        from .permissions import key_allows
+
+        return key_allows(self.scopes, scope)
+
+    def family_ids(self) -> list[str]:
+        """This key's id and those of every key it minted, recursively."""
+        ids, frontier = [self.pk], [self.pk]
+        while frontier:
+            frontier = list(ApiKey.objects.filter(parent_id__in=frontier).exclude(pk__in=ids).values_list("pk", flat=True))
+            ids += frontier
+        return ids
 
     @classmethod
     def lookup(cls, token: str) -> ApiKey | None:
@@ -115,8 +152,17 @@ class ApiKey(models.Model):
             key.last_used_at = now
         return key
 
+    @transaction.atomic
     def revoke(self) -> None:
-        ApiKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        """Revoke this key and every key minted from it (a child never outlives its parent)."""
+        now = timezone.now()
+        # First this key (the row lock makes a concurrent issue() from it wait, then refuse).
+        ApiKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=now)
+        ApiKey.objects.filter(pk__in=self.family_ids(), revoked_at__isnull=True).update(revoked_at=now)
+
+
+class KeyScopeError(Exception):
+    """A key asked to mint a key beyond its own scopes (or after its revocation)."""
 
 
 # --- Flows ----------------------------------------------------------------------------

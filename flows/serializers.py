@@ -7,35 +7,65 @@ from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from . import credentials, expr
+from .expr.filters import CASTS, MODES, OPERATORS
 from .models import ApiKey, Flow, Flowlet, OnError
 from .modules import get_module
+from .modules.base import REGISTRY
 from .modules.iterator import loop_end
+from .permissions import SCOPES
+from .strict import NO_NUL, StrictJSONMixin
 
+# The play states (plays.models.State; flows does not import plays): the run answer's state.
+PLAY_STATES = ["NEW", "RUN", "DONE", "FAIL", "SKIP", "FILTERED", "DEFERRED", "WAIT", "ON_HOLD"]
 REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_REFS = {"args"}
 
 
-class RetrySerializer(serializers.Serializer):
+class RetrySerializer(StrictJSONMixin, serializers.Serializer):
     count = serializers.IntegerField(min_value=0, max_value=100, default=0)
     delayMs = serializers.IntegerField(min_value=0, max_value=24 * 3600 * 1000, default=1000)
     backoffMultiplier = serializers.FloatField(min_value=1, max_value=100, default=2)
     jitter = serializers.BooleanField(default=False)
 
 
-class FlowletSerializer(serializers.ModelSerializer):
-    appId = serializers.CharField(source="app_id", max_length=100)
+class FilterSerializer(StrictJSONMixin, serializers.Serializer):
+    """One condition of a step's or a flow's ``filters`` (values may hold expressions)."""
+
+    leftValue = serializers.JSONField(help_text="A value or an expression such as {{ $prev.a.n }}")
+    operator = serializers.ChoiceField(choices=OPERATORS)
+    rightValue = serializers.JSONField(required=False, help_text="Required except for is_empty / not_empty")
+    cast = serializers.ChoiceField(choices=CASTS, required=False)
+    mode = serializers.ChoiceField(choices=MODES, required=False)
+
+
+@extend_schema_field({"type": "string", "enum": sorted(REGISTRY)})
+class AppIdField(serializers.CharField):
+    """A module's appId. Checked with the whole flow (validate_steps), so that an unknown one
+    is reported beside the flow's other problems; the document lists the known ones."""
+
+
+# Defaults of omitted fields are applied when a step is created (_replace_flowlets), never by
+# the serializer: a PATCH must leave what it does not name alone, and the OpenAPI document
+# must not tell clients to send defaults with a PATCH.
+class FlowletSerializer(StrictJSONMixin, serializers.ModelSerializer):
+    ref = serializers.RegexField(REF_RE.pattern, max_length=100,
+                                 help_text="Names the step's output in expressions ($prev.<ref>); not 'args'")
+    appId = AppIdField(source="app_id", max_length=100, help_text="A module: GET /api/modules")
     index = serializers.IntegerField(required=False, min_value=0)
-    args = serializers.JSONField(required=False, default=dict)
-    filters = serializers.JSONField(required=False, default=list)
+    args = serializers.DictField(required=False, help_text="The module's args (default {})")
+    filters = serializers.ListField(child=FilterSerializer(), required=False, help_text="Run the step only if all hold")
     timeout = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=7 * 24 * 3600)
     retry = RetrySerializer(required=False, allow_null=True)  # shown as null when the step has none
-    onError = serializers.ChoiceField(source="on_error", choices=OnError.choices, required=False, default=OnError.FAIL)
-    needsApproval = serializers.BooleanField(source="needs_approval", required=False, default=False)
+    onError = serializers.ChoiceField(source="on_error", choices=OnError.choices, required=False,
+                                      help_text="Default fail")
+    needsApproval = serializers.BooleanField(source="needs_approval", required=False, help_text="Default false")
     id = serializers.CharField(required=False, max_length=24)
-    name = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")
+    name = serializers.CharField(required=False, allow_blank=True, max_length=200, help_text='Default ""')
+
 
     class Meta:
         model = Flowlet
@@ -48,10 +78,12 @@ class FlowletSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError(f"ref {value!r} is reserved")
         return value
 
-    def validate_args(self, value: Any) -> Any:
-        if not isinstance(value, dict):
-            raise serializers.ValidationError("args must be a JSON object")
-        return value
+    def to_internal_value(self, data: Any) -> Any:
+        values = super().to_internal_value(data)
+        if "filters" in values:
+            # As given: the checks and the runner read the client's keys, not defaults.
+            values["filters"] = data["filters"]
+        return values
 
     def to_representation(self, instance: Flowlet) -> dict[str, Any]:
         data = super().to_representation(instance)
@@ -199,7 +231,7 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}"
 
 
-class ExecutionSerializer(serializers.Serializer):
+class ExecutionSerializer(StrictJSONMixin, serializers.Serializer):
     timeout = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=30 * 24 * 3600)
     maxConcurrency = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100000)
     queue = serializers.RegexField(r"^[A-Za-z0-9_.\-]{1,100}$", required=False)
@@ -208,7 +240,7 @@ class ExecutionSerializer(serializers.Serializer):
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class ToolSerializer(serializers.Serializer):
+class ToolSerializer(StrictJSONMixin, serializers.Serializer):
     """A flow offered as an MCP tool; ``inputSchema`` is a JSON Schema for its args."""
 
     name = serializers.RegexField(TOOL_NAME_RE, max_length=64, error_messages={
@@ -230,14 +262,15 @@ class ToolSerializer(serializers.Serializer):
         return value
 
 
-class FlowSerializer(serializers.ModelSerializer):
+class FlowSerializer(StrictJSONMixin, serializers.ModelSerializer):
     permanentId = serializers.SlugField(source="permanent_id", required=False, max_length=200)
     category = serializers.CharField(required=False, allow_blank=True, max_length=100)
     enabled = serializers.BooleanField(required=False)
     version = serializers.IntegerField(read_only=True)
     createdAt = serializers.DateTimeField(source="created_at", read_only=True)
     updatedAt = serializers.DateTimeField(source="updated_at", read_only=True)
-    filters = serializers.JSONField(required=False)
+    filters = serializers.ListField(child=FilterSerializer(), required=False,
+                                    help_text="Checked before the first step; they can read $prev.args only")
     execution = ExecutionSerializer(required=False)
     layers = FlowletSerializer(many=True, required=False)
     tool = ToolSerializer(required=False, allow_null=True)
@@ -264,12 +297,11 @@ class FlowSerializer(serializers.ModelSerializer):
             "layers": FlowletSerializer(instance.flowlets.all(), many=True).data,
         }
 
-    def validate_filters(self, value: Any) -> Any:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise serializers.ValidationError("filters must be a list")
-        return value
+    def to_internal_value(self, data: Any) -> Any:
+        values = super().to_internal_value(data)
+        if "filters" in values:
+            values["filters"] = data["filters"]
+        return values
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         layers = attrs.get("layers")
@@ -380,10 +412,36 @@ def _replace_flowlets(flow: Flow, layers: list[dict[str, Any]]) -> None:
             flowlet.save(force_insert=True)
 
 
+class RunSerializer(StrictJSONMixin, serializers.Serializer):
+    """POST /run. Every field may be left out; none may be null (the schema says so, and a
+    generated client never sends null for a field it does not set)."""
+
+    args = serializers.DictField(required=False, help_text="Any JSON object (default {}): $prev.args")
+    idempotencyKey = serializers.RegexField(NO_NUL, required=False, min_length=1, max_length=255, trim_whitespace=False)
+    runAt = serializers.DateTimeField(required=False, help_text="Start at this time (not with delayMs)")
+    delayMs = serializers.IntegerField(required=False, min_value=0, max_value=366 * 24 * 3600 * 1000,
+                                       help_text="Start after this many milliseconds (not with runAt)")
+    start = serializers.BooleanField(required=False, default=True, help_text="false: create the play in NEW")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "runAt" in attrs and "delayMs" in attrs:
+            raise serializers.ValidationError({"runAt": ["Give runAt or delayMs, not both"]})
+        return attrs
+
+
+class RunResponseSerializer(serializers.Serializer):
+    playId = serializers.CharField()
+    state = serializers.ChoiceField(choices=PLAY_STATES)
+    startedAt = serializers.DateTimeField(allow_null=True)
+    createdAt = serializers.DateTimeField()
+    idempotencyKey = serializers.CharField(allow_null=True)
+    runAt = serializers.DateTimeField(allow_null=True)
+
+
 # --- Accounts -------------------------------------------------------------------------
 
 
-class LoginSerializer(serializers.Serializer):
+class LoginSerializer(StrictJSONMixin, serializers.Serializer):
     email = serializers.CharField(max_length=254)
     password = serializers.CharField(max_length=1024, trim_whitespace=False)
 
@@ -403,10 +461,15 @@ class MeSerializer(UserSerializer):
     company = CompanySerializer()
 
 
-class ApiKeySerializer(serializers.ModelSerializer):
+class ApiKeySerializer(StrictJSONMixin, serializers.ModelSerializer):
     issuedAt = serializers.DateTimeField(source="created_at", read_only=True)
-    lastUsedAt = serializers.DateTimeField(source="last_used_at", read_only=True)
-    scopes = serializers.ListField(child=serializers.CharField(max_length=50), required=False, max_length=20)
+    lastUsedAt = serializers.DateTimeField(source="last_used_at", read_only=True, allow_null=True,
+                                           help_text="null until the key is used")
+    scopes = serializers.ListField(
+        child=serializers.ChoiceField(choices=sorted(SCOPES)), required=False, max_length=len(SCOPES),
+        help_text="What the key may do (flows/permissions.py); none: everything its user may do. "
+        "A key minting a key gets at most its own scopes.",
+    )
     name = serializers.CharField(max_length=200)
 
     class Meta:

@@ -5,21 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
-from django.contrib.auth import authenticate, login, logout
+from django import forms
+from django.contrib.auth import login, logout
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import ensure_csrf_cookie
-from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
-from rest_framework import mixins, permissions, serializers, status, viewsets
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from rest_framework import exceptions, mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
-from .api import ApiError, not_found, validation_error
+from .api import ApiError, ErrorSerializer, not_found, validation_error
 from .audit import record
-from .models import ApiKey, Flow, Flowlet, FlowVersion, User
+from .auth import authenticate_by_login
+from .models import ApiKey, Flow, Flowlet, KeyScopeError
+from .permissions import ANY_SCOPE, RUN_FLOW, VIEW_FLOW, request_key
 from .serializers import (
     ApiKeyCreatedSerializer,
     ApiKeySerializer,
@@ -27,6 +32,8 @@ from .serializers import (
     FlowSerializer,
     LoginSerializer,
     MeSerializer,
+    RunResponseSerializer,
+    RunSerializer,
     UserSerializer,
     _ordered,
     validate_steps,
@@ -69,9 +76,24 @@ def get_flow(request: Any, key: str, *, for_update: bool = False) -> Flow:
     return flow
 
 
+class StrictBooleanField(forms.Field):
+    """``true`` or ``false``, as the OpenAPI document says (not Django's ``null``/``1``/``unknown``)."""
+
+    def clean(self, value: Any) -> bool | None:
+        if value is None:
+            return None
+        if value not in ("true", "false"):
+            raise forms.ValidationError("Must be true or false", code="invalid")
+        return value == "true"
+
+
+class StrictBooleanFilter(django_filters.BooleanFilter):
+    field_class = StrictBooleanField
+
+
 class FlowFilter(django_filters.FilterSet):
     category = django_filters.CharFilter(field_name="category")
-    enabled = django_filters.BooleanFilter(field_name="enabled")
+    enabled = StrictBooleanFilter(field_name="enabled")
     q = django_filters.CharFilter(field_name="name", lookup_expr="icontains")
 
     class Meta:
@@ -86,6 +108,13 @@ class FlowViewSet(viewsets.ModelViewSet):
     lookup_field = "pk"
     lookup_url_kwarg = "flow_id"
     lookup_value_regex = "[^/]+"
+    # API key scopes and roles (flows/permissions.py): reading needs "read", running "run",
+    # the rest "flows"; the role's Django permissions are the admin's.
+    write_scope = "flows"
+    scopes = {"run": "run"}
+    read_perm = VIEW_FLOW
+    perms = {"create": "flows.add_flow", "update": "flows.change_flow", "partial_update": "flows.change_flow",
+             "destroy": "flows.delete_flow", "run": RUN_FLOW}
 
     def get_queryset(self) -> Any:
         return (
@@ -123,35 +152,20 @@ class FlowViewSet(viewsets.ModelViewSet):
         record(self.request.user, "flow.deleted", instance)
 
     @extend_schema(
-        request=inline_serializer("RunRequest", {
-            "args": serializers.JSONField(required=False),
-            "idempotencyKey": serializers.CharField(required=False),
-            "runAt": serializers.DateTimeField(required=False),
-            "delayMs": serializers.IntegerField(required=False),
-            "start": serializers.BooleanField(required=False),
-        }),
-        responses={201: inline_serializer("RunResponse", {
-            "playId": serializers.CharField(), "state": serializers.CharField(),
-            "startedAt": serializers.DateTimeField(allow_null=True),
-            "createdAt": serializers.DateTimeField(),
-            "idempotencyKey": serializers.CharField(allow_null=True),
-        })},
+        request=RunSerializer,
+        responses={
+            201: OpenApiResponse(RunResponseSerializer, description="A new play"),
+            200: OpenApiResponse(RunResponseSerializer, description="The existing play of this idempotencyKey "
+                                 "(the same key with the same args, while that play has not failed)"),
+        },
+        examples=[OpenApiExample("Run with a key", request_only=True,
+                                 value={"args": {"invoiceId": "INV-001"}, "idempotencyKey": "invoice-INV-001"})],
     )
     @action(detail=True, methods=["post"])
     def run(self, request: Any, flow_id: str) -> Response:
-        from plays.views import trigger
+        from plays.views import trigger  # plays depends on flows, not the other way round
 
-        # The flow and its current version's snapshot in one query (the version is
-        # created on a flow's first run: then the flow alone).
-        version = (
-            FlowVersion.objects.select_related("flow")
-            .filter(flow__deleted_at__isnull=True, flow__company_id=request.user.company_id)
-            .filter(Q(flow_id=flow_id) | Q(flow__permanent_id=flow_id), version=F("flow__version"))
-            .first()
-        )
-        if version is None:
-            return trigger(request, get_flow(request, flow_id))
-        return trigger(request, version.flow, version)
+        return trigger(request, get_flow(request, flow_id))
 
 
 class FlowletViewSet(
@@ -168,6 +182,9 @@ class FlowletViewSet(
     serializer_class = FlowletSerializer
     pagination_class = None
     lookup_url_kwarg = "layer_id"
+    write_scope = "flows"
+    read_perm = VIEW_FLOW
+    write_perm = "flows.change_flow"  # a layer is part of its flow, as in the admin's inline
 
     def flow(self, for_update: bool = False) -> Flow:
         return get_flow(self.request, self.kwargs["flow_id"], for_update=for_update)
@@ -265,13 +282,14 @@ class LoginView(APIView):
     authentication_classes: list[Any] = []
     throttle_classes = [LoginThrottle]
 
-    @extend_schema(request=LoginSerializer, responses={200: UserSerializer, 401: OpenApiResponse(description="Wrong credentials")})
+    @extend_schema(request=LoginSerializer, responses={
+        200: UserSerializer,
+        401: OpenApiResponse(ErrorSerializer, description="Wrong email or password (UNAUTHORIZED)"),
+    })
     def post(self, request: Any) -> Response:
         data = LoginSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        email = data.validated_data["email"]
-        user = User.objects.filter(email__iexact=email).first() or User.objects.filter(username=email).first()
-        authed = authenticate(request, username=user.username, password=data.validated_data["password"]) if user else None
+        authed = authenticate_by_login(request, data.validated_data["email"], data.validated_data["password"])
         if authed is None:
             raise ApiError("UNAUTHORIZED", "Wrong email or password", 401)
         login(request, authed)
@@ -279,6 +297,7 @@ class LoginView(APIView):
 
 
 class LogoutView(APIView):
+    scope = ANY_SCOPE
     @extend_schema(request=None, responses={204: None})
     def post(self, request: Any) -> Response:
         logout(request)
@@ -286,6 +305,7 @@ class LogoutView(APIView):
 
 
 class MeView(APIView):
+    scope = ANY_SCOPE
     @extend_schema(responses={200: MeSerializer})
     def get(self, request: Any) -> Response:
         return Response(MeSerializer(request.user).data)
@@ -296,9 +316,15 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Destr
     serializer_class = ApiKeySerializer
     pagination_class = None
     lookup_url_kwarg = "key_id"
+    scope = "keys"
 
     def get_queryset(self) -> Any:
-        return ApiKey.objects.active().filter(user=self.request.user).order_by("-created_at")
+        keys = ApiKey.objects.active().filter(user=self.request.user).order_by("-created_at")
+        caller = request_key(self.request)
+        if caller is not None and caller.scopes:
+            # A scoped key manages itself and the keys it minted, not its user's other keys.
+            keys = keys.filter(pk__in=caller.family_ids())
+        return keys
 
     def get_object(self) -> ApiKey:
         key = self.get_queryset().filter(pk=self.kwargs["key_id"]).first()
@@ -310,7 +336,11 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Destr
     def create(self, request: Any, *args: Any, **kwargs: Any) -> Response:
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        key, token = ApiKey.issue(request.user, serializer.validated_data["name"], serializer.validated_data.get("scopes"))
+        try:
+            key, token = ApiKey.issue(request.user, serializer.validated_data["name"],
+                                      serializer.validated_data.get("scopes"), parent=request_key(request))
+        except KeyScopeError as exc:
+            raise ApiError("FORBIDDEN", str(exc), 403) from None
         key.token = token
         record(request.user, "api_key.created", key)
         return Response(ApiKeyCreatedSerializer(key).data, status=status.HTTP_201_CREATED)
@@ -332,4 +362,49 @@ class HealthView(APIView):
         # Liveness: no broker connection per call (plays/health.py probes it in the background).
         body, code = health()
         return Response(body, status=code)
+
+
+class SchemaView(SpectacularAPIView):
+    """GET /api/schema: the OpenAPI document (YAML, or JSON with ?format=json or Accept).
+
+    Its errors (401 without credentials) are the API's JSON error body, whatever format the
+    document itself would have been rendered in.
+    """
+
+    def finalize_response(self, request: Any, response: Any, *args: Any, **kwargs: Any) -> Any:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if response.status_code >= 400:
+            response.accepted_renderer = JSONRenderer()
+            response.accepted_media_type = "application/json"
+        return response
+
+
+class _DocsPage:
+    """The interactive docs are pages for people: anonymous visitors go to the login page."""
+
+    def handle_exception(self, exc: Exception) -> Any:
+        if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
+            from django.contrib.auth.views import redirect_to_login
+
+            return redirect_to_login(self.request.get_full_path())  # type: ignore[attr-defined]
+        return super().handle_exception(exc)  # type: ignore[misc]
+
+
+class SwaggerView(_DocsPage, SpectacularSwaggerView):
+    """GET /api/docs: Swagger UI, from local static files (drf-spectacular-sidecar)."""
+
+
+class RedocView(_DocsPage, SpectacularRedocView):
+    """GET /api/redoc: ReDoc, from local static files.
+
+    Its template leaves out Google Fonts, and images from other sites are off (ReDoc's
+    footer shows Redocly's logo from their CDN, and hides it when it does not load).
+    """
+
+    template_name = "flowplay/redoc.html"
+
+    def finalize_response(self, request: Any, response: Any, *args: Any, **kwargs: Any) -> Any:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        response["Content-Security-Policy"] = "img-src 'self' data:"
+        return response
 

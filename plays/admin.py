@@ -19,16 +19,17 @@ from django.utils.html import format_html
 from flows.audit import PLAY_VERBS, record
 
 from .models import Approval, Decision, Event, InvalidState, Layer, Play
+from .redaction import redact
 
 OPERATE = "plays.operate_play"
 
 
 def pretty_json(value: Any) -> str:
-    """``value`` as indented JSON in a <pre>, escaped."""
+    """``value`` as indented JSON in a <pre>, escaped, with credentials masked (plays/redaction.py)."""
     if value is None:
         return "-"
     return format_html("<pre style=\"white-space: pre-wrap\">{}</pre>",
-                       json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str))
+                       json.dumps(redact(value), indent=2, ensure_ascii=False, sort_keys=True, default=str))
 
 
 class TenantMixin:

@@ -17,11 +17,15 @@ Both sources are prefixes of one order that never grows in the middle, so "every
 after ``position``, in order" is exactly what the client must see next, whichever path
 brings it: no gap, no duplicate.
 
-Close codes (a handshake without valid credentials is refused before it completes,
-with HTTP 403):
+Close codes. A refused connection is first accepted, then closed with its code: a close
+before the accept would reach the client as a bare HTTP 403 (Daphne), whatever the reason.
 
-- 4400: bad query parameters (``since`` not a cursor).
-- 4401: credentials no longer valid (API key revoked, user deactivated, logged out).
+- 4400: bad query parameters (``since`` not a cursor; see ``ws_params``).
+- 4401: no credentials, an unknown or revoked API key, a bad token beside a valid cookie;
+  or, later, credentials no longer valid (key revoked, user deactivated, logged out).
+- 4403: credentials fine but not for this: the API key has scopes and ``read`` is not one of
+  them, or the user's role may not view plays (flows/permissions.py); ``playId``/``flowId``
+  names no play or flow of the caller's company; a cookie handshake from another origin's page.
 - 4008: the client reads too slowly: its send buffer stayed over the high-water mark
   for ``STALL_SECONDS`` or it fell more than ``MAX_LAG`` events behind. Reconnect with
   ``?since=<the last cursor received>`` to lose nothing.
@@ -43,15 +47,17 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from flows.models import ApiKey, Flow
+from flows.permissions import VIEW_PLAY, key_allows
 
 from .fanout import company_group
 from .models import START, Event, Position, decode_cursor, encode_cursor
-from .wsauth import API_KEY_ID, SEND_BACKLOG, origin_allowed
+from .wsauth import API_KEY_ID, API_KEY_SCOPES, SEND_BACKLOG, origin_allowed
 
 log = logging.getLogger(__name__)
 
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 4008
 CLOSE_ERROR = 1011
 
@@ -83,11 +89,26 @@ class TooSlow(Exception):
     pass
 
 
-def parse_since(query: dict[str, list[str]]) -> Position | None:
-    """The ``?since=`` of a handshake: a cursor's position, None if absent; ValueError if
-    it is not a cursor."""
-    raw = (query.get("since") or [""])[0]
-    return decode_cursor(raw) if raw else None
+class Refused(Exception):
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def ws_params(query_string: bytes) -> dict[str, Any]:
+    """The connection's query parameters, checked: ``since`` (a cursor's position or None), ``playId``,
+    ``flowId`` (str or None). Raises ``Refused(4400)`` for a malformed one."""
+    query = parse_qs(query_string.decode(errors="replace"))
+    since_raw = (query.get("since") or [""])[0]
+    try:
+        since = decode_cursor(since_raw) if since_raw else None
+    except ValueError:
+        raise Refused(CLOSE_BAD_REQUEST) from None
+    return {
+        "since": since,
+        "playId": (query.get("playId") or [None])[0] or None,
+        "flowId": (query.get("flowId") or [None])[0] or None,
+    }
 
 
 class PlayEventsConsumer(AsyncWebsocketConsumer):
@@ -101,23 +122,14 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
     closing = False
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated or not origin_allowed(self.scope):
-            await self.close(code=CLOSE_UNAUTHORIZED)
-            return
-        query = parse_qs(self.scope.get("query_string", b"").decode(errors="replace"))
         try:
-            since = parse_since(query)
-        except ValueError:
-            await self.close(code=CLOSE_BAD_REQUEST)
+            params = await self._admit()
+        except Refused as refused:
+            self.closing = True
+            await self.accept()
+            await self.close(code=refused.code)
             return
-        self.company_id = user.company_id
-        self.user_pk = user.pk
-        self.api_key_id = self.scope.get(API_KEY_ID)
-        self.session_key = getattr(self.scope.get("session"), "session_key", None)
-        self.play_id = (query.get("playId") or [None])[0] or None
-        flow = (query.get("flowId") or [None])[0] or None
-        self.flow_id = await self._resolve_flow(flow) if flow else None
+        since = params["since"]
         self.lock = asyncio.Lock()
         head = await self._head()
         # A since beyond the stream's head cannot be a cursor this stream gave out (a
@@ -130,6 +142,29 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         await self.accept()
         # The poller's first round replays ?since= before anything else is sent.
         self.poller = asyncio.create_task(self._poll())
+
+    async def _admit(self) -> dict[str, Any]:
+        """Authenticate, then validate the parameters; ``Refused`` with the close code."""
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            raise Refused(CLOSE_UNAUTHORIZED)
+        if not origin_allowed(self.scope):
+            raise Refused(CLOSE_FORBIDDEN)
+        # The API's rule for reading plays: the key's "read" scope and the role's view_play.
+        if not key_allows(self.scope.get(API_KEY_SCOPES), "read") or not await db_read(user.has_perm)(VIEW_PLAY):
+            raise Refused(CLOSE_FORBIDDEN)
+        params = ws_params(self.scope.get("query_string", b""))
+        self.company_id = user.company_id
+        self.user_pk = user.pk
+        self.api_key_id = self.scope.get(API_KEY_ID)
+        self.session_key = getattr(self.scope.get("session"), "session_key", None)
+        self.play_id = params["playId"]
+        if self.play_id and not await self._play_visible(self.play_id):
+            raise Refused(CLOSE_FORBIDDEN)
+        self.flow_id = await self._resolve_flow(params["flowId"]) if params["flowId"] else None
+        if params["flowId"] and self.flow_id is None:
+            raise Refused(CLOSE_FORBIDDEN)
+        return params
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
@@ -278,13 +313,20 @@ class PlayEventsConsumer(AsyncWebsocketConsumer):
         return Event.objects.after(self.company_id, self.position)[: MAX_LAG + 1].count()
 
     @db_read
-    def _resolve_flow(self, key: str) -> str:
-        """A flow's id from its id or permanentId (deleted flows included: their plays stay)."""
+    def _resolve_flow(self, key: str) -> str | None:
+        """A flow's id from its id or permanentId (deleted flows included: their plays stay);
+        None if the company has no such flow."""
         flows = Flow.objects.filter(company_id=self.company_id)
         flow_id = flows.filter(pk=key).values_list("pk", flat=True).first()
         if flow_id is None:
             flow_id = flows.filter(permanent_id=key).order_by("deleted_at").values_list("pk", flat=True).first()
-        return flow_id or key
+        return flow_id
+
+    @db_read
+    def _play_visible(self, play_id: str) -> bool:
+        from .models import Play
+
+        return Play.objects.filter(pk=play_id, company_id=self.company_id).exists()
 
     @db_read
     def _still_authorized(self) -> bool:

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 from django import forms
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
-from django.contrib.auth.decorators import login_required
+from django.contrib.auth.decorators import login_required, permission_required
 from django.contrib.auth.forms import AuthenticationForm
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
@@ -30,7 +30,9 @@ from django.views.decorators.http import require_POST
 
 from flows.api import ApiError, PagePagination
 from flows.audit import PLAY_VERBS, record
-from flows.models import Flow, User
+from flows.auth import authenticate_by_login
+from flows.models import Flow
+from flows.permissions import OPERATE_PLAY, VIEW_FLOW, VIEW_PLAY
 from flows.views import LoginThrottle
 
 from .models import (
@@ -88,14 +90,14 @@ class EmailAuthenticationForm(AuthenticationForm):
     }
 
     def clean(self) -> dict[str, Any]:
-        login = (self.cleaned_data.get("username") or "").strip()
-        # The same lookup as POST /api/auth/login: email first (case-insensitive), then username.
-        user = User.objects.filter(email__iexact=login).first() if login else None
-        if user is None and login:
-            user = User.objects.filter(username=login).first()
-        if user is not None:
-            self.cleaned_data["username"] = user.get_username()
-        return super().clean()
+        # The same login as POST /api/auth/login (flows.auth.authenticate_by_login).
+        login, password = self.cleaned_data.get("username"), self.cleaned_data.get("password")
+        if login is not None and password:
+            self.user_cache = authenticate_by_login(self.request, login, password)
+            if self.user_cache is None:
+                raise self.get_invalid_login_error()
+            self.confirm_login_allowed(self.user_cache)
+        return self.cleaned_data
 
 
 class LoginPage(auth_views.LoginView):
@@ -182,9 +184,9 @@ def pretty(value: Any) -> str:
 
 
 def _may_operate(user: Any) -> bool:
-    # The API's rule: any active member of the play's company may hold, resume, cancel,
-    # retry and decide (the play was already looked up within the user's company).
-    return bool(user.is_authenticated and user.is_active)
+    # The API's and the admin's rule: the role's plays.operate_play (flows/permissions.py);
+    # the play was already looked up within the user's company.
+    return bool(user.is_authenticated and user.is_active and user.has_perm(OPERATE_PLAY))
 
 
 def _canonical_query(query: Any) -> dict[str, str]:
@@ -214,6 +216,7 @@ class _Query:
 
 
 @login_required
+@permission_required(VIEW_FLOW, raise_exception=True)
 def flow_list(request: HttpRequest) -> HttpResponse:
     company_id = request.user.company_id
     last = Play.objects.filter(flow=OuterRef("pk")).order_by("-created_at", "-id")
@@ -246,11 +249,13 @@ def flow_list(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
+@permission_required(VIEW_PLAY, raise_exception=True)
 def flow_history(request: HttpRequest, flow_key: str) -> HttpResponse:
     return _history(request, _flow_or_404(request, flow_key))
 
 
 @login_required
+@permission_required(VIEW_PLAY, raise_exception=True)
 def play_history(request: HttpRequest) -> HttpResponse:
     return _history(request, None)
 
@@ -280,7 +285,7 @@ def _history(request: HttpRequest, flow: Flow | None) -> HttpResponse:
     total = 0
     if not filterset.is_valid():
         for name, msgs in filterset.errors.items():
-            errors.append(f"{'from' if name == 'from_' else name}: {'; '.join(msgs)}")
+            errors.append(f"{name}: {'; '.join(msgs)}")
     if not errors:
         qs = filterset.qs
         total = qs.count()
@@ -341,6 +346,7 @@ def _bar(layer: Layer, start: datetime, span_ms: int, now: datetime) -> tuple[fl
 
 
 @login_required
+@permission_required(VIEW_PLAY, raise_exception=True)
 def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
     since = _head_cursor(request.user.company_id)
     play = get_object_or_404(

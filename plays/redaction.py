@@ -6,10 +6,18 @@ must not come back in the layer's ``out`` or ``error`` (a server that echoes the
 error message quoting the URL), in the events built from them, in pages or in logs.
 
 - ``redact(value, secrets)`` masks, anywhere in a JSON value, the values of keys named like a
-  credential header or a password, and every occurrence of the given secret strings.
+  credential header or a password, every occurrence of the given secret strings, and in every
+  string the credentials that text shows (``redact_credentials_in_text``): the password of a
+  URL (``http://user:[REDACTED]@host``), ``Bearer``/``Basic`` credentials, credential header
+  lines (``Private-Token: …``), ``"password": "…"`` inside JSON text and ``password=…`` pairs.
 - ``secrets_of(args)`` collects the secret strings of a step's rendered args.
-- ``RedactingFilter`` masks ``Bearer``/``Basic`` credentials, ``password=…`` pairs and
-  flowplay API keys in every log record (wired in ``settings.LOGGING``).
+- ``RedactingFilter`` masks the same in every log record (wired in ``settings.LOGGING``), and
+  ``token=…`` pairs and flowplay API keys besides.
+
+The one redaction of everything shown: the runner applies it to what a step returns before it
+is stored (with the step's secrets), and the API (args, outputs, errors, events), the pages
+and the admin apply it again to what they show, so that values stored before a rule existed
+(and run args, which are stored as given) are masked too.
 
 Key names that only *may* be credentials in a response body (``token``,
 ``access_token``) are left alone, so that a later step can use a login step's token; the
@@ -21,10 +29,12 @@ Framework-free: imported by the logging configuration before Django's apps are r
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 MASK = "[REDACTED]"
 
@@ -32,16 +42,45 @@ MASK = "[REDACTED]"
 SENSITIVE_KEYS = frozenset({
     "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "apikey",
     "x-auth-token", "x-access-token", "x-csrftoken", "password", "passwd", "secret", "client_secret",
-    "bearertoken", "private_key",
+    "bearertoken", "private_key", "private-token", "x-gitlab-token", "x-vault-token",
 })
 # Shorter strings are not worth masking by value (and would mangle ordinary text).
 MIN_SECRET_LENGTH = 4
 
+_KEY_NAMES = "|".join(re.escape(k) for k in sorted(SENSITIVE_KEYS, key=len, reverse=True))
+_HEADER_NAMES = "|".join(re.escape(k) for k in sorted(SENSITIVE_KEYS, key=len, reverse=True) if "-" in k or k in (
+    "authorization", "cookie", "apikey"))
+
+
+def _basic(match: re.Match) -> str:
+    """``Basic <base64 of user:password>``, not the word "basic" in a sentence."""
+    try:
+        decoded = base64.b64decode(match.group(2) + "=" * (-len(match.group(2)) % 4), validate=True)
+    except (ValueError, binascii.Error):
+        return match.group(0)
+    return f"{match.group(1)} {MASK}" if b":" in decoded else match.group(0)
+
+
+# Credentials a text shows by its form, wherever it is: a log line or any string of a value.
+_TEXT_PATTERNS = [
+    # http://user:password@host (httpx's "HTTP Request: GET http://u:PASS@host/" log line).
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s/:@\"'<>]*):[^\s/@\"'<>]+@"), lambda m: f"{m.group(1)}:{MASK}@"),
+    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=\-]{8,}"), lambda m: f"{m.group(1)} {MASK}"),
+    (re.compile(r"(?i)\b(basic)\s+([A-Za-z0-9+/]{4,}={0,2})"), _basic),
+    # "password": "…" in JSON text, also escaped once (\"password\": \"…\").
+    (re.compile(r'(?i)("(?:' + _KEY_NAMES + r')"\s*:\s*")((?:[^"\\]|\\.)*)(")'), lambda m: f"{m.group(1)}{MASK}{m.group(3)}"),
+    (re.compile(r'(?i)(\\"(?:' + _KEY_NAMES + r')\\"\s*:\s*\\")(.*?)(\\")'), lambda m: f"{m.group(1)}{MASK}{m.group(3)}"),
+    # A credential header as a line of text: "Private-Token: …", "Authorization: …".
+    (re.compile(r"(?im)^(\s*(?:" + _HEADER_NAMES + r")\s*:\s*)(\S[^\r\n]*)"), lambda m: f"{m.group(1)}{MASK}"),
+    # password=… in a query string or a form body.
+    (re.compile(r"(?i)\b(password|passwd|secret|client_secret)=([^&\s\"'<>]+)"), lambda m: f"{m.group(1)}={MASK}"),
+    (re.compile(r"\bfp_[0-9a-f]{8}_[A-Za-z0-9_\-]{8,}"), lambda m: MASK),
+]
 _LOG_PATTERNS = [
+    *_TEXT_PATTERNS,
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{4,}"), lambda m: f"{m.group(1)} {MASK}"),
     (re.compile(r"(?i)\b(password|passwd|secret|api[_-]?key|token|authorization|cookie)(\"?'?\s*[:=]\s*\"?'?)([^\"'\s,&;}]{2,})"),
      lambda m: f"{m.group(1)}{m.group(2)}{MASK}"),
-    (re.compile(r"\bfp_[0-9a-f]{8}_[A-Za-z0-9_\-]{8,}"), lambda m: MASK),
 ]
 
 
@@ -63,6 +102,18 @@ def secrets_of(args: Any) -> set[str]:
                 found.add(rest.strip())
 
     add(args.get("bearerToken"))
+    url = args.get("url")
+    if isinstance(url, str) and "@" in url:
+        # http://user:password@host: httpx sends it as Basic credentials, which a server may echo.
+        try:
+            parts = urlsplit(url)
+            user, password = parts.username, parts.password
+        except ValueError:
+            user = password = None
+        if password:
+            for form in {password, unquote(password)}:
+                add(form)
+                add(base64.b64encode(f"{unquote(user or '')}:{form}".encode()).decode())
     basic = args.get("basicAuth")
     if isinstance(basic, dict):
         add(basic.get("password"))
@@ -85,6 +136,13 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, MASK)
+    return redact_credentials_in_text(text)
+
+
+def redact_credentials_in_text(text: str) -> str:
+    """Mask the credentials ``text`` shows by their form (``_TEXT_PATTERNS``)."""
+    for pattern, replacement in _TEXT_PATTERNS:
+        text = pattern.sub(replacement, text)
     return text
 
 
@@ -98,7 +156,7 @@ def _redact(value: Any, secrets: tuple[str, ...], depth: int) -> Any:
     if depth > 200:
         return value
     if isinstance(value, str):
-        return redact_text(value, secrets) if secrets else value
+        return redact_text(value, secrets)
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
@@ -136,4 +194,5 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-__all__ = ["MASK", "redact", "redact_text", "secrets_of", "RedactingFilter", "redact_log_text"]
+__all__ = ["MASK", "redact", "redact_text", "redact_credentials_in_text", "secrets_of", "RedactingFilter",
+           "redact_log_text"]

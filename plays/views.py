@@ -20,6 +20,9 @@ from rest_framework.views import APIView
 from flows.api import ApiError, invalid_state, not_found
 from flows.audit import PLAY_VERBS, record
 from flows.models import Flow, FlowVersion
+from flows.permissions import OPERATE_PLAY, VIEW_PLAY
+from flows.serializers import RunSerializer
+from flows.strict import NO_NUL
 from flows.views import get_flow
 
 from .models import (
@@ -35,13 +38,14 @@ from .models import (
     encode_cursor,
     iso,
 )
+from .redaction import redact
 from .serializers import (
     ApproveSerializer,
     LayerSerializer,
     PayloadSerializer,
     PlayDetailSerializer,
     PlaySerializer,
-    RunSerializer,
+    RetryResponseSerializer,
 )
 
 # --- Trigger --------------------------------------------------------------------------
@@ -91,16 +95,20 @@ def trigger(request: Any, flow: Flow, version: FlowVersion | None = None) -> Res
 
 
 class StateListField(forms.CharField):
+    """``state``: one state or a comma-separated list (also given as repeated parameters)."""
+
     def clean(self, value: Any) -> list[str] | None:
         value = super().clean(value)
         if not value:
             return None
         states = [s.strip().upper() for s in value.split(",") if s.strip()]
         unknown = [s for s in states if s not in State.values]
-        if unknown:
-            # Params, not an f-string: a "%" in the caller's value must not be a format directive.
+        if unknown or not states:
+            # The input goes in params, never into the message itself: django-filter
+            # %-formats every message (`?state=%25` was a 500).
             raise forms.ValidationError(
                 "Unknown state(s): %(unknown)s. Known: %(known)s",
+                code="invalid_choice",
                 params={"unknown": ", ".join(unknown), "known": ", ".join(State.values)},
             )
         return states
@@ -116,29 +124,44 @@ class StateListFilter(django_filters.Filter):
 
 
 class MomentField(forms.CharField):
-    """A date (YYYY-MM-DD) or a full ISO time."""
+    """A date (YYYY-MM-DD) or a full ISO time, as the UTC bound it stands for.
+
+    ``end``: a date means the whole day, i.e. before the next midnight. A moment that is no
+    date Python can hold once in UTC (``to=9999-12-31``, ``from=0001-01-01T00:00+01:00``)
+    is a validation error, not an ``OverflowError`` deep in the database adapter.
+    """
 
     def __init__(self, *args: Any, end: bool = False, **kwargs: Any):
         self.end = end
         super().__init__(*args, **kwargs)
 
     def clean(self, value: Any) -> tuple[datetime, bool] | None:
-        value = super().clean(value)
-        if not value:
+        invalid = forms.ValidationError("Expected a date (YYYY-MM-DD) or an ISO-8601 time", code="invalid")
+        if value is None:
             return None
+        value = super().clean(value)
+        if not value:  # given, but empty: no date at all
+            raise invalid
         try:
             # A bare date first: parse_datetime() would also take "2024-01-15" as midnight.
             day = parse_date(value) if len(value) == 10 else None
             if day is not None:
-                return datetime.combine(day, time.min, tzinfo=UTC), True
-            moment = parse_datetime(value)
+                moment, is_date = datetime.combine(day, time.min, tzinfo=UTC), True
+            else:
+                moment, is_date = parse_datetime(value), False
         except ValueError:
             moment = None
         if moment is None:
-            raise forms.ValidationError("Expected a date (YYYY-MM-DD) or an ISO-8601 time")
+            raise invalid
         if timezone.is_naive(moment):
             moment = timezone.make_aware(moment, UTC)
-        return moment, False
+        try:
+            moment = moment.astimezone(UTC)
+            if is_date and self.end:
+                moment += timedelta(days=1)
+        except OverflowError:
+            raise forms.ValidationError("The date is out of range (years 1 to 9999, in UTC)", code="out_of_range") from None
+        return moment, is_date
 
 
 class MomentFilter(django_filters.Filter):
@@ -149,15 +172,14 @@ class MomentFilter(django_filters.Filter):
             return qs
         moment, is_date = value
         if self.lookup_expr == "lte":
-            # "to=2024-01-15" includes the whole day.
-            return qs.filter(created_at__lt=moment + timedelta(days=1)) if is_date else qs.filter(created_at__lte=moment)
+            # "to=2024-01-15" includes the whole day: the field gave the next midnight.
+            return qs.filter(created_at__lt=moment) if is_date else qs.filter(created_at__lte=moment)
         return qs.filter(created_at__gte=moment)
 
 
 class PlayFilter(django_filters.FilterSet):
     state = StateListFilter()
-    from_ = MomentFilter(field_name="created_at", lookup_expr="gte", label="from")
-    to = MomentFilter(field_name="created_at", lookup_expr="lte")
+    to = MomentFilter(field_name="created_at", lookup_expr="lte", end=True)
     idempotencyKey = django_filters.CharFilter(field_name="idempotency_key")
     flowId = django_filters.CharFilter(method="filter_flow")
     trigger = django_filters.ChoiceFilter(field_name="trigger_kind", choices=TriggerKind.choices)
@@ -167,15 +189,40 @@ class PlayFilter(django_filters.FilterSet):
         fields: list[str] = []
 
     def __init__(self, data: Any = None, *args: Any, **kwargs: Any):
-        if data is not None and "from" in data:
+        if data is not None and len(data.getlist("state")) > 1:
+            # state=DONE&state=FAIL (how generated clients send a list) is state=DONE,FAIL.
             data = data.copy()
-            data["from_"] = data.get("from")
+            data.setlist("state", [",".join(data.getlist("state"))])
         super().__init__(data, *args, **kwargs)
 
     def filter_flow(self, qs: Any, name: str, value: str) -> Any:
         flow = Flow.objects.filter(company_id=self.request.user.company_id).filter(pk=value).first() or \
             Flow.objects.filter(company_id=self.request.user.company_id, permanent_id=value, deleted_at__isnull=True).first()
         return qs.filter(flow_id=flow.pk if flow else value)
+
+
+# ``from`` is a Python keyword: the filter is added under its API name, so that the form,
+# its errors and the OpenAPI parameter all say ``from`` (a ``from_`` attribute leaked into
+# the schema as a second, phantom parameter).
+PlayFilter.base_filters["from"] = MomentFilter(field_name="created_at", lookup_expr="gte")
+PlayFilter.base_filters = {
+    name: PlayFilter.base_filters[name] for name in ("state", "from", "to", "idempotencyKey", "flowId", "trigger")
+}
+
+
+MOMENT = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
+HISTORY_PARAMETERS = [
+    OpenApiParameter(
+        "state", {"type": "array", "items": {"$ref": "#/components/schemas/PlayStateEnum"}}, style="form", explode=False,
+        description="One state or several: `state=DONE,FAIL` (or `state=DONE&state=FAIL`). Unknown states are a 400."),
+    OpenApiParameter("from", MOMENT, description="Created at or after: a date (`2024-01-15`, from its midnight UTC) "
+                     "or an ISO-8601 time. Out of range once in UTC (e.g. year 10000) is a 400."),
+    OpenApiParameter("to", MOMENT, description="Created at or before: a time, or a date for the whole day "
+                     "(`to=9999-12-31` is a 400: the day has no end in range)."),
+    OpenApiParameter("idempotencyKey", {"type": "string", "pattern": NO_NUL}, description="Plays triggered with this key"),
+    OpenApiParameter("flowId", {"type": "string", "pattern": NO_NUL}, description="The flow's id or permanentId"),
+    OpenApiParameter("trigger", {"type": "string", "enum": TriggerKind.values}, description="What started the play"),
+]
 
 
 class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -185,6 +232,11 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     serializer_class = PlaySerializer
     filterset_class = PlayFilter
     lookup_url_kwarg = "play_id"
+    # Reading needs the "read" scope and plays.view_play; every verb "operate" and
+    # plays.operate_play, as the admin's actions (flows/permissions.py).
+    write_scope = "operate"
+    read_perm = VIEW_PLAY
+    write_perm = OPERATE_PLAY
 
     def get_queryset(self) -> Any:
         if getattr(self, "swagger_fake_view", False):  # drf-spectacular building the schema
@@ -206,16 +258,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             raise not_found("play", self.kwargs["play_id"])
         return play
 
-    @extend_schema(
-        parameters=[
-            OpenApiParameter("state", str, description="One state or a comma-separated list"),
-            OpenApiParameter("from", str, description="Created at or after (date or ISO time)"),
-            OpenApiParameter("to", str, description="Created at or before (date = the whole day)"),
-            OpenApiParameter("idempotencyKey", str),
-            OpenApiParameter("flowId", str),
-            OpenApiParameter("trigger", str, enum=TriggerKind.values, description="What started the play"),
-        ]
-    )
+    @extend_schema(parameters=HISTORY_PARAMETERS)
     def list(self, request: Any, *args: Any, **kwargs: Any) -> Response:
         return super().list(request, *args, **kwargs)
 
@@ -230,7 +273,12 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         return Response(LayerSerializer(play.layers.order_by("index", "iteration"), many=True).data)
 
     @extend_schema(
-        parameters=[OpenApiParameter("since", int), OpenApiParameter("limit", int)],
+        parameters=[
+            OpenApiParameter("since", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                             description="Only events with a greater seq (default 0)"),
+            OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 10000},
+                             description="At most this many (default 1000)"),
+        ],
         responses={200: PayloadSerializer(many=True)},
         filters=False,
     )
@@ -241,7 +289,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         limit = _int_param(request, "limit", 1000, minimum=1, maximum=10000)
         # A play's writers hold its row, so its seq order is its commit order.
         events = Event.objects.filter(play=play, seq__gt=since).order_by("seq")[:limit]
-        return Response([e.message for e in events])
+        return Response([redact(e.message) for e in events])
 
     def _verb(self, verb: str, request: Any) -> Response:
         play = self.get_object()
@@ -290,8 +338,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 
     @extend_schema(
         request=None,
-        responses={201: inline_serializer("RetryResponse", {
-            "playId": serializers.CharField(), "state": serializers.CharField(), "retryOf": serializers.CharField()})},
+        responses={201: RetryResponseSerializer},
     )
     @action(detail=True, methods=["post"], filterset_class=None)
     def retry(self, request: Any, play_id: str) -> Response:

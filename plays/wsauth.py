@@ -25,6 +25,7 @@ from flows.models import ApiKey
 
 # Scope keys this module adds (ASGI allows extension keys).
 API_KEY_ID = "flowplay.api_key_id"
+API_KEY_SCOPES = "flowplay.api_key_scopes"
 SEND_BACKLOG = "flowplay.send_backlog"
 
 
@@ -45,7 +46,10 @@ class TokenMiddleware:
             scope = dict(
                 scope,
                 user=key.user if key is not None else AnonymousUser(),
-                **{API_KEY_ID: key.pk if key is not None else None},
+                **{
+                    API_KEY_ID: key.pk if key is not None else None,
+                    API_KEY_SCOPES: list(key.scopes) if key is not None else [],
+                },
             )
         return await self.inner(scope, receive, send)
 

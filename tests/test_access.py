@@ -144,7 +144,7 @@ def test_every_route_refuses_anonymous_callers(db: Any, world: dict[str, str]) -
         for method in methods_of(callback):
             response = anon.generic(method, path, b"{}", content_type="application/json")
             checked += 1
-            if path.startswith("/api/"):
+            if path.startswith("/api/") and name not in ("docs", "redoc"):  # the docs are pages
                 assert response.status_code in (401, 403), (method, path, response.status_code)
                 if response["Content-Type"].startswith("application/json"):
                     assert response.json()["error"] in ("UNAUTHORIZED", "FORBIDDEN"), (method, path)
@@ -168,8 +168,10 @@ def test_public_routes_are_only_login_and_health(db: Any) -> None:
     assert anon.post("/api/auth/login", {"email": "nobody@x.test", "password": "x"},
                      content_type="application/json").status_code == 401
     assert anon.get("/admin/login/").status_code == 200
-    for path in ("/api/schema", "/api/docs"):
-        assert anon.get(path).status_code in (401, 403), path
+    assert anon.get("/api/schema").status_code == 401
+    for path in ("/api/docs", "/api/redoc"):  # pages for people: to the login page, nothing else
+        response = anon.get(path)
+        assert response.status_code == 302 and response["Location"] == f"/login/?next={path}", path
 
 
 def test_every_websocket_route_refuses_anonymous_connections(transactional_db: Any) -> None:
@@ -177,18 +179,20 @@ def test_every_websocket_route_refuses_anonymous_connections(transactional_db: A
 
     from flowplay.asgi import application
 
-    async def attempt(path: str) -> tuple[bool, Any]:
+    async def attempt(path: str) -> Any:
+        # Accepted, then closed at once with the code (a close before the accept would be a
+        # bare HTTP 403 under Daphne), and nothing sent before the close.
         communicator = WebsocketCommunicator(application, path)
-        connected, code = await communicator.connect(timeout=5)
+        connected, _ = await communicator.connect(timeout=5)
+        assert connected, path
+        out = await communicator.receive_output(timeout=5)
         await communicator.disconnect()
-        return connected, code
+        assert out["type"] == "websocket.close", (path, out)
+        return out.get("code")
 
     for path in ws_routes():
-        connected, code = async_to_sync(attempt)(path)
-        assert not connected, path
-        assert code == 4401, (path, code)
-        connected, code = async_to_sync(attempt)(path + "?token=fp_00000000_not-a-real-token")
-        assert not connected, path
+        assert async_to_sync(attempt)(path) == 4401, path
+        assert async_to_sync(attempt)(path + "?token=fp_00000000_not-a-real-token") == 4401, path
 
 
 # --- Tenant isolation ---------------------------------------------------------------------
@@ -250,18 +254,24 @@ def test_charlie_sees_no_event_of_alice_on_the_websocket(transactional_db: Any, 
     play_id = api.post(f"/api/flows/{flow['id']}/run", {"args": {}}, format="json").json()["playId"]
     drain()
 
-    async def listen() -> list[Any]:
-        communicator = WebsocketCommunicator(application, f"/api/ws?token={token}&since={'0' * 32}&playId={play_id}")
+    async def listen(query: str) -> tuple[list[Any], Any]:
+        communicator = WebsocketCommunicator(application, f"/api/ws?token={token}&since={'0' * 32}{query}")
         connected, _ = await communicator.connect(timeout=5)
         assert connected
         got = []
         while not await communicator.receive_nothing(timeout=1.5):
-            got.append(await communicator.receive_json_from())
+            out = await communicator.receive_output()
+            if out["type"] == "websocket.close":
+                return got, out.get("code")
+            got.append(out)
         await communicator.disconnect()
-        return got
+        return got, None
 
     assert Play.objects.get(pk=play_id).events.count() >= 3
-    assert async_to_sync(listen)() == []
+    # Naming alice's play or flow is refused (4403); the whole stream has nothing of hers.
+    assert async_to_sync(listen)(f"&playId={play_id}") == ([], 4403)
+    assert async_to_sync(listen)(f"&flowId={flow['id']}") == ([], 4403)
+    assert async_to_sync(listen)("") == ([], None)
 
 
 def test_pages_and_admin_refuse_another_company(db: Any, world: dict[str, str], charlie: User) -> None:

@@ -44,7 +44,7 @@ def test_cookie_requests_need_the_csrf_token(alice: User) -> None:
 
 
 def test_api_keys_are_shown_once_stored_hashed_and_revocable(api: APIClient, alice: User) -> None:
-    r = api.post("/api/auth/api-keys", {"name": "ci", "scopes": ["plays:run"]}, format="json")
+    r = api.post("/api/auth/api-keys", {"name": "ci", "scopes": ["flows"]}, format="json")
     assert r.status_code == 201
     created = r.json()
     token = created["token"]

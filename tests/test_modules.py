@@ -149,7 +149,9 @@ def no_connect(monkeypatch: pytest.MonkeyPatch) -> list:
 
 
 def flowplay_settings(monkeypatch: pytest.MonkeyPatch, **conf: Any) -> None:
-    monkeypatch.setattr(modules.curl, "_flowplay_settings", lambda: conf)
+    from flows import egress
+
+    monkeypatch.setattr(egress, "_flowplay_settings", lambda: conf)
 
 
 # --- Registry and describe() ----------------------------------------------------------

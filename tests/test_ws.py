@@ -35,7 +35,8 @@ def _one_database_thread(monkeypatch: Any) -> None:
     where the real file database in WAL mode lets readers run beside the writer.
     """
     for owner, name in [
-        (consumers.PlayEventsConsumer, n) for n in ("_read", "_head", "_lag", "_resolve_flow", "_still_authorized")
+        (consumers.PlayEventsConsumer, n)
+        for n in ("_read", "_head", "_lag", "_resolve_flow", "_play_visible", "_still_authorized")
     ] + [(consumers.Hub, "_read"), (consumers.Hub, "_head")]:
         monkeypatch.setattr(owner, name, sync_to_async(owner.__dict__[name].func))
 
@@ -91,32 +92,44 @@ def stored_after(play: Play, since: str, only_play: bool = False) -> list[str]:
     return [e.cursor for e in events]
 
 
-def test_it_refuses_a_handshake_without_credentials() -> None:
-    async def go() -> Any:
-        comm = communicator("/api/ws")
-        connected, code = await comm.connect()
-        return connected, code
+async def close_code(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> int | None:
+    """A refused connection is accepted, then closed at once: its close code (no event first)."""
+    comm = communicator(path, headers)
+    connected, code = await comm.connect()
+    if not connected:
+        return None  # closed before the accept: Daphne would answer HTTP 403, whatever the reason
+    out = await comm.receive_output(timeout=5)
+    assert out["type"] == "websocket.close", out
+    return out.get("code")
 
-    assert run(go()) == (False, 4401)
+
+
+
+def test_it_refuses_a_handshake_without_credentials() -> None:
+    assert run(close_code("/api/ws")) == 4401
 
 
 def test_it_refuses_a_revoked_or_unknown_token(alice: User) -> None:
     key, token = ApiKey.issue(alice, "soon revoked")
     key.revoke()
 
-    async def go(t: str) -> Any:
-        return (await communicator(f"/api/ws?token={t}").connect())[0]
-
-    assert run(go(token)) is False
-    assert run(go("fp_nothing_here")) is False
+    assert run(close_code(f"/api/ws?token={token}")) == 4401
+    assert run(close_code("/api/ws?token=fp_nothing_here")) == 4401
 
 
 @pytest.mark.parametrize("since", ["-3", "12", "g" * 32, "f" * 32])
 def test_it_refuses_a_bad_since(token: str, since: str) -> None:
-    async def go() -> Any:
-        return await communicator(f"/api/ws?token={token}&since={since}").connect()
+    assert run(close_code(f"/api/ws?token={token}&since={since}")) == 4400
 
-    assert run(go()) == (False, 4400)
+
+def test_another_companys_play_or_flow_is_4403(token: str, charlie: User) -> None:
+    from .conftest import client_for
+
+    other = make_flow(client_for(charlie), [{"ref": "a", "appId": "var", "args": {"values": {}}}])
+    their_play = Play.trigger(Flow.objects.get(pk=other["id"]), {}, start=False)[0]
+    assert run(close_code(f"/api/ws?token={token}&playId={their_play.id}")) == 4403
+    assert run(close_code(f"/api/ws?token={token}&flowId={other['id']}")) == 4403
+    assert run(close_code(f"/api/ws?token={token}&flowId=no-such-flow")) == 4403
 
 
 def test_it_replays_after_since_then_goes_live_without_duplicates(token: str, play: Play) -> None:
@@ -348,7 +361,8 @@ def test_a_cookie_handshake_from_another_origin_is_refused(alice: User, client: 
         return connected
 
     assert run(go(b"http://testserver")) is True
-    assert run(go(b"http://evil.example:3000")) is False
+    headers = [(b"cookie", cookie), (b"host", b"testserver"), (b"origin", b"http://evil.example:3000")]
+    assert run(close_code("/api/ws", headers)) == 4403
 
 
 def test_it_closes_when_the_session_is_logged_out(alice: User, client: Any, monkeypatch: Any) -> None:

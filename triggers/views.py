@@ -14,6 +14,7 @@ from rest_framework.response import Response
 
 from flows.api import not_found
 from flows.audit import record
+from flows.permissions import RUN_FLOW, VIEW_FLOW
 from flows.views import get_flow
 from plays.serializers import PlaySerializer
 
@@ -40,6 +41,13 @@ class ScheduleViewSet(
     queryset = Schedule.objects.none()  # for the schema; get_queryset() scopes to the company
     serializer_class = ScheduleSerializer
     lookup_url_kwarg = "schedule_id"
+    # API key scopes and roles (flows/permissions.py): a schedule is part of a flow's set-up
+    # ("flows", flows.change_flow); firing one now is running the flow ("run", plays.add_play).
+    write_scope = "flows"
+    scopes = {"trigger": "run"}
+    read_perm = VIEW_FLOW
+    write_perm = "flows.change_flow"
+    perms = {"trigger": RUN_FLOW}
 
     def get_queryset(self) -> Any:
         if getattr(self, "swagger_fake_view", False):
@@ -106,6 +114,9 @@ class FlowScheduleViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, viewse
     queryset = Schedule.objects.none()
     serializer_class = ScheduleSerializer
     get_queryset = ScheduleViewSet.get_queryset
+    write_scope = "flows"
+    read_perm = VIEW_FLOW
+    write_perm = "flows.change_flow"
 
     @extend_schema(responses={201: ScheduleOutSerializer})
     def create(self, request: Any, *args: Any, **kwargs: Any) -> Response:
@@ -150,6 +161,10 @@ class ChannelViewSet(viewsets.ModelViewSet):
 
     queryset = Channel.objects.none()  # for the schema
     serializer_class = ChannelSerializer
+    # Like schedules: a channel is part of the flows' set-up (flows/permissions.py).
+    write_scope = "flows"
+    read_perm = VIEW_FLOW
+    write_perm = "flows.change_flow"
     lookup_url_kwarg = "channel_id"
     lookup_value_regex = "[^/]+"
 
@@ -225,6 +240,9 @@ class RouteViewSet(
 ):
     queryset = Route.objects.none()  # for the schema
     serializer_class = RouteSerializer
+    write_scope = "flows"
+    read_perm = VIEW_FLOW
+    write_perm = "flows.change_flow"
     pagination_class = None
     lookup_url_kwarg = "route_id"
 

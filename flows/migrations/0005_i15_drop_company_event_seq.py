@@ -5,7 +5,7 @@ from django.db import migrations
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("flows", "0004_i17_flow_tool"),
+        ("flows", "0003_i13c_apikey_parent"),
         ("plays", "0006_i15_event_cursor"),
     ]
 

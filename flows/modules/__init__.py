@@ -12,6 +12,7 @@ import socket  # noqa: F401  (tests patch flows.modules.socket / .httpcore)
 
 import httpcore  # noqa: F401
 
+from ..egress import DEFAULT_CURL_DENY, OutboundPolicy
 from . import (  # noqa: E402,F401  (importing registers them)
     arrays,
     base,
@@ -42,7 +43,6 @@ from .base import (
     is_expression,
     register,
 )
-from .curl import DEFAULT_CURL_DENY, OutboundPolicy
 from .enumeration import MAX_ENUM_ITEMS
 from .regex import MAX_REGEX_INPUT, MAX_REGEX_PATTERN
 from .sleep import MAX_SLEEP_MS

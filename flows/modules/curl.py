@@ -1,16 +1,12 @@
-"""`curl`: an HTTP request, through a transport that refuses denied addresses (``OutboundPolicy``)."""
+"""`curl`: an HTTP request, through a transport that refuses denied addresses (``flows.egress``)."""
 
 from __future__ import annotations
 
 import base64
-import functools
-import ipaddress
 import json
 import re
-import socket
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +14,7 @@ import httpcore
 import httpx
 from opentelemetry import propagate
 
+from ..egress import GuardedTransport, OutboundPolicy
 from .base import (
     _SCALAR,
     Module,
@@ -34,170 +31,7 @@ from .base import (
 MAX_RESPONSE_BYTES = 10 * 1024 * 1024
 MAX_REDIRECTS = 10
 
-DEFAULT_CURL_DENY = ["169.254.0.0/16", "fd00:ec2::254/128", "100.100.100.200/32"]
-
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-def _flowplay_settings() -> Mapping[str, Any]:
-    # Read on every call, not at import: this module must import without Django
-    # configured, and tests override settings.
-    try:
-        from django.conf import settings
-        from django.core.exceptions import ImproperlyConfigured
-    except ImportError:
-        return {}
-    try:
-        return getattr(settings, "FLOWPLAY", None) or {}
-    except ImproperlyConfigured:
-        return {}
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class OutboundPolicy:
-    deny: tuple[IPNetwork, ...]
-    allow_networks: tuple[IPNetwork, ...]
-    allow_hosts: frozenset[str]
-
-    @classmethod
-    def from_settings(cls) -> OutboundPolicy:
-        conf = _flowplay_settings()
-        deny_conf = conf.get("CURL_DENY")
-        deny_conf = DEFAULT_CURL_DENY if deny_conf is None else deny_conf
-        deny = []
-        for entry in deny_conf:
-            try:
-                deny.append(ipaddress.ip_network(str(entry).strip(), strict=False))
-            except ValueError as exc:
-                # Fail closed: a typo in the deny list must not open it.
-                raise StepError(f"FLOWPLAY CURL_DENY entry {entry!r} is not a network", "CONFIG_ERROR") from exc
-        allow_networks, allow_hosts = [], set()
-        for entry in conf.get("CURL_ALLOW") or []:
-            text = str(entry).strip()
-            try:
-                allow_networks.append(ipaddress.ip_network(text, strict=False))
-            except ValueError:
-                allow_hosts.add(text.lower().rstrip("."))
-        return cls(tuple(deny), tuple(allow_networks), frozenset(allow_hosts))
-
-    def host_allowed(self, host: str) -> bool:
-        return host.lower().rstrip(".") in self.allow_hosts
-
-    def address_denied(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        # ::ffff:169.254.169.254 reaches the same host as 169.254.169.254.
-        candidates = [ip]
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            candidates.append(ip.ipv4_mapped)
-        for candidate in candidates:
-            if any(candidate in net for net in self.allow_networks if net.version == candidate.version):
-                return False
-        return any(c in net for c in candidates for net in self.deny if net.version == c.version)
-
-
-class _GuardedBackend(httpcore.NetworkBackend):
-    """Resolves the host itself and connects to a checked address.
-
-    Checking at connect time (rather than once per URL) covers every redirect hop and
-    leaves no window for DNS to answer differently between the check and the connect.
-    """
-
-    def __init__(self, policy: OutboundPolicy):
-        self.policy = policy
-        self.inner = httpcore.SyncBackend()
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
-        if not self.policy.host_allowed(host):
-            denied = [a for a in addresses if self.policy.address_denied(a)]
-            if denied:
-                raise StepError(
-                    f"Outbound connections to {host} ({denied[0]}) are not allowed",
-                    "HOST_DENIED",
-                    retryable=False,
-                )
-        last_error: Exception = httpcore.ConnectError(f"no address for {host}")
-        for address in addresses:
-            try:
-                return self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
-            except httpcore.ConnectError as exc:
-                last_error = exc
-        raise last_error
-
-    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
-        raise httpcore.ConnectError("unix sockets are not allowed")
-
-
-class _CoreStream(httpx.SyncByteStream):
-    def __init__(self, stream: Iterable[bytes]):
-        self._stream = stream
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._stream
-
-    def close(self) -> None:
-        if hasattr(self._stream, "close"):
-            self._stream.close()
-
-
-class _GuardedTransport(httpx.BaseTransport):
-    """httpx transport on an httpcore pool with our network backend.
-
-    Built from public httpcore API rather than patching HTTPTransport's private pool, so
-    an httpx upgrade cannot silently drop the outbound check.
-    """
-
-    def __init__(self, policy: OutboundPolicy):
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=_ssl_context(),
-            max_connections=4,
-            network_backend=_GuardedBackend(policy),
-        )
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        assert isinstance(request.stream, httpx.SyncByteStream)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        response = self._pool.handle_request(core_request)
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_CoreStream(response.stream),
-            extensions=response.extensions,
-        )
-
-    def close(self) -> None:
-        self._pool.close()
-
-
-@functools.lru_cache(maxsize=1)
-def _ssl_context() -> Any:
-    # Loading the CA bundle costs milliseconds; contexts are safe to share.
-    return httpx.create_ssl_context()
 
 
 def _apply_credential(name: str, material: dict | None, headers: dict[str, str]) -> tuple[dict[str, str], Any]:
@@ -340,7 +174,7 @@ class Curl(Module):
 
         started = time.monotonic()
         deadline = started + budget
-        transport = _GuardedTransport(OutboundPolicy.from_settings())
+        transport = GuardedTransport(OutboundPolicy.from_settings())
         # trust_env=False: an environment proxy would make us connect to the proxy and
         # check its address instead of the target's.
         with httpx.Client(

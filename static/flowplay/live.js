@@ -112,6 +112,7 @@
     socket.onclose = function (close) {
       socket = null;
       if (close.code === 4401) { setStatus("off", "off (logged out; reload to log in)"); return; }
+      if (close.code === 4403) { setStatus("off", "off (not allowed; reload the page)"); return; }
       retry();
     };
   }

@@ -274,7 +274,7 @@ class Cluster:
 
     def command(self, kind: str, name: str) -> list[str]:
         if kind == "web":
-            return [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(self.port), "--ping-interval", "15",
+            return [str(BIN / "python"), "-m", "flowplay.web", "-b", "127.0.0.1", "-p", str(self.port), "--ping-interval", "15",
                     "--ping-timeout", "30", "flowplay.asgi:application"]
         if kind == "worker":
             return [str(BIN / "celery"), "-A", "flowplay", "worker", "--loglevel", "INFO", "--concurrency", "2",

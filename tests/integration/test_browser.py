@@ -215,3 +215,30 @@ def test_the_history_page_updates_states_live(server: Server, alice: httpx.Clien
     other = alice.post(f"/api/flows/{flow['id']}/run", json={}).json()["playId"]
     page.locator("#live-notice").get_by_text("1 new play since this page was loaded.").wait_for()
     assert alice.post(f"/api/plays/{other}/cancel").status_code == 200
+
+
+def test_api_docs_render_offline_from_local_static_files(server: Server, alice: httpx.Client, page: Any) -> None:
+    """Swagger UI (/api/docs) and ReDoc (/api/redoc) with every request off this server refused."""
+    outside: list[str] = []
+
+    def only_this_server(route: Any) -> None:
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.context.route("**/*", only_this_server)
+    page.context.add_cookies([{"name": "sessionid", "value": alice.cookies["sessionid"], "url": server.url}])
+
+    page.goto(f"{server.url}/api/docs")
+    page.locator(".swagger-ui .info .title").filter(has_text="flowplay API").wait_for()
+    page.locator(".opblock-summary-path", has_text="/api/flows/{flow_id}/run").first.wait_for()
+    assert page.locator(".opblock").count() >= 30
+    shot(page, "api-docs")
+
+    page.goto(f"{server.url}/api/redoc")
+    page.get_by_role("heading", name=re.compile("flowplay API")).first.wait_for()
+    page.get_by_text("/api/flows/{flow_id}/run").first.wait_for(state="attached")
+    shot(page, "api-redoc")
+    assert outside == [], f"the docs tried to load from elsewhere: {outside}"

@@ -38,13 +38,15 @@ class Live:
     log: Path
 
     def web_threads(self) -> int:
-        """Threads of the Daphne process."""
+        """Threads of the web (Daphne) process."""
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if not any(part.endswith(b"daphne") for part in cmdline[:2]) or str(self.port).encode() not in cmdline:
+                # Daphne, run as the Procfile's "python -m flowplay.web" (or plain "daphne").
+                web = any(part.endswith(b"daphne") or part == b"flowplay.web" for part in cmdline[:3])
+                if not web or str(self.port).encode() not in cmdline:
                     continue
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:

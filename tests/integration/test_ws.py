@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from .conftest import Server, wait_for
@@ -300,7 +300,6 @@ def test_a_connection_sees_only_its_company_and_its_filters(
 
     with (
         connect(ws_url(server, token=charlie_token)) as charlie_all,
-        connect(ws_url(server, token=charlie_token, flowId=three_steps["id"])) as charlie_peeking,
         cookie_ws(server, alice) as alice_all,
         cookie_ws(server, alice, flowId=three_steps["id"]) as alice_flow,
     ):
@@ -316,12 +315,15 @@ def test_a_connection_sees_only_its_company_and_its_filters(
             by_flow = collect(alice_flow, ended(alice_play)) + quiet(alice_flow)
             by_play = quiet(alice_play_only, 3)
         theirs = collect(charlie_all, ended(charlie_play)) + quiet(charlie_all)
-        peeked = quiet(charlie_peeking, 2)
+    # Naming another company's flow is refused: accepted, then closed with 4403, nothing sent.
+    with connect(ws_url(server, token=charlie_token, flowId=three_steps["id"])) as charlie_peeking:
+        with pytest.raises(ConnectionClosed) as peeking:
+            charlie_peeking.recv(timeout=30)
+    assert peeking.value.rcvd is not None and peeking.value.rcvd.code == 4403
 
     assert {m["playId"] for m in mine} >= {alice_play, other_play}
     assert charlie_play not in {m["playId"] for m in mine}
     assert {m["playId"] for m in theirs} == {charlie_play}
-    assert peeked == []
     assert by_flow == stored(alice, alice_play)
     # Opened after the play started: a suffix of its events, and only its own.
     assert {m["playId"] for m in by_play} <= {alice_play}
@@ -335,18 +337,20 @@ def test_handshakes_without_valid_credentials_are_refused(server: Server, alice:
         ws.send(json.dumps({"type": "ping"}))
         assert json.loads(ws.recv(timeout=10))["type"] == "pong"
     assert alice.delete(f"/api/auth/api-keys/{key['id']}").status_code == 204
-    for url, headers in [
-        (ws_url(server), {}),
-        (ws_url(server, token="fp_00000000_not-a-real-token"), {}),
-        (ws_url(server, token=key["token"]), {}),
+    for url, headers, code in [
+        (ws_url(server), {}, 4401),
+        (ws_url(server, token="fp_00000000_not-a-real-token"), {}, 4401),
+        (ws_url(server, token=key["token"]), {}, 4401),
         # A bad token is refused even beside a valid session cookie.
-        (ws_url(server, token="nope"), {"Cookie": f"sessionid={alice.cookies['sessionid']}"}),
+        (ws_url(server, token="nope"), {"Cookie": f"sessionid={alice.cookies['sessionid']}"}, 4401),
         # A cookie handshake from another origin's page (cross-site WebSocket hijacking).
-        (ws_url(server), {"Cookie": f"sessionid={alice.cookies['sessionid']}", "Origin": "http://evil.test:8000"}),
+        (ws_url(server), {"Cookie": f"sessionid={alice.cookies['sessionid']}", "Origin": "http://evil.test:8000"}, 4403),
     ]:
-        with pytest.raises(InvalidStatus) as refused:
-            connect(url, additional_headers=headers, open_timeout=30)
-        assert refused.value.response.status_code == 403, url
+        # Accepted, then closed with a code that says why (no event is ever sent).
+        with connect(url, additional_headers=headers, open_timeout=30) as refused:
+            with pytest.raises(ConnectionClosed) as closed:
+                refused.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == code, url
 
 
 def test_reconnecting_with_since_loses_nothing_while_the_play_runs(server: Server, alice: httpx.Client) -> None:
@@ -484,8 +488,10 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
 def test_the_server_pings_and_drops_a_client_that_never_answers(server: Server, alice: httpx.Client) -> None:
     assert "--ping-interval 15 --ping-timeout 30" in (Path(__file__).parents[2] / "Procfile").read_text()
     token = api_key(alice, "keepalive")["token"]
-    nothing = "&playId=none-" + secrets.token_hex(4)
-    with connect(ws_url(server, token=token, playId="none")) as polite:  # answers pings (websockets does)
+    # A flow that never runs: both connections receive no event, only pings.
+    quiet_flow = make_flow(alice, [{"ref": "a", "appId": "var", "args": {"values": {}}}])
+    nothing = f"&flowId={quiet_flow['id']}"
+    with connect(ws_url(server, token=token, flowId=quiet_flow["id"])) as polite:  # answers pings (websockets does)
         sock = raw_handshake(server, token, nothing)
         opened = time.monotonic()
         sock.settimeout(90)

@@ -14,6 +14,8 @@ from django.contrib.auth.management import create_permissions
 from django.contrib.auth.models import Group, Permission
 from django.core.management.base import BaseCommand
 
+from flows.permissions import MEMBER_PERMISSIONS
+
 OPERATORS = "Operators"
 OPERATOR_PERMISSIONS = [
     ("plays", "operate_play"),
@@ -27,7 +29,10 @@ OPERATOR_PERMISSIONS = [
 
 
 COMPANY_ADMINS = "Company admins"
+# A role is all its holder may do (flows/permissions.py): a company admin is a member (edits
+# flows, runs and operates plays) who also manages the company's credentials.
 COMPANY_ADMIN_PERMISSIONS = [
+    *(tuple(perm.split(".", 1)) for perm in sorted(MEMBER_PERMISSIONS)),
     ("flows", "view_credential"),
     ("flows", "add_credential"),
     ("flows", "change_credential"),
@@ -36,7 +41,8 @@ COMPANY_ADMIN_PERMISSIONS = [
 
 
 def ensure_company_admins() -> Group:
-    create_permissions(apps.get_app_config("flows"), verbosity=0)
+    for app in ("plays", "flows"):
+        create_permissions(apps.get_app_config(app), verbosity=0)
     group, _ = Group.objects.get_or_create(name=COMPANY_ADMINS)
     perms = [Permission.objects.get(content_type__app_label=app, codename=code) for app, code in COMPANY_ADMIN_PERMISSIONS]
     group.permissions.set(perms)
