@@ -355,6 +355,8 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 class EventsView(APIView):
     """GET /api/events: the company's events in cursor order, a page at a time."""
 
+    read_perm = VIEW_PLAY  # as GET /api/plays/{id}/events (flows/permissions.py)
+
     @extend_schema(
         parameters=[
             OpenApiParameter("since", str, description="The cursor of the last event received; none: from the start"),
@@ -381,7 +383,9 @@ class EventsView(APIView):
         events, reached = Event.objects.replay(request.user.company_id, since, size)
         # next: the cursor to ask with for the events after these (the horizon when the
         # page was not full, so that an idle stream is not scanned again).
-        return Response({"data": events, "next": encode_cursor(reached), "more": len(events) == size})
+        return Response(
+            {"data": [redact(e) for e in events], "next": encode_cursor(reached), "more": len(events) == size}
+        )
 
 
 def _int_param(request: Any, name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
