@@ -1,6 +1,6 @@
 """Serve flowplay with several daphne processes on one listening socket.
 
-    python -m flowplay.serve [--port 4454] [--processes N] [daphne options …]
+    python -m flowplay.serve [-b 127.0.0.1] [-p 4454] [--processes N] [daphne options …]
 
 The socket is bound here once and handed to ``WEB_CONCURRENCY`` (default 2) daphne
 processes (``python -m flowplay.web --fd``: daphne with the request body guard); the kernel spreads the connections over them. Daphne, not
@@ -22,8 +22,8 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "4454")))
+    parser.add_argument("-b", "--host", default=os.environ.get("WEB_HOST", "127.0.0.1"))
+    parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("PORT", "4454")))
     parser.add_argument("--processes", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "2")))
     parser.add_argument("--app", default="flowplay.asgi:application")
     args, daphne_args = parser.parse_known_args(argv)

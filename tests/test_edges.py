@@ -328,7 +328,8 @@ def test_procfile_and_makefile_bind_loopback_by_default() -> None:
     procfile = (ROOT / "Procfile").read_text()
     web = next(line for line in procfile.splitlines() if line.startswith("web:"))
     assert "-b ${WEB_HOST:-127.0.0.1}" in web and "0.0.0.0" not in procfile
-    assert "python -m flowplay.web" in web
+    # flowplay.serve runs WEB_CONCURRENCY processes of flowplay.web on the one socket.
+    assert "python -m flowplay.serve" in web and '"-m", "flowplay.web"' in (ROOT / "flowplay" / "serve.py").read_text()
     makefile = (ROOT / "Makefile").read_text()
     assert "WEB_HOST ?= 127.0.0.1" in makefile and "WEB_HOST=$(WEB_HOST)" in makefile
 

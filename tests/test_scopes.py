@@ -46,6 +46,7 @@ ROUTES = [
     ("GET", "/api/plays/{play}", "read"),
     ("GET", "/api/plays/{play}/layers", "read"),
     ("GET", "/api/plays/{play}/events", "read"),
+    ("GET", "/api/events", "read"),
     ("POST", "/api/plays/{play}/start", "operate"),
     ("POST", "/api/plays/{play}/hold", "operate"),
     ("POST", "/api/plays/{play}/resume", "operate"),
