@@ -188,7 +188,10 @@ if DATABASE_URL:
     # DB_POOL=0 falls back to a connection per request (or DB_CONN_MAX_AGE seconds).
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))}
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", True):
+    # In-process tests open and close connections on many short-lived threads (consumers, the
+    # hub, thread pools), which a bounded pool would hand out until it ran dry: they use a
+    # connection per thread; the servers the integration tests start use the pool.
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", "pytest" not in sys.modules):
         DATABASES["default"]["CONN_MAX_AGE"] = 0  # required with a pool: close = give back
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("DB_POOL_MIN_SIZE", 1),
