@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PORT ?= 4454
 
-.PHONY: run test test-pg bench migrate user lint clean chromium
+.PHONY: run test test-fleet test-pg bench migrate user lint clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,10 +41,14 @@ chromium:
 test: $(STAMP) chromium
 ifeq ($(strip $(PYTEST_ARGS)),)
 	$(BIN)/python -m pytest -q -m "not integration" -n 2
-	$(BIN)/python -m pytest -q -m integration
+	$(BIN)/python -m pytest -q -m "integration and not fleet"
 else
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 endif
+
+## The fleet suite: hosts in network namespaces with their own PostgreSQL and Redis (root).
+test-fleet: $(STAMP)
+	$(BIN)/python -m pytest -q -m fleet
 
 bench: migrate
 	$(BIN)/python manage.py bench $(BENCH_ARGS)
