@@ -7,7 +7,7 @@ PORT ?= 4454
 # Address the web process listens on: this machine only, unless WEB_HOST=0.0.0.0 (or an address).
 WEB_HOST ?= 127.0.0.1
 
-.PHONY: run test test-pg bench migrate user lint clean chromium
+.PHONY: run test test-fleet test-pg bench migrate user lint clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,10 +43,14 @@ chromium:
 test: $(STAMP) chromium
 ifeq ($(strip $(PYTEST_ARGS)),)
 	$(BIN)/python -m pytest -q -m "not integration" -n 2
-	$(BIN)/python -m pytest -q -m integration
+	$(BIN)/python -m pytest -q -m "integration and not fleet"
 else
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 endif
+
+## The fleet suite: hosts in network namespaces with their own PostgreSQL and Redis (root).
+test-fleet: $(STAMP)
+	$(BIN)/python -m pytest -q -m fleet
 
 bench: migrate
 	$(BIN)/python manage.py bench $(BENCH_ARGS)
