@@ -337,7 +337,9 @@ class Fleet:
             client.close()
 
     def start_web(self, web: str) -> None:
-        self.spawn(web, web, [str(BIN / "daphne"), "-b", self.ip(web), "-p", "8000", "flowplay.asgi:application"])
+        # The Procfile's web process: Daphne with the request-body guard.
+        self.spawn(web, web, [str(BIN / "python"), "-m", "flowplay.web", "-b", self.ip(web), "-p", "8000",
+                              "flowplay.asgi:application"])
         wait_until(
             lambda: httpx.get(f"{self.url(web)}/api/health", timeout=3).status_code == 200, 90, f"{web} to be healthy"
         )
