@@ -8,7 +8,7 @@
   PATCH of a step's args only, which keeps its approval gate;
 - WebSocket refusals arrive as close codes 4400/4401/4403 through the real Daphne (a close
   before the accept would be an HTTP 403 for all of them);
-- the README's JavaScript example (docs/fragments/i16.md) run by Node.js: it subscribes
+- the README's JavaScript example run by Node.js: it subscribes
   first, triggers, and prints step and play events.
 """
 
@@ -408,5 +408,5 @@ def test_the_readme_javascript_example_subscribes_then_triggers(
 
 
 def test_the_readme_example_is_the_file_the_test_runs() -> None:
-    fragment = (ROOT / "docs/fragments/i16.md").read_text()
+    fragment = (ROOT / "README.md").read_text()
     assert (JS_DIR / "readme_client.js").read_text().strip() in fragment
