@@ -359,8 +359,13 @@ class EventsView(APIView):
 
     @extend_schema(
         parameters=[
-            OpenApiParameter("since", str, description="The cursor of the last event received; none: from the start"),
-            OpenApiParameter("size", int, description="Events per page (default 100, at most 1000)"),
+            OpenApiParameter(
+                "since",
+                {"type": "string", "pattern": "^([0-7][0-9a-f]{15}[0-7][0-9a-f]{15})?$"},
+                description="The cursor of the last event received (opaque); none: from the start",
+            ),
+            OpenApiParameter("size", {"type": "integer", "minimum": 1, "maximum": 1000},
+                             description="Events per page (default 100)"),
         ],
         responses={
             200: inline_serializer(

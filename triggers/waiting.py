@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -73,7 +74,7 @@ async def wait_for_end(play: Play, timeout: float) -> str | None:
                     message = await asyncio.wait_for(layer.receive(channel), remaining)
                 except TimeoutError:
                     break
-                if any(e.get("playId") == play.pk and e.get("type") in END_EVENTS for e in message.get("events", ())):
+                if any(_ends(event, play.pk) for event in message.get("events", ())):
                     break
             state = await _state(play.pk)
             if state in TERMINAL or state is None or loop.time() >= deadline:
@@ -82,6 +83,12 @@ async def wait_for_end(play: Play, timeout: float) -> str | None:
     finally:
         await layer.group_discard(group, channel)
         await hub.unsubscribe(play.company_id)
+
+
+def _ends(event: Any, play_id: str) -> bool:
+    """Whether a hub event (``plays.consumers.hub_event``: cursor, play id, flow id, its
+    JSON) says that ``play_id`` ended or changed state."""
+    return event[1] == play_id and json.loads(event[3]).get("type") in END_EVENTS
 
 
 def error_body(code: str, message: str, status: int) -> dict[str, Any]:

@@ -38,21 +38,31 @@ class Live:
     log: Path
 
     def web_threads(self) -> int:
-        """Threads of the web (Daphne) process."""
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
+        """Threads of the web processes: the Procfile's ``flowplay.serve`` runs WEB_CONCURRENCY
+        daphne processes (``flowplay.web --fd``) on this port's socket; their threads added up."""
+        parents: dict[int, int] = {}
+        serve = None
+        for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                # Daphne, run as the Procfile's "python -m flowplay.web" (or plain "daphne").
-                web = any(part.endswith(b"daphne") or part == b"flowplay.web" for part in cmdline[:3])
-                if not web or str(self.port).encode() not in cmdline:
-                    continue
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
+                parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
-        raise AssertionError("no daphne process found")
+            if b"flowplay.serve" in cmdline[:3] and str(self.port).encode() in cmdline:
+                serve = int(pid)
+        if serve is None:
+            raise AssertionError("no flowplay.serve process found")
+        threads = 0
+        for pid, parent in parents.items():
+            if parent == serve:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                threads += int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+        if not threads:
+            raise AssertionError("no daphne process found")
+        return threads
 
 
 @pytest.fixture(scope="module")
