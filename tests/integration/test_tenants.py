@@ -129,9 +129,10 @@ def test_one_tenants_hostile_plays_do_not_slow_another_tenant(alice: httpx.Clien
     base, load = p95(baseline), p95(loaded)
     figures = f"baseline p95 {base:.3f} s, under load p95 {load:.3f} s, A plays finished {len(finished)}"
     print(figures)
-    # Generous: the baseline counts as at least 0.5 s (a fast machine's 0.1 s would make the
-    # ratio hostage to scheduling noise on a shared one).
-    assert load <= 2 * max(base, 0.5), figures
+    # Within 2x of the baseline, which counts as at least 0.2 s: a quiet machine's 0.09 s would
+    # make the ratio hostage to one scheduling hiccup. (Measured 2026-11-30 on the quiet 2-core
+    # machine: 0.087 -> 0.125 s, 0.098 -> 0.111 s, 0.093 -> 0.127 s; 1.1-1.4x.)
+    assert load <= 2 * max(base, 0.2), figures
     codes = {(p["error"] or {}).get("code") for p in finished}
     assert all(p["state"] == "DONE" for p in finished), figures  # onError continue: failed steps, done plays
     assert codes == {None}
