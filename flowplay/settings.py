@@ -320,7 +320,7 @@ REST_FRAMEWORK = {
         "flows.permissions.RolePermission",
     ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["flows.api.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["flows.parsers.JSONParser"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "flows.api.PagePagination",
     "EXCEPTION_HANDLER": "flows.api.exception_handler",

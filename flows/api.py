@@ -9,11 +9,9 @@ from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, serializers, status
 from rest_framework.pagination import BasePagination
-from rest_framework.parsers import JSONParser as DRFJSONParser
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from .storable import input_problem
 from .strict import NO_NUL, NOT_BLANK
 
 log = logging.getLogger(__name__)
@@ -89,40 +87,6 @@ def flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
     else:
         out.setdefault(prefix or "body", []).append(str(detail))
     return out
-
-
-# Deeper JSON than this is refused at parse time: it is no real document, and recursive code
-# further on (serializers, the expression renderer, json.dumps) would hit Python's limit.
-MAX_JSON_DEPTH = 100
-
-
-def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return False
-
-
-class JSONParser(DRFJSONParser):
-    """DRF's JSON parser, refusing absurdly nested documents with a 400 instead of a 500."""
-
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
-        try:
-            data = super().parse(stream, media_type, parser_context)
-        except RecursionError:
-            raise exceptions.ParseError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
-        if json_depth_exceeds(data):
-            raise exceptions.ParseError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
-        # What the database could not store as sent (NUL, lone surrogates, non-finite numbers)
-        # is refused here, for every JSON body, rather than repaired behind the client's back.
-        problem = input_problem(data)
-        if problem is not None:
-            raise exceptions.ValidationError({problem[0]: [problem[1]]})
-        return data
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:

@@ -31,9 +31,13 @@ from typing import Any
 from django.db import models
 
 REPLACEMENT = "\ufffd"
-# Deepest nesting stored. Request bodies are refused deeper than flows.api.MAX_JSON_DEPTH
+# Deepest nesting stored. Request bodies are refused deeper than MAX_JSON_DEPTH
 # (100); events wrap a value in a few levels more.
 MAX_DEPTH = 200
+# Deeper JSON than this is refused in request bodies (flows.parsers, the hooks): it is no real
+# document, and recursive code further on (serializers, the expression renderer, json.dumps)
+# would hit Python's limit.
+MAX_JSON_DEPTH = 100
 # Python refuses to turn longer integers into text (sys.get_int_max_str_digits).
 MAX_INT_DIGITS = 4300
 
@@ -164,3 +168,15 @@ class StorableJSONField(models.JSONField):
         # switching to this class needs none (on SQLite an AlterField rebuilds the table).
         name, _path, args, kwargs = super().deconstruct()
         return name, "django.db.models.JSONField", args, kwargs
+
+
+def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `value` nests dicts and lists deeper than `limit` (iterative: no recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False

@@ -30,7 +30,7 @@ from django.conf import settings
 from flows import expr
 from flows.ids import new_id
 from flows.models import hash_token
-from flows.storable import UnstorableValue, storable
+from flows.storable import MAX_JSON_DEPTH, UnstorableValue, json_depth_exceeds, storable
 from plays.models import IdempotencyConflict, Play, State, TriggerKind
 from plays.redaction import MASK, redact
 
@@ -161,8 +161,6 @@ def parse_body(content_type: str, raw: bytes) -> Any:
     media = content_type.split(";")[0].strip().lower()
     text = raw.decode("utf-8", errors="replace")
     if media == "application/json" or media.endswith("+json"):
-        from flows.api import MAX_JSON_DEPTH, json_depth_exceeds  # not at import: DRF's settings load it
-
         try:
             value = json.loads(text)
         except (ValueError, RecursionError):
