@@ -438,9 +438,6 @@ def test_var_returns_its_values() -> None:
 
 
 def test_template_renders_with_flows_expr() -> None:
-    expr = pytest.importorskip("flows.expr")
-    if not hasattr(expr, "render_template"):
-        pytest.skip("flows.expr is not written yet")
     out = run("template", {"template": "Hello {{ name }}, you owe {{ amount }}", "data": {"name": "Ann", "amount": 5}})
     assert out == {"result": "Hello Ann, you owe 5"}
     assert run("template", {"template": "no placeholders"}) == {"result": "no placeholders"}

@@ -18,7 +18,8 @@ from flows.models import KV, Company, Flow, User
 from flows.modules import RunContext, StepError, get_module
 from plays.models import Play
 
-from .conftest import client_for, make_flow
+from .conftest import client_for
+from .factories import make_flow
 
 
 def run(app_id: str, args: Any, ctx: RunContext | None = None) -> Any:
