@@ -55,3 +55,25 @@ def make_play(flow: Any, user: Any = None, args: dict[str, Any] | None = None, *
     play, created = Play.trigger(flow, args or {}, user=user, **trigger_kw)
     assert created
     return play
+
+
+def run_module(app_id: str, args: Any, ctx: Any = None) -> Any:
+    """Run one module directly and hold its out to the module's own out_schema."""
+    from jsonschema import Draft202012Validator
+
+    from flows.modules import RunContext, get_module
+
+    module = get_module(app_id)
+    assert module is not None
+    out = module.run(args, ctx or RunContext())
+    Draft202012Validator(module.out_schema).validate(out)
+    return out
+
+
+def check_module(app_id: str, args: Any) -> dict[str, list[str]]:
+    """A module's own check of ``args``: the problems by field."""
+    from flows.modules import get_module
+
+    module = get_module(app_id)
+    assert module is not None
+    return module.check(args)
