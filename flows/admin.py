@@ -170,10 +170,6 @@ class FlowAdmin(TenantMixin, admin.ModelAdmin):
         if obj.filters is None:
             obj.filters = []
         super().save_model(request, obj, form, change)
-        from plays.workers import queue_warning
-
-        if warning := queue_warning(obj.queue or "default"):
-            messages.warning(request, warning["message"])
 
     def save_formset(self, request: Any, form: Any, formset: Any, change: bool) -> None:
         flowlets = formset.save(commit=False)

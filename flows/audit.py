@@ -46,10 +46,6 @@ ACTIONS = {
     "schedule.triggered": "Fired a schedule by hand",
 }
 
-# The past tense of the play verbs of plays.models.Play, by method name.
-PLAY_VERBS = {"hold": "play.held", "resume": "play.resumed", "cancel": "play.cancelled", "begin": "play.started"}
-
-
 def record(user: Any, action: str, obj: Any, **details: Any) -> AuditEntry:
     """Store one audit entry of ``user`` doing ``action`` to ``obj`` (a model instance)."""
     if action not in ACTIONS:
@@ -77,4 +73,4 @@ def history(obj: Any) -> Any:
     return AuditEntry.objects.filter(object_type=obj._meta.model_name, object_id=str(obj.pk))
 
 
-__all__ = ["ACTIONS", "PLAY_VERBS", "record", "history"]
+__all__ = ["ACTIONS", "record", "history"]

@@ -181,9 +181,10 @@ class FlowQuerySet(models.QuerySet):
     def for_company(self, company_id: str) -> FlowQuerySet:
         return self.filter(company_id=company_id)
 
-    def get_by_id_or_permanent_id(self, key: str) -> Flow:
-        """Resolve ``{flowId}`` in a path: the id or the permanentId both work."""
-        return self.filter(Q(pk=key) | Q(permanent_id=key)).get()
+    def resolve(self, company: Company | str, key: str) -> Flow | None:
+        """The company's live flow whose id, or else permanentId, is ``key`` (``{flowId}`` in a path)."""
+        alive = self.alive().for_company(getattr(company, "pk", company))
+        return alive.filter(pk=key).first() or alive.filter(permanent_id=key).first()
 
 
 class Flow(models.Model):

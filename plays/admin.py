@@ -16,10 +16,14 @@ from django.forms.models import BaseInlineFormSet
 from django.urls import reverse
 from django.utils.html import format_html
 
-from flows.audit import PLAY_VERBS, record
+from flows.admin import FlowAdmin as FlowDefinitionAdmin
+from flows.audit import record
+from flows.models import Flow
 
+from .audit import PLAY_VERBS
 from .models import Approval, Decision, Event, InvalidState, Layer, Play
 from .redaction import redact
+from .workers import queue_warning
 
 OPERATE = "plays.operate_play"
 
@@ -223,3 +227,16 @@ class PlayAdmin(TenantMixin, admin.ModelAdmin):
 
     def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
         return False
+
+
+admin.site.unregister(Flow)
+
+
+@admin.register(Flow)
+class FlowAdmin(FlowDefinitionAdmin):
+    """The flow admin of ``flows.admin``, warning when the flow's queue has no live worker."""
+
+    def save_model(self, request: Any, obj: Flow, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if warning := queue_warning(obj.queue or "default"):
+            messages.warning(request, warning["message"])

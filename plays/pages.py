@@ -29,12 +29,13 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from flows.api import ApiError, PagePagination
-from flows.audit import PLAY_VERBS, record
+from flows.audit import record
 from flows.auth import authenticate_by_login
 from flows.models import Flow
 from flows.permissions import OPERATE_PLAY, VIEW_FLOW, VIEW_PLAY
 from flows.views import LoginThrottle
 
+from .audit import PLAY_VERBS
 from .models import (
     HOLDABLE,
     NON_TERMINAL,
