@@ -10,13 +10,15 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from tenancy.models import ApiKey
+from tenancy.permissions import SCOPES
+
 from . import credentials, expr
 from .expr.filters import CASTS, MODES, OPERATORS
-from .models import ApiKey, Flow, Flowlet, OnError
+from .models import Flow, Flowlet, OnError
 from .modules import get_module
 from .modules.base import REGISTRY
 from .modules.iterator import loop_end
-from .permissions import SCOPES
 from .strict import NO_NUL, StrictJSONMixin
 
 # The play states (plays.models.State; flows does not import plays): the run answer's state.

@@ -18,11 +18,13 @@ from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
+from tenancy.audit import record
+from tenancy.auth import authenticate_by_login
+from tenancy.models import ApiKey, KeyScopeError
+from tenancy.permissions import ANY_SCOPE, VIEW_FLOW, request_key
+
 from .api import ApiError, ErrorSerializer, not_found, validation_error
-from .audit import record
-from .auth import authenticate_by_login
-from .models import ApiKey, Flow, Flowlet, KeyScopeError
-from .permissions import ANY_SCOPE, VIEW_FLOW, request_key
+from .models import Flow, Flowlet
 from .serializers import (
     ApiKeyCreatedSerializer,
     ApiKeySerializer,

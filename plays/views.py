@@ -19,12 +19,12 @@ from rest_framework.views import APIView
 
 from flows import views as flow_views
 from flows.api import ApiError, invalid_state, not_found
-from flows.audit import record
 from flows.models import Flow, FlowVersion
-from flows.permissions import OPERATE_PLAY, RUN_FLOW, VIEW_PLAY
 from flows.serializers import FlowSerializer, RunResponseSerializer, RunSerializer
 from flows.strict import NO_NUL
 from flows.views import get_flow
+from tenancy.audit import record
+from tenancy.permissions import OPERATE_PLAY, RUN_FLOW, VIEW_PLAY
 
 from . import workers
 from .audit import PLAY_VERBS

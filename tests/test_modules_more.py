@@ -14,9 +14,10 @@ from django.db import connection, connections
 from jsonschema import Draft202012Validator
 
 from flows import modules
-from flows.models import KV, Company, Flow, User
+from flows.models import KV, Flow
 from flows.modules import RunContext, StepError, get_module
 from plays.models import Play
+from tenancy.models import Company, User
 
 from .conftest import client_for, make_flow
 

@@ -13,10 +13,10 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from flows.api import not_found
-from flows.audit import record
-from flows.permissions import RUN_FLOW, VIEW_FLOW
 from flows.views import get_flow
 from plays.serializers import PlaySerializer
+from tenancy.audit import record
+from tenancy.permissions import RUN_FLOW, VIEW_FLOW
 
 from .models import AuthMode, Channel, ChannelRequest, Route, Schedule
 from .serializers import (

@@ -14,7 +14,7 @@ from django.contrib.auth.management import create_permissions
 from django.contrib.auth.models import Group, Permission
 from django.core.management.base import BaseCommand
 
-from flows.permissions import MEMBER_PERMISSIONS
+from tenancy.permissions import MEMBER_PERMISSIONS
 
 OPERATORS = "Operators"
 OPERATOR_PERMISSIONS = [

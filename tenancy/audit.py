@@ -4,11 +4,11 @@ play, and who created, changed or deleted which flow.
 Call ``record(user, action, obj, **details)`` right after the change succeeded, inside the
 same transaction when there is one, from the API views and from admin actions alike::
 
-    from flows.audit import record
+    from tenancy.audit import record
     record(request.user, "play.cancelled", play, source="admin")
 
 Actions are ``"<object>.<verb in the past>"``; ``ACTIONS`` lists the known ones. Entries are
-only ever added (the admin registration in ``flows.audit_admin`` is read-only).
+only ever added (the admin shows them read-only, ``tenancy.admin``).
 """
 
 from __future__ import annotations
