@@ -152,7 +152,7 @@ MIDDLEWARE = [
 ROOT_URLCONF = "flowplay.urls"
 AUTH_USER_MODEL = "tenancy.User"
 # Roles are Django permissions everywhere (API, pages, admin); a user without any role is a
-# company member with the members' permissions (flows/permissions.py).
+# company member with the members' permissions (tenancy/permissions.py).
 AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend", "tenancy.permissions.MemberBackend"]
 # The pages' names are namespaced: the API router already uses "flow-list", "play-detail".
 LOGIN_URL = "pages:login"
@@ -314,7 +314,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     # The user's role (Django permissions, as in the admin) and the API key's scopes:
-    # flows/permissions.py.
+    # tenancy/permissions.py.
     "DEFAULT_PERMISSION_CLASSES": [
         "rest_framework.permissions.IsAuthenticated",
         "tenancy.permissions.ScopePermission",

@@ -81,7 +81,7 @@ class FlowViewSet(viewsets.ModelViewSet):
     lookup_field = "pk"
     lookup_url_kwarg = "flow_id"
     lookup_value_regex = "[^/]+"
-    # API key scopes and roles (flows/permissions.py): reading needs "read", the rest "flows";
+    # API key scopes and roles (tenancy/permissions.py): reading needs "read", the rest "flows";
     # the role's Django permissions are the admin's.
     write_scope = "flows"
     read_perm = VIEW_FLOW

@@ -293,7 +293,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     filterset_class = PlayFilter
     lookup_url_kwarg = "play_id"
     # Reading needs the "read" scope and plays.view_play; every verb "operate" and
-    # plays.operate_play, as the admin's actions (flows/permissions.py).
+    # plays.operate_play, as the admin's actions (tenancy/permissions.py).
     write_scope = "operate"
     read_perm = VIEW_PLAY
     write_perm = OPERATE_PLAY
@@ -415,7 +415,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 class EventsView(APIView):
     """GET /api/events: the company's events in cursor order, a page at a time."""
 
-    read_perm = VIEW_PLAY  # as GET /api/plays/{id}/events (flows/permissions.py)
+    read_perm = VIEW_PLAY  # as GET /api/plays/{id}/events (tenancy/permissions.py)
 
     @extend_schema(
         parameters=[

@@ -97,7 +97,7 @@ def test_approve_action_continues_the_play(api: Any, drain: Any, operator: User)
 def test_non_operator_staff_cannot_act_or_see(api: Any, drain: Any, acme: Company) -> None:
     pid = make_in_state(api, drain, "NEW")
     # A staff user whose role (a group) has no permission on plays. (A user with no role at all
-    # is a company member, who operates plays in the admin as through the API: flows/permissions.py.)
+    # is a company member, who operates plays in the admin as through the API: tenancy/permissions.py.)
     sam = staff(acme, "sam")
     sam.groups.add(Group.objects.create(name="Auditors"))
     plain = login(sam)

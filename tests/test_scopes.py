@@ -1,4 +1,4 @@
-"""API key scopes and roles (flows/permissions.py), as found in issue 13: scopes were stored
+"""API key scopes and roles (tenancy/permissions.py), as found in issue 13: scopes were stored
 and never enforced, a key could mint keys, a child key outlived its revoked parent, and
 Operators could not edit flows in the admin but could through the API.
 """
