@@ -18,7 +18,7 @@ Scenarios (``--only`` picks some, by number or name):
 6. ``memory``: worker RSS at start and after ``--memory-plays`` plays.
 7. ``scaling``: steps/s with 1, 2, 4 worker processes.
 
-Workers (``python -m plays.bench.worker``, a Celery worker that knows ``bench-cpu``) listen
+Workers (``python -m bench.worker``, a Celery worker that knows ``bench-cpu``) listen
 on a dedicated queue, so they never take other workers' tasks. Everything is made under the
 company ``bench`` and deleted at the end (``--keep`` keeps it). Results: a Markdown table
 on stdout and ``bench/results.json``.
@@ -191,7 +191,7 @@ class Command(BaseCommand):
             "options": {k: v for k, v in self.opts.items()},
             "scenarios": {},
         }
-        from plays.bench import cpu
+        from bench import cpu
 
         cpu.install()
         started = time.monotonic()
@@ -245,7 +245,7 @@ class Command(BaseCommand):
         try:
             from django_celery_results.models import TaskResult
 
-            TaskResult.objects.filter(task_name__startswith="plays.bench.").delete()
+            TaskResult.objects.filter(task_name__startswith="bench.").delete()
         except Exception:  # noqa: BLE001
             pass
         try:
@@ -276,7 +276,7 @@ class Command(BaseCommand):
             [
                 sys.executable,
                 "-m",
-                "plays.bench.worker",
+                "bench.worker",
                 "-Q",
                 self.queue,
                 "-c",
@@ -297,7 +297,7 @@ class Command(BaseCommand):
 
     def wait_ready(self, proc: subprocess.Popen) -> None:
         """A worker is ready when it answers a bare task on the bench queue."""
-        from plays.bench.cpu import bare_done
+        from bench.cpu import bare_done
 
         result = bare_done.apply_async((0,), queue=self.queue)
         ends = time.monotonic() + 60
@@ -347,7 +347,7 @@ class Command(BaseCommand):
         from celery import chain
         from django_celery_results.models import TaskResult
 
-        from plays.bench.cpu import bare_done, bare_step
+        from bench.cpu import bare_done, bare_step
 
         t0 = timezone.now()
         results = []
@@ -736,11 +736,11 @@ class Command(BaseCommand):
 
     def s_floor(self) -> dict[str, Any]:
         """POST /run against the API floor (a bare DRF view that inserts and commits one
-        row, plays/bench/floor.py) on the same server in the same run, with 1 and 2 web
+        row, bench/floor.py) on the same server in the same run, with 1 and 2 web
         processes, while 2 worker processes run the triggered plays."""
         import httpx
 
-        from plays.bench import floor
+        from bench import floor
 
         floor.create_table()
         flow = self.make_flow([{"ref": "a", "appId": "var", "args": {"values": {}}}], "bench floor")
@@ -780,7 +780,7 @@ class Command(BaseCommand):
 
         try:
             for processes in (1, 2):
-                server, url = self.server(processes, "plays.bench.floor:application")
+                server, url = self.server(processes, "bench.floor:application")
                 row: dict[str, Any] = {}
                 try:
                     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {self.token}"}) as client:
