@@ -158,8 +158,10 @@ class Processes:
         ``ready.``)."""
 
         def seen() -> bool:
+            if text in self.log(name, since_start=True):
+                return True
             self.check_alive(name)
-            return text in self.log(name, since_start=True)
+            return False
 
         wait_until(seen, timeout, f"{name} to log {text!r}", every=0.2)
 
