@@ -34,7 +34,8 @@ from flows import credentials, modules
 from flows.models import AuditEntry, User
 from plays.models import Play
 
-from .conftest import PASSWORD, client_for, make_flow
+from .conftest import PASSWORD, client_for
+from .factories import make_flow
 
 ROOT = Path(__file__).resolve().parents[1]
 

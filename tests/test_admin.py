@@ -14,7 +14,8 @@ from django.test import Client
 from flows.models import ApiKey, Company, Flow, User
 from plays.models import Layer, Play
 
-from .conftest import PASSWORD, make_flow
+from .conftest import PASSWORD
+from .factories import make_flow
 from .test_operators import ALL, make_in_state, state
 
 ACTIONS = {"hold_plays": "hold", "resume_plays": "resume", "cancel_plays": "cancel", "retry_plays": "retry",

@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 from flows.models import ApiKey, User
 from plays.models import Play
 
-from .conftest import make_flow
+from .factories import make_flow
 from .test_schema import SCHEMA
 
 ONE_STEP = [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}]

@@ -17,10 +17,11 @@ from rest_framework.test import APIClient
 
 from flows.models import ApiKey, User
 from plays.models import Play
-from tests.conftest import make_flow
 from triggers import mcp as mcp_module
 from triggers import waiting
 from triggers.mcp import may_use_mcp, mcp_app
+
+from .factories import make_flow
 
 SCHEMA = {"type": "object", "properties": {"orderId": {"type": "string"}}, "required": ["orderId"]}
 

@@ -24,7 +24,7 @@ from plays.redaction import MASK, RedactingFilter, redact, secrets_of
 from plays.runner import _call
 
 from .conftest import PASSWORD as LOGIN_PASSWORD
-from .conftest import make_flow
+from .factories import make_flow
 
 SECRET = "PASS-9f8e7d6c5b"
 TOKEN = "glpat-Zx81mQ2vT7pL0kR4"

@@ -24,7 +24,7 @@ from rest_framework.test import APIClient
 
 from flows.models import ApiKey, User
 
-from .conftest import make_flow
+from .factories import make_flow
 
 
 def openapi() -> dict[str, Any]:

@@ -21,7 +21,8 @@ from flows.models import ApiKey, Flow, User
 from flows.permissions import ANY_SCOPE, SCOPES
 from plays.models import Play
 
-from .conftest import PASSWORD, client_for, make_flow
+from .conftest import PASSWORD, client_for
+from .factories import make_flow
 from .test_access import all_patterns
 
 ONE_STEP = [{"ref": "a", "appId": "var", "args": {"values": {"n": 1}}}]

@@ -17,7 +17,7 @@ from plays.fanout import company_group
 from plays.models import Event, EventType, Play, decode_cursor, emit, encode_cursor
 from plays.wsauth import SEND_BACKLOG
 
-from .conftest import make_flow
+from .factories import make_flow
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
