@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from flows.models import Company, User
+from tenancy.models import Company, User
 
 PASSWORD = "correct horse battery staple"
 

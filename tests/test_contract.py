@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from flows.models import ApiKey, User
 from plays.models import Play
+from tenancy.models import ApiKey, User
 
 from .factories import make_flow
 from .test_schema import SCHEMA

@@ -30,12 +30,13 @@ from rest_framework.test import APIClient
 
 from flows import credentials, vault
 from flows.expr import ExpressionError
-from flows.models import KV, ApiKey, AuditEntry, Company, Credential, User
+from flows.models import KV, Credential
 from flows.modules import base as module_base
 from flows.modules import get_module
 from flows.modules.base import Module, RunContext, StepError, _obj
 from plays.management.commands.ensure_roles import ensure_company_admins, ensure_operators
 from plays.models import Event, Layer, Play
+from tenancy.models import ApiKey, AuditEntry, Company, User
 
 from .conftest import PASSWORD, client_for
 from .factories import make_flow, run

@@ -15,8 +15,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from rest_framework.test import APIClient
 
-from flows.models import ApiKey, User
 from plays.models import Play
+from tenancy.models import ApiKey, User
 from triggers import mcp as mcp_module
 from triggers import waiting
 from triggers.mcp import may_use_mcp, mcp_app

@@ -13,9 +13,10 @@ from django.core.management.base import CommandError
 from django.db import connection, connections
 
 from flows import modules
-from flows.models import KV, Company, Flow, User
+from flows.models import KV, Flow
 from flows.modules import RunContext, StepError
 from plays.models import Play
+from tenancy.models import Company, User
 
 from .conftest import client_for
 from .factories import check_module, make_flow, run_module

@@ -15,8 +15,9 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from flows.models import AuditEntry, Flow, User
+from flows.models import Flow
 from plays.models import Event, Layer, Play, State, encode_cursor
+from tenancy.models import AuditEntry, User
 
 from .conftest import PASSWORD
 from .factories import flow_row, make_flow, make_play

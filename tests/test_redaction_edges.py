@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from flows.models import User
 from flows.modules import RunContext, get_module
 from plays.models import Play
 from plays.redaction import MASK, RedactingFilter, redact, secrets_of
 from plays.runner import _call
+from tenancy.models import User
 
 from .conftest import PASSWORD as LOGIN_PASSWORD
 from .factories import make_flow

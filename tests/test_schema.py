@@ -22,7 +22,7 @@ from drf_spectacular.renderers import OpenApiJsonRenderer
 from hypothesis import HealthCheck, settings
 from rest_framework.test import APIClient
 
-from flows.models import ApiKey, User
+from tenancy.models import ApiKey, User
 
 from .factories import make_flow
 

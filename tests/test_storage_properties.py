@@ -16,8 +16,8 @@ from django.test import Client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.models import User
 from plays.models import TERMINAL, Play
+from tenancy.models import User
 
 from .factories import make_flow
 

@@ -292,7 +292,7 @@ class Fleet(Processes):
             "shell",
             "-c",
             (
-                "from flows.models import Company, User\n"
+                "from tenancy.models import Company, User\n"
                 "acme, _ = Company.objects.get_or_create(slug='acme', defaults={'name': 'Acme'})\n"
                 f"User.objects.create_user('alice', 'alice@fleet.test', {PASSWORD!r}, company=acme)\n"
             ),

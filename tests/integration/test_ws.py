@@ -272,7 +272,7 @@ def test_a_connection_sees_only_its_company_and_its_filters(
             "shell",
             "-c",
             (
-                "from flows.models import ApiKey, Company, User; "
+                "from tenancy.models import ApiKey, Company, User; "
                 f"c = Company.objects.create(name='Globex {tag}', slug='globex-{tag}'); "
                 f"u = User.objects.create_user('charlie-{tag}', 'charlie-{tag}@globex.test', 'integration-pass-123', company=c); "
                 "print(ApiKey.issue(u, 'ws')[1])"
