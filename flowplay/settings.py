@@ -131,6 +131,10 @@ INSTALLED_APPS = [
     "plays",
     "triggers",
 ]
+# The benchmarks (bench/: manage.py bench, wsbench) are a development tool: installed where
+# the folder is present, as in a checkout; a deployment that leaves it out loses nothing.
+if (BASE_DIR / "bench" / "__init__.py").exists():
+    INSTALLED_APPS.append("bench")
 
 MIDDLEWARE = [
     # Observability (flowplay/logs.py, plays/metrics.py): request id on log lines, latency by route.

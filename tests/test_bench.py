@@ -12,8 +12,8 @@ from typing import Any
 
 from django.core.management import call_command
 
+from bench.management.commands.bench import pct, table
 from flows.modules import base
-from plays.management.commands.bench import pct, table
 from plays.models import Play
 from tenancy.models import Company
 

@@ -9,54 +9,32 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import secrets
-import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench.harness import ROOT, Processes, child_env, free_port
+
 PASSWORD = "integration-pass-123"
-
-
-def free_port(preferred: int | None = None) -> int:
-    if preferred:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ROOT", "free_port"]
 
 
 @dataclass
-class Server:
-    url: str
-    port: int
-    env: dict[str, str]
-    proc: subprocess.Popen
-    log: Path
+class Server(Processes):
+    """``make run`` (honcho: web, worker, beat) as one process named ``server`` (its log: ``log("server")``)."""
+
+    port: int = 0
     users: dict[str, tuple[str, str]] = field(default_factory=dict)
 
-    def manage(self, *args: str, extra_env: dict[str, str] | None = None) -> str:
-        out = subprocess.run(
-            [str(ROOT / ".venv/bin/python"), "manage.py", *args],
-            cwd=ROOT, env={**self.env, **(extra_env or {})}, capture_output=True, text=True, timeout=120,
-        )
-        assert out.returncode == 0, out.stderr
-        return out.stdout
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def client(self, email: str) -> httpx.Client:
         """A logged-in cookie client that sends the CSRF header like a browser app would."""
@@ -66,61 +44,30 @@ class Server:
         client.headers["X-CSRFToken"] = client.cookies["csrftoken"]
         return client
 
-    def tail(self, n: int = 80) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     var = tmp_path_factory.mktemp("var")
     port = free_port(4454)
     # PROMETHEUS_MULTIPROC_DIR: the server counts in its own var folder, not the test run's.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO_SETTINGS", "PROMETHEUS_MULTIPROC"))}
-    env.update(FLOWPLAY_VAR_DIR=str(var), PORT=str(port), PYTHONUNBUFFERED="1",
-               # Short leases so that the crash tests see a dead worker's play reaped quickly.
-               FLOWPLAY_LEASE_SECONDS=env.get("FLOWPLAY_LEASE_SECONDS", "6"),
-               FLOWPLAY_HEARTBEAT_SECONDS=env.get("FLOWPLAY_HEARTBEAT_SECONDS", "2"))
-    log = var / "server.log"
-    proc = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    srv = Server(url=f"http://127.0.0.1:{port}", port=port, env=env, proc=proc, log=log)
+    env = child_env(FLOWPLAY_VAR_DIR=str(var), PORT=str(port), PYTHONUNBUFFERED="1")
+    # Short leases so that the crash tests see a dead worker's play reaped quickly.
+    env.setdefault("FLOWPLAY_LEASE_SECONDS", "6")
+    env.setdefault("FLOWPLAY_HEARTBEAT_SECONDS", "2")
+    srv = Server(root=var, env=env, port=port)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"make run exited with {proc.returncode}:\n{srv.tail()}")
-            try:
-                if httpx.get(f"{srv.url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not become healthy:\n{srv.tail()}")
-            time.sleep(0.3)
+        srv.spawn("server", ["make", "run", f"PORT={port}"])
+        srv.wait_healthy(srv.url, "server", timeout=180)
         tag = secrets.token_hex(3)
         for name in ("alice", "bob"):
             email = f"{name}-{tag}@acme.test"
-            srv.manage("createsuperuser", "--noinput", extra_env={
+            srv.manage("createsuperuser", "--noinput", env={
                 "DJANGO_SUPERUSER_EMAIL": email, "DJANGO_SUPERUSER_USERNAME": f"{name}-{tag}",
                 "DJANGO_SUPERUSER_PASSWORD": PASSWORD})
             srv.users[name] = (email, PASSWORD)
         yield srv
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=5)
+        srv.stop_all(grace=15)
 
 
 @pytest.fixture(scope="session")

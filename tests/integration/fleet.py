@@ -23,7 +23,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -32,7 +31,10 @@ from typing import Any
 
 import httpx
 
-from .processes import BIN, PASSWORD, ROOT, wait_until
+from bench import harness
+from bench.harness import PYTHON, ROOT, Processes, child_env, wait_until
+
+from .processes import PASSWORD
 
 HOSTS = {"db": 2, "web1": 11, "web2": 12, "w1": 21, "w2": 22, "w3": 23}
 WORKER_QUEUES = {"w1": "default", "w2": "default", "w3": "default,second"}
@@ -68,13 +70,13 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @dataclass
-class Fleet:
-    root: Path
+class Fleet(Processes):
+    """The hosts' processes (``Processes``: logs in ``root``, terminate, pids, stop) run inside
+    the hosts' namespaces (``spawn_on``)."""
+
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
     subnet: str = field(default_factory=lambda: f"10.{random.randint(200, 250)}.{random.randint(0, 255)}")
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
     latency: str = ""  # how the slow link was made: "netem" or "proxy"
     token: str = ""
 
@@ -141,11 +143,11 @@ class Fleet:
             self.latency = "netem"
             return "netem"
         for name, port, target in (("pgproxy", 15432, 5432), ("redisproxy", 16379, 6379)):
-            self.spawn(
-                name,
+            self.spawn_on(
                 "db",
+                name,
                 [
-                    str(BIN / "python"),
+                    PYTHON,
                     str(ROOT / "tests/integration/fleet_proxy.py"),
                     self.ip("db"),
                     str(port),
@@ -165,24 +167,14 @@ class Fleet:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def spawn(
-        self, name: str, host: str, cmd: list[str], *, user: str | None = None, env: dict[str, str] | None = None
+    def spawn_on(
+        self, host: str, name: str, cmd: list[str], *, user: str | None = None, env: dict[str, str] | None = None
     ) -> subprocess.Popen:
+        """Start ``name`` inside ``host``'s namespace (as ``user`` if given)."""
         prefix = ["ip", "netns", "exec", self.ns(host)]
         if user:
             prefix += [shutil.which("runuser") or "runuser", "-u", user, "--"]
-        log = (self.root / f"{name}.log").open("a")
-        base = self.env or dict(os.environ)
-        proc = subprocess.Popen(
-            [*prefix, *cmd],
-            cwd=ROOT,
-            env={**base, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
+        return self.spawn(name, cmd, env=env, prefix=prefix)
 
     def start_services(self) -> None:
         pg_bin = _pg_bin()
@@ -207,9 +199,9 @@ class Fleet:
         )
         with (data / "pg_hba.conf").open("a") as hba:
             hba.write(f"host all all {self.subnet}.0/24 trust\n")
-        self.spawn(
-            "postgres",
+        self.spawn_on(
             "db",
+            "postgres",
             [
                 str(pg_bin / "postgres"),
                 "-D",
@@ -227,9 +219,9 @@ class Fleet:
             ],
             user="postgres",
         )
-        self.spawn(
-            "redis",
+        self.spawn_on(
             "db",
+            "redis",
             [
                 "redis-server",
                 "--bind",
@@ -244,10 +236,10 @@ class Fleet:
                 "no",
             ],
         )
-        self.spawn(
-            "target",
+        self.spawn_on(
             "db",
-            [str(BIN / "python"), str(ROOT / "tests/integration/fleet_target.py"), self.ip("db"), "8080"],
+            "target",
+            [PYTHON, str(ROOT / "tests/integration/fleet_target.py"), self.ip("db"), "8080"],
         )
         wait_until(
             lambda: sh("pg_isready", "-h", self.ip("db"), "-q", check=False).returncode == 0,
@@ -276,18 +268,13 @@ class Fleet:
         db = self.ip("db")
         redis = f"redis://{db}:6379/0"
         self.env = {
-            **{
-                k: v
-                for k, v in os.environ.items()
-                if not k.startswith(("PYTEST", "DJANGO_SETTINGS", "FLOWPLAY_", "CELERY_"))
-                and k not in ("DATABASE_URL", "REDIS_URL", "SQLITE_PATH")
-            },
+            **child_env(keep_config=False),
             "DATABASE_URL": f"postgres://postgres@{db}:5432/fleet",
             "REDIS_URL": redis,
             "CELERY_BROKER_URL": redis,
             "FLOWPLAY_VAR_DIR": str(self.root),
             "PYTHONUNBUFFERED": "1",
-            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+            "PATH": f"{harness.BIN}:{os.environ.get('PATH', '')}",
             "SECRET_KEY": "fleet-" + secrets.token_hex(16),
             "ALLOWED_HOSTS": "*",
             "FLOWPLAY_LEASE_SECONDS": "3",
@@ -310,20 +297,7 @@ class Fleet:
                 f"User.objects.create_user('alice', 'alice@fleet.test', {PASSWORD!r}, company=acme)\n"
             ),
         )
-        self.spawn(
-            "beat",
-            "db",
-            [
-                str(BIN / "celery"),
-                "-A",
-                "flowplay",
-                "beat",
-                "--loglevel",
-                "INFO",
-                "-s",
-                str(self.root / "celerybeat-schedule"),
-            ],
-        )
+        self.spawn_on("db", "beat", harness.beat(self.root / "celerybeat-schedule"))
         for web in ("web1", "web2"):
             self.start_web(web)
         for worker in WORKER_QUEUES:
@@ -338,65 +312,16 @@ class Fleet:
 
     def start_web(self, web: str) -> None:
         # The Procfile's web process: Daphne with the request-body guard.
-        self.spawn(web, web, [str(BIN / "python"), "-m", "flowplay.web", "-b", self.ip(web), "-p", "8000",
-                              "flowplay.asgi:application"])
-        wait_until(
-            lambda: httpx.get(f"{self.url(web)}/api/health", timeout=3).status_code == 200, 90, f"{web} to be healthy"
-        )
+        self.spawn_on(web, web, harness.web(8000, self.ip(web)))
+        self.wait_healthy(self.url(web), web)
 
     def start_worker(self, worker: str, env: dict[str, str] | None = None) -> None:
-        log = self.root / f"{worker}.log"
-        mark = log.stat().st_size if log.exists() else 0
-        self.spawn(
-            worker,
-            worker,
-            [
-                str(BIN / "celery"),
-                "-A",
-                "flowplay",
-                "worker",
-                "--loglevel",
-                "INFO",
-                "--concurrency",
-                "2",
-                "-Q",
-                WORKER_QUEUES[worker],
-                "-n",
-                f"{worker}@fleet",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            env=env,
-        )
-        wait_until(lambda: "ready." in log.read_text(errors="replace")[mark:], 90, f"{worker} to be ready", every=0.2)
+        self.spawn_on(worker, worker, harness.worker(f"{worker}@fleet", WORKER_QUEUES[worker]), env=env)
+        self.wait_log(worker, "ready.", 90)
 
-    def pids(self, name: str) -> set[int]:
-        """The process ids of ``name`` and its children (a worker's pool)."""
-        proc = self.procs[name]
-        out = sh("ps", "-o", "pid=", "--ppid", str(proc.pid), check=False).stdout.split()
-        found = {proc.pid, *map(int, out)}
-        for pid in list(found):
-            found |= set(map(int, sh("ps", "-o", "pid=", "--ppid", str(pid), check=False).stdout.split()))
-        return found
-
-    def terminate(self, name: str, timeout: float = 90) -> None:
-        """SIGTERM (a warm shutdown: a worker finishes its tasks) and wait for the exit."""
-        proc = self.procs[name]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-
-    def manage(self, *args: str) -> str:
-        done = subprocess.run(
-            [str(BIN / "python"), "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
+    def terminate(self, name: str, timeout: float = 90, *, group: bool = True) -> int:
+        """SIGTERM the process group (a warm shutdown: a worker finishes its tasks); the exit code."""
+        return super().terminate(name, timeout, group=group)
 
     def sql(self, query: str, params: tuple = ()) -> list[tuple]:
         import psycopg
@@ -419,26 +344,8 @@ class Fleet:
     def counts(self) -> dict[str, list[str]]:
         return httpx.get(f"{self.target}/counts", timeout=30).json()
 
-    def logs(self, tail: int = 40) -> str:
-        out = []
-        for name in self.procs:
-            path = self.root / f"{name}.log"
-            lines = path.read_text(errors="replace").splitlines()[-tail:] if path.exists() else []
-            out.append(f"--- {name} ---\n" + "\n".join(lines))
-        return "\n".join(out)
-
     def destroy(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
+        self.stop_all(grace=0)
         for ns in self.namespaces:
             sh("ip", "netns", "del", ns, check=False)
         sh("ip", "link", "del", self.bridge, check=False)

@@ -22,13 +22,11 @@ import json
 import os
 import re
 import secrets
-import signal
-import socket
 import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +34,9 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = ROOT / ".venv" / "bin"
+from bench import harness
+from bench.harness import BIN, Processes, child_env, free_port, wait_until
+
 PASSWORD = "integration-pass-123"
 TERMINAL = ("DONE", "FAIL", "SKIP", "FILTERED")
 
@@ -47,26 +46,6 @@ PG_ONLY_REASON = "needs DATABASE_URL (PostgreSQL) and REDIS_URL: run by CI's sec
 def pg_and_redis() -> bool:
     """True in the configuration with real PostgreSQL and Redis (CI's second run)."""
     return os.environ.get("DATABASE_URL", "").startswith("postgres") and bool(os.environ.get("REDIS_URL"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except (httpx.HTTPError, OSError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
 
 
 # --- Services of this machine -------------------------------------------------------------
@@ -229,13 +208,13 @@ class CountingServer:
 
 
 @dataclass
-class Cluster:
-    root: Path
-    env: dict[str, str]
-    port: int
+class Cluster(Processes):
+    """The Procfile's processes on a database and broker of their own (``Processes``: start,
+    kill, terminate, stop, logs). ``start("worker-a")`` starts a worker named so."""
+
+    port: int = 0
     redis_db: int | None = None
     pg_url: str | None = None
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     users: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -248,11 +227,9 @@ class Cluster:
 
     @classmethod
     def create(cls, root: Path, **extra_env: str) -> Cluster:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PYTEST", "DJANGO_SETTINGS", "FLOWPLAY_", "CELERY_"))
-               and k not in ("DATABASE_URL", "REDIS_URL", "SQLITE_PATH")}
-        env.update(
-            FLOWPLAY_VAR_DIR=str(root), PYTHONUNBUFFERED="1", PATH=f"{BIN}:{env.get('PATH', '')}",
+        env = child_env(
+            keep_config=False,
+            FLOWPLAY_VAR_DIR=str(root), PYTHONUNBUFFERED="1", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
             FLOWPLAY_LEASE_SECONDS="3", FLOWPLAY_HEARTBEAT_SECONDS="1", FLOWPLAY_REAP_EVERY_SECONDS="1",
             FLOWPLAY_REAP_IDLE_SECONDS="5", LOGIN_THROTTLE_RATE="1000/min", FLOWPLAY_CURL_ALLOW="127.0.0.1/32",
         )
@@ -274,85 +251,27 @@ class Cluster:
 
     def command(self, kind: str, name: str) -> list[str]:
         if kind == "web":
-            return [str(BIN / "python"), "-m", "flowplay.web", "-b", "127.0.0.1", "-p", str(self.port), "--ping-interval", "15",
-                    "--ping-timeout", "30", "flowplay.asgi:application"]
+            return harness.web(self.port, args=["--ping-interval", "15", "--ping-timeout", "30"])
         if kind == "worker":
-            return [str(BIN / "celery"), "-A", "flowplay", "worker", "--loglevel", "INFO", "--concurrency", "2",
-                    "-Q", "default", "-n", f"{name}@%h", "--without-gossip", "--without-mingle"]
+            return harness.worker(f"{name}@%h")
         if kind == "beat":
-            return [str(BIN / "celery"), "-A", "flowplay", "beat", "--loglevel", "INFO",
-                    "-s", str(self.root / "celerybeat-schedule")]
+            return harness.beat(self.root / "celerybeat-schedule")
         raise ValueError(kind)
 
     def start(self, name: str, kind: str | None = None) -> subprocess.Popen:
+        """Start ``name`` (its kind is the name up to the first ``-``) and wait until it serves."""
         kind = kind or name.split("-")[0]
-        old = self.procs.get(name)
-        if old is not None and old.poll() is None:
-            return old
-        log = (self.root / f"{name}.log").open("a")
-        proc = subprocess.Popen(self.command(kind, name), cwd=ROOT, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
+        if self.running(name):
+            return self.procs[name]
+        proc = self.spawn(name, self.command(kind, name))
         if kind == "web":
             self.wait_healthy()
         elif kind == "worker":
-            wait_until(lambda: "ready." in self.log(name), 60, f"{name} to be ready", every=0.2)
+            self.wait_log(name, "ready.", 60)
         return proc
 
-    def running(self, name: str) -> bool:
-        proc = self.procs.get(name)
-        return proc is not None and proc.poll() is None
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the whole process group of ``name`` (the worker and its pool)."""
-        proc = self.procs[name]
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        if sig == signal.SIGKILL:
-            proc.wait(timeout=30)
-
-    def terminate(self, name: str, timeout: float = 60) -> int:
-        """SIGTERM the main process only (a graceful shutdown) and wait for it to exit."""
-        proc = self.procs[name]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill(name)
-            raise
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.get(name)
-        if proc is not None:
-            self._stop([proc])
-
-    def stop_all(self) -> None:
-        self._stop(list(self.procs.values()))
-
-    @staticmethod
-    def _stop(procs: list[subprocess.Popen]) -> None:
-        """SIGTERM each process group, then wait up to 20 s in all (SIGKILL after that): the
-        shutdowns overlap (a worker finishing its task or Daphne closing its connections
-        takes seconds each)."""
-        live = [proc for proc in procs if proc.poll() is None]
-        for proc in live:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 20
-        for proc in live:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
+    def wait_healthy(self, url: str | None = None, name: str | None = "web", timeout: float = 90) -> None:
+        super().wait_healthy(url or self.url, name if name in self.procs else None, timeout)
 
     def destroy(self) -> None:
         self.stop_all()
@@ -364,32 +283,6 @@ class Cluster:
                 pass
         if self.redis_db is not None:
             redis_cli("flushdb", db=self.redis_db)
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def logs(self, tail: int = 60) -> str:
-        out = []
-        for name in self.procs:
-            lines = self.log(name).splitlines()[-tail:]
-            out.append(f"--- {name} ---\n" + "\n".join(lines))
-        return "\n".join(out)
-
-    def manage(self, *args: str, timeout: float = 300) -> str:
-        out = subprocess.run([str(BIN / "python"), "manage.py", *args], cwd=ROOT, env=self.env,
-                             capture_output=True, text=True, timeout=timeout)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return out.stdout
-
-    def wait_healthy(self, timeout: float = 90) -> None:
-        def healthy() -> bool:
-            web = self.procs.get("web")
-            if web is not None and web.poll() is not None:
-                raise AssertionError(f"web exited with {web.returncode}:\n{self.log('web')[-3000:]}")
-            return httpx.get(f"{self.url}/api/health", timeout=3).status_code == 200
-
-        wait_until(healthy, timeout, "the web process to be healthy", every=0.2)
 
     # -- setup ---------------------------------------------------------------------------------
 

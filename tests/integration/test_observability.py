@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Server, free_port, stop
+from bench.harness import Processes, free_port
+
+from .conftest import Server
 from .processes import make_flow, run_play, wait_terminal, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -107,33 +108,24 @@ def prometheus(server: Server, tmp_path: Path) -> Iterator[str]:
         "scrape_configs:\n  - job_name: flowplay\n    metrics_path: /metrics\n"
         f"    static_configs:\n      - targets: ['127.0.0.1:{server.port}']\n"
     )
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [
+    procs = Processes(root=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        procs.spawn("prometheus", [
             binary,
             f"--config.file={config}",
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
+        ])
 
         def up() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError((tmp_path / "prometheus.log").read_text()[-3000:])
-            try:
-                return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
+            procs.check_alive("prometheus")
+            return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
 
         wait_until(up, 60, "Prometheus to start", every=0.3)
         yield url
     finally:
-        stop(proc)
+        procs.stop_all(grace=15)
 
 
 def query(prometheus: str, expr: str) -> list[dict[str, Any]]:

@@ -11,8 +11,6 @@ import hmac
 import json
 import os
 import secrets
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.harness import Processes, child_env, free_port
 from tests.factories import make_flow
-from tests.integration.conftest import PASSWORD, ROOT, free_port, stop
+from tests.integration.conftest import PASSWORD
 
 pytestmark = pytest.mark.integration
 
@@ -70,13 +69,7 @@ class Live:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     var = tmp_path_factory.mktemp("triggers")
     port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PYTEST", "DJANGO_SETTINGS"))
-        and k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")
-    }
-    env.update(
+    env = child_env(
         FLOWPLAY_VAR_DIR=str(var),
         PORT=str(port),
         PYTHONUNBUFFERED="1",
@@ -84,54 +77,28 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         FLOWPLAY_MCP_TOOL_TIMEOUT_SECONDS="3",
         LOGIN_THROTTLE_RATE="1000/min",
     )
-    log = var / "server.log"
-    proc = subprocess.Popen(
-        ["make", "run", f"PORT={port}"],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    for name in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL"):
+        env.pop(name, None)
+    procs = Processes(root=var, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"make run exited:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
+        procs.spawn("server", ["make", "run", f"PORT={port}"])
+        procs.wait_healthy(url, "server", timeout=180)
         email = f"ada-{secrets.token_hex(3)}@example.com"
-        out = subprocess.run(
-            [str(ROOT / ".venv/bin/python"), "manage.py", "createsuperuser", "--noinput"],
-            cwd=ROOT,
-            env={
-                **env,
-                "DJANGO_SUPERUSER_EMAIL": email,
-                "DJANGO_SUPERUSER_USERNAME": email.split("@")[0],
-                "DJANGO_SUPERUSER_PASSWORD": PASSWORD,
-            },
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stderr
+        procs.manage("createsuperuser", "--noinput", env={
+            "DJANGO_SUPERUSER_EMAIL": email,
+            "DJANGO_SUPERUSER_USERNAME": email.split("@")[0],
+            "DJANGO_SUPERUSER_PASSWORD": PASSWORD,
+        }, timeout=120)
         api = httpx.Client(base_url=url, timeout=60)
         assert api.post("/api/auth/login", json={"email": email, "password": PASSWORD}).status_code == 200
         api.headers["X-CSRFToken"] = api.cookies["csrftoken"]
         token = api.post("/api/auth/api-keys", json={"name": "agent", "scopes": ["mcp"]}).json()["token"]
         plain = api.post("/api/auth/api-keys", json={"name": "ci"}).json()["token"]
-        yield Live(url=url, port=port, api=api, token=token, plain_token=plain, log=log)
+        yield Live(url=url, port=port, api=api, token=token, plain_token=plain, log=procs.log_path("server"))
         api.close()
     finally:
-        stop(proc)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        procs.stop_all(grace=15)
 
 
 def channel_with_route(live: Live, slug: str, route: dict[str, Any], **channel: Any) -> dict[str, Any]:

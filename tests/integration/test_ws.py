@@ -501,7 +501,7 @@ def test_the_server_pings_and_drops_a_client_that_never_answers(server: Server, 
 def test_a_client_that_stops_reading_is_closed_without_holding_up_others(server: Server, alice: httpx.Client) -> None:
     flow = make_flow(alice, [{"ref": "big", "appId": "var", "args": {"values": {"blob": "{{ $prev.args.blob }}"}}}])
     token = api_key(alice, "stalled")["token"]
-    slow_closes_before = server.log.read_text(errors="replace").count("closing slow WebSocket client")
+    slow_closes_before = server.log("server").count("closing slow WebSocket client")
     stalled = raw_handshake(server, token, f"&flowId={flow['id']}", rcvbuf=4096)
     blob = "x" * 200_000
     with connect(ws_url(server, token=token, flowId=flow["id"]), max_size=None) as reader:
@@ -512,7 +512,7 @@ def test_a_client_that_stops_reading_is_closed_without_holding_up_others(server:
     # (STALL_SECONDS); the log says so. Only then does the client start reading: it finds
     # a prefix of the stream, in order, and then the end of the connection.
     deadline = time.monotonic() + 120
-    while server.log.read_text(errors="replace").count("closing slow WebSocket client") <= slow_closes_before:
+    while server.log("server").count("closing slow WebSocket client") <= slow_closes_before:
         assert time.monotonic() < deadline, "a client that never reads must be disconnected"
         time.sleep(0.5)
     stalled.settimeout(30)

@@ -1,4 +1,4 @@
-"""``python -m plays.bench.worker <celery worker args>``: a Celery worker that knows ``bench-cpu``."""
+"""``python -m bench.worker <celery worker args>``: a Celery worker that knows ``bench-cpu``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import django  # noqa: E402
 
 django.setup()
 
+from bench import cpu  # noqa: E402
 from flowplay.celery import app  # noqa: E402
-from plays.bench import cpu  # noqa: E402
 
 cpu.install()
 

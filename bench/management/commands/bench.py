@@ -18,7 +18,7 @@ Scenarios (``--only`` picks some, by number or name):
 6. ``memory``: worker RSS at start and after ``--memory-plays`` plays.
 7. ``scaling``: steps/s with 1, 2, 4 worker processes.
 
-Workers (``python -m plays.bench.worker``, a Celery worker that knows ``bench-cpu``) listen
+Workers (``python -m bench.worker``, a Celery worker that knows ``bench-cpu``) listen
 on a dedicated queue, so they never take other workers' tasks. Everything is made under the
 company ``bench`` and deleted at the end (``--keep`` keeps it). Results: a Markdown table
 on stdout and ``bench/results.json``.
@@ -31,11 +31,7 @@ import json
 import os
 import platform
 import secrets
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +41,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 from django.utils import timezone
+
+from bench import harness
 
 SCENARIOS = ["sequential", "throughput", "trigger", "api", "history", "memory", "scaling", "floor"]
 TERMINAL = ("DONE", "FAIL", "SKIP", "FILTERED")
@@ -59,72 +57,18 @@ def pct(values: list[float], p: float) -> float | None:
     return round(s[k], 2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    """RSS of a process and its children (the pool), in KiB, from /proc."""
+def rss_kib(pids: set[int]) -> int:
+    """RSS of processes (a worker and its pool), in KiB, from /proc."""
     total = 0
-    pids = {pid}
-    try:
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                except OSError:
-                    continue
-                if ppid == pid:
-                    pids.add(int(entry))
-        for p in pids:
-            try:
-                with open(f"/proc/{p}/status") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            total += int(line.split()[1])
-            except OSError:
-                pass
-    except OSError:
-        return 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
     return total
-
-
-class Procs:
-    """Subprocesses started by the bench, each in its own process group; stopped by pid."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.logdir = ROOT / "bench" / "logs"
-        self.logdir.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy()
-        )
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
-                except ProcessLookupError:
-                    pass
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(self.procs):
-            self.stop(proc)
 
 
 class Command(BaseCommand):
@@ -182,7 +126,7 @@ class Command(BaseCommand):
                 raise CommandError(f"unknown scenario {s!r}; choose from 1-8 or {', '.join(SCENARIOS)}")
             chosen.append(name)
         self.queue = f"bench-{secrets.token_hex(4)}"
-        self.procs = Procs()
+        self.procs = harness.Processes(root=ROOT / "bench" / "logs")
         self.results: dict[str, Any] = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "database": connection.vendor,
@@ -191,7 +135,7 @@ class Command(BaseCommand):
             "options": {k: v for k, v in self.opts.items()},
             "scenarios": {},
         }
-        from plays.bench import cpu
+        from bench import cpu
 
         cpu.install()
         started = time.monotonic()
@@ -245,7 +189,7 @@ class Command(BaseCommand):
         try:
             from django_celery_results.models import TaskResult
 
-            TaskResult.objects.filter(task_name__startswith="plays.bench.").delete()
+            TaskResult.objects.filter(task_name__startswith="bench.").delete()
         except Exception:  # noqa: BLE001
             pass
         try:
@@ -269,45 +213,35 @@ class Command(BaseCommand):
             raise CommandError(f"cannot create bench flow: {response.status_code} {response.content[:300]!r}")
         return Flow.objects.get(pk=response.json()["id"])
 
-    def workers(self, processes: int) -> subprocess.Popen:
+    def workers(self, processes: int) -> str:
+        """Start a bench worker of ``processes`` pool processes on the bench queue; its name."""
         name = f"worker-{processes}-{len(self.procs.procs)}"
-        proc = self.procs.start(
-            name,
-            [
-                sys.executable,
-                "-m",
-                "plays.bench.worker",
-                "-Q",
-                self.queue,
-                "-c",
-                str(processes),
-                "-P",
-                "prefork",
-                "--loglevel",
-                "WARNING",
-                "-n",
-                f"{self.queue}-{processes}-{secrets.token_hex(2)}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
+        argv = harness.worker(
+            f"{self.queue}-{processes}-{secrets.token_hex(2)}@%h",
+            self.queue,
+            processes,
+            loglevel="WARNING",
+            module="bench.worker",
+            args=["-P", "prefork", "--without-heartbeat"],
         )
-        self.wait_ready(proc)
-        return proc
+        self.procs.spawn(name, argv)
+        self.wait_ready(name)
+        return name
 
-    def wait_ready(self, proc: subprocess.Popen) -> None:
+    def wait_ready(self, name: str) -> None:
         """A worker is ready when it answers a bare task on the bench queue."""
-        from plays.bench.cpu import bare_done
+        from bench.cpu import bare_done
 
         result = bare_done.apply_async((0,), queue=self.queue)
-        ends = time.monotonic() + 60
-        while time.monotonic() < ends:
-            if proc.poll() is not None:
-                raise CommandError(f"bench worker exited with {proc.returncode}; see bench/logs/")
-            if result.ready():
-                return
-            time.sleep(0.05)
-        raise CommandError("bench worker did not start within 60 s")
+
+        def answered() -> bool:
+            self.procs.check_alive(name)
+            return result.ready()
+
+        try:
+            harness.wait_until(answered, 60, f"bench worker {name}", every=0.05)
+        except (RuntimeError, harness.Timeout) as exc:
+            raise CommandError(f"{exc} (logs: bench/logs/)") from None
 
     # -- measuring helpers ------------------------------------------------------------
 
@@ -347,7 +281,7 @@ class Command(BaseCommand):
         from celery import chain
         from django_celery_results.models import TaskResult
 
-        from plays.bench.cpu import bare_done, bare_step
+        from bench.cpu import bare_done, bare_step
 
         t0 = timezone.now()
         results = []
@@ -432,28 +366,18 @@ class Command(BaseCommand):
             "ratio_chain_over_flowplay": round(chain_wall / wall, 2),
         }
 
-    def server(self, processes: int = 1, app: str = "flowplay.asgi:application") -> tuple[subprocess.Popen, str]:
-        """The web server as in production (flowplay.serve: daphne processes on one socket)."""
-        import httpx
-
-        port = free_port()
-        proc = self.procs.start(
-            f"web-{port}",
-            [sys.executable, "-m", "flowplay.serve", "--host", "127.0.0.1", "--port", str(port)]
-            + ["--processes", str(processes), "--app", app],
-        )
+    def server(self, processes: int = 1, app: str = "flowplay.asgi:application") -> tuple[str, str]:
+        """The web server as in production (flowplay.serve: daphne processes on one socket);
+        its name and URL."""
+        port = harness.free_port()
+        name = f"web-{port}"
         url = f"http://127.0.0.1:{port}"
-        ends = time.monotonic() + 60
-        while time.monotonic() < ends:
-            if proc.poll() is not None:
-                raise CommandError(f"the web server exited with {proc.returncode}; see bench/logs/")
-            try:
-                if httpx.get(url + "/api/health", timeout=2).status_code < 500:
-                    return proc, url
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise CommandError("the web server did not start within 60 s")
+        self.procs.spawn(name, harness.web(port, processes=processes, app=app))
+        try:
+            self.procs.wait_healthy(url, name, timeout=60)
+        except (RuntimeError, harness.Timeout) as exc:
+            raise CommandError(f"{exc} (logs: bench/logs/)") from None
+        return name, url
 
     def s_trigger(self) -> dict[str, Any]:
         import httpx
@@ -697,7 +621,7 @@ class Command(BaseCommand):
         worker = self.workers(1)
         try:
             self.run_plays(flow, min(20, self.opts["memory_plays"]))  # warm up
-            start = rss_kib(worker.pid)
+            start = rss_kib(self.procs.pids(worker))
             samples = [start]
             n = self.opts["memory_plays"]
             chunk = max(1, n // 5)
@@ -706,7 +630,7 @@ class Command(BaseCommand):
                 k = min(chunk, n - done)
                 self.run_plays(flow, k)
                 done += k
-                samples.append(rss_kib(worker.pid))
+                samples.append(rss_kib(self.procs.pids(worker)))
         finally:
             self.procs.stop(worker)
         return {
@@ -736,11 +660,11 @@ class Command(BaseCommand):
 
     def s_floor(self) -> dict[str, Any]:
         """POST /run against the API floor (a bare DRF view that inserts and commits one
-        row, plays/bench/floor.py) on the same server in the same run, with 1 and 2 web
+        row, bench/floor.py) on the same server in the same run, with 1 and 2 web
         processes, while 2 worker processes run the triggered plays."""
         import httpx
 
-        from plays.bench import floor
+        from bench import floor
 
         floor.create_table()
         flow = self.make_flow([{"ref": "a", "appId": "var", "args": {"values": {}}}], "bench floor")
@@ -780,7 +704,7 @@ class Command(BaseCommand):
 
         try:
             for processes in (1, 2):
-                server, url = self.server(processes, "plays.bench.floor:application")
+                server, url = self.server(processes, "bench.floor:application")
                 row: dict[str, Any] = {}
                 try:
                     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {self.token}"}) as client:

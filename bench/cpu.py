@@ -47,13 +47,13 @@ def uninstall() -> None:
     base.REGISTRY.pop(APP_ID, None)
 
 
-@shared_task(name="plays.bench.cpu.bare_step", ignore_result=True, acks_late=True)
+@shared_task(name="bench.cpu.bare_step", ignore_result=True, acks_late=True)
 def bare_step(ms: float) -> float:
     """One step of the bare Celery chain baseline."""
     return spin(ms) if ms else 0.0
 
 
-@shared_task(name="plays.bench.cpu.bare_done", ignore_result=False, acks_late=True)
+@shared_task(name="bench.cpu.bare_done", ignore_result=False, acks_late=True)
 def bare_done(ms: float) -> float:
     """The last task of a chain: its stored result tells when the chain ended."""
     return spin(ms) if ms else 0.0

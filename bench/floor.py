@@ -1,7 +1,7 @@
 """The bench's API floor: a bare DRF view that inserts and commits one row.
 
 Served by the same web server as the app (``python -m flowplay.serve --app
-plays.bench.floor:application``), it is what ``POST /run`` is compared with in the bench's
+bench.floor:application``), it is what ``POST /run`` is compared with in the bench's
 ``floor`` scenario. Only the bench mounts it: this module's ASGI application is the app's,
 with this module as its URLconf (``/bench/floor`` plus every URL of the app).
 """

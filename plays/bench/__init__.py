@@ -1,1 +1,0 @@
-"""Helpers of ``manage.py bench``: the bench-only module, the bare Celery tasks, the worker bootstrap."""
