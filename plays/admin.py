@@ -16,8 +16,6 @@ from django.forms.models import BaseInlineFormSet
 from django.urls import reverse
 from django.utils.html import format_html
 
-from flows.audit import PLAY_VERBS, record
-
 from .models import Approval, Decision, Event, InvalidState, Layer, Play
 from .redaction import redact
 
@@ -128,8 +126,7 @@ def _run(admin_obj: PlayAdmin, request: Any, queryset: Any, label: str, verb: An
 def _verb_action(verb: str, label: str) -> Any:
     def action(admin_obj: PlayAdmin, request: Any, queryset: Any) -> None:
         def apply(play: Play) -> None:
-            getattr(play, verb)(by=request.user)
-            record(request.user, PLAY_VERBS[verb], play, source="admin")
+            getattr(play, verb)(by=request.user, source="admin")
 
         _run(admin_obj, request, queryset, label, apply)
 
@@ -143,8 +140,7 @@ def _decide_action(decision: str, label: str) -> Any:
             layer = play.pending_approval()
             if layer is None:
                 raise InvalidState(f"Play {play.id} is {play.state} with no step waiting for approval")
-            play.decide(layer.id, decision, request.user, note=f"{label} in the admin")
-            record(request.user, f"play.{decision}", play, layerId=layer.id, source="admin")
+            play.decide(layer.id, decision, request.user, note=f"{label} in the admin", source="admin")
 
         _run(admin_obj, request, queryset, label, apply)
 
@@ -154,8 +150,7 @@ def _decide_action(decision: str, label: str) -> Any:
 
 def _retry(admin_obj: PlayAdmin, request: Any, queryset: Any) -> None:
     def apply(play: Play) -> None:
-        new = play.retry(by=request.user)
-        record(request.user, "play.retried", play, newPlayId=new.id, source="admin")
+        play.retry(by=request.user, source="admin")
 
     _run(admin_obj, request, queryset, "Retry", apply)
 

@@ -18,7 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from flows.api import ApiError, invalid_state, not_found
-from flows.audit import PLAY_VERBS, record
+from flows.audit import record
 from flows.models import Flow, FlowVersion
 from flows.permissions import OPERATE_PLAY, VIEW_PLAY
 from flows.serializers import RunSerializer
@@ -297,7 +297,6 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             getattr(play, verb)(by=request.user)
         except InvalidState as exc:
             raise invalid_state(exc.message) from None
-        record(request.user, PLAY_VERBS[verb], play)
         play.refresh_from_db()
         return Response(PlayDetailSerializer(play).data)
 
@@ -332,7 +331,6 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
                         data.validated_data.get("note", ""))
         except InvalidState as exc:
             raise invalid_state(exc.message) from None
-        record(request.user, f"play.{data.validated_data['decision']}", play, layerId=data.validated_data["layerId"])
         play.refresh_from_db()
         return Response(PlayDetailSerializer(play).data)
 
@@ -347,7 +345,6 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             new = play.retry(by=request.user)
         except InvalidState as exc:
             raise invalid_state(exc.message) from None
-        record(request.user, "play.retried", play, newPlayId=new.id)
         return Response({"playId": new.id, "state": new.state, "retryOf": play.id, "startedAt": iso(new.started_at)},
                         status=status.HTTP_201_CREATED)
 
