@@ -458,6 +458,20 @@ def _step_on_sql(ended: tuple[str, ...], columns: tuple[str, ...]) -> str:
         """
 
 
+_versions: dict[int, FlowVersion] = {}
+
+
+def _version(pk: int) -> FlowVersion:
+    """A flow version by pk, kept: its row never changes, and PostgreSQL never hands a
+    sequence value out twice (only used there)."""
+    found = _versions.get(pk)
+    if found is None:
+        if len(_versions) > 1000:
+            _versions.clear()
+        found = _versions[pk] = FlowVersion.objects.get(pk=pk)
+    return found
+
+
 # --- Plays ----------------------------------------------------------------------------
 
 
@@ -803,11 +817,24 @@ class Play(models.Model):
     def take_lease(play_id: str, runner: str, lease_seconds: float) -> Play | None:
         """Take the runner's lease on a RUN play and read it (with its flow version) as it
         is now; None if it is not RUN or another live runner has it."""
+        from django.db import connection
+
         now = timezone.now()
+        until = now + timedelta(seconds=lease_seconds)
+        if connection.vendor == "postgresql":  # one round trip: the update returns the row
+            sql = f"""
+                UPDATE plays_play SET runner = %s, lease_until = %s
+                WHERE id = %s AND state = 'RUN' AND (runner = '' OR lease_until < %s OR runner = %s)
+                RETURNING {", ".join(connection.ops.quote_name(f.column) for f in Play._meta.concrete_fields)}
+            """
+            play = next(iter(Play.objects.raw(sql, [runner, until, play_id, now, runner])), None)
+            if play is not None:
+                play.flow_version = _version(play.flow_version_id)
+            return play
         n = (
             Play.objects.filter(pk=play_id, state=State.RUN)
             .filter(Q(runner="") | Q(lease_until__lt=now) | Q(runner=runner))
-            .update(runner=runner, lease_until=now + timedelta(seconds=lease_seconds))
+            .update(runner=runner, lease_until=until)
         )
         return Play.objects.select_related("flow_version").filter(pk=play_id).first() if n else None
 
