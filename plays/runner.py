@@ -326,8 +326,11 @@ class Runner:
         if ready is not None and ready():
             self.play.wake()  # what it waits for ended before the park: go on now
 
+    # A sleep step gives the worker up (an iteration's waits in its worker; others go on).
+    parks_sleeps = True
+
     def parks(self, seconds: float) -> bool:
-        """Whether a wait this long gives the worker up (a retry delay, a sleep)."""
+        """Whether a retry delay this long gives the worker up."""
         return seconds >= config("RETRY_PARK_SECONDS")
 
     def fan_out(self, step: dict[str, Any], layer: Layer, items: list[Any], concurrency: int) -> int | None:
@@ -616,9 +619,8 @@ class Runner:
         except Park as park:
             if park.until is None:
                 raise Stop(done=True) from None  # fan_out handed the play over already
-            seconds = max(0.0, (park.until - timezone.now()).total_seconds())
-            if park.out is not None and not self.parks(seconds):
-                self.sleep(seconds)  # a sleep inside a loop waits in its worker; others go on
+            if park.out is not None and not self.parks_sleeps:
+                self.sleep(max(0.0, (park.until - timezone.now()).total_seconds()))
                 self.succeed(step, layer, park.out)
                 return None
             parked = Parked.RECHECK if park.out is None else Parked.RESULT
@@ -933,8 +935,10 @@ class IterationRunner(Runner):
         if ready is not None and ready():
             self.it.enqueue()  # what it waits for ended before the release: go on now
 
+    parks_sleeps = False  # iterations are not parked one by one: it waits in its worker
+
     def parks(self, seconds: float) -> bool:
-        return False  # iterations are not parked one by one: it waits in its worker
+        return False
 
     def fan_out(self, step: dict[str, Any], layer: Layer, items: list[Any], concurrency: int) -> int | None:
         raise StepError("An iterator cannot run inside another iterator's loop", "NESTED_LOOP", retryable=False)
