@@ -194,24 +194,13 @@ class EventQuerySet(models.QuerySet):
         play_id: str | None = None,
         flow_id: str | None = None,
     ) -> tuple[list[dict[str, Any]], Position]:
-        """The messages of the company's events after ``after`` in cursor order (at most
-        ``limit``, optionally of one play or flow), and the position read up to.
+        """The company's events after ``after`` in cursor order (at most ``limit``, maybe of
+        one play or flow), and the position read up to: the horizon when fewer came back.
 
-        The cursor is (transaction id, id). On PostgreSQL the transaction id is the writing
-        transaction's ``pg_current_xact_id()``, stored with the row, and a reader takes only
-        rows of transactions older than the oldest one still running when its statement's
-        snapshot was taken (``_HORIZON_SQL``): every such transaction has ended, so its
-        rows are all in the snapshot, and every transaction that can still write has a
-        larger id. The rows below that horizon are therefore a prefix of the final order
-        that never grows in the middle: a reader that resumes after the last cursor it saw
-        misses nothing and gets nothing twice, with no lock shared by two writers. (Rows of
-        the reading transaction itself are visible to it too; only tests read their own
-        uncommitted writes.) Transactions of other databases of the cluster do not count
-        (``_HORIZON_SQL``). On SQLite one transaction writes at a time, so ids are in
-        commit order and the transaction id is 0.
-
-        When fewer than ``limit`` messages come back, the returned position is the horizon
-        (no event is between the last one returned and it), else the last event's cursor.
+        The cursor is (writing transaction's id, id). On PostgreSQL a reader takes only rows
+        of transactions older than the oldest one still running (``_HORIZON_SQL``): those
+        are a prefix of the final order, so resuming after the last cursor misses nothing
+        and repeats nothing, with no lock shared by writers. SQLite has one writer: xid 0.
         """
         from django.db import connection
 
