@@ -362,7 +362,9 @@ SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if PRODUCTION else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = PRODUCTION
 SECURE_HSTS_PRELOAD = PRODUCTION
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if PRODUCTION else None
+# X-Forwarded-Proto says "the client used HTTPS" only when a proxy we trust set it: with no
+# trusted proxy (the default) any client could send it and pass for a TLS connection.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if PRODUCTION and TRUSTED_PROXIES else None
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("FLOWPLAY_MAX_BODY_BYTES", 2 * 1024 * 1024)
 
 AUTH_PASSWORD_VALIDATORS = [

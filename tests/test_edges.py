@@ -381,3 +381,26 @@ def test_http_channels_keep_their_own_larger_limits(web: int) -> None:
         )
         answer = _answer(sock)
     assert not answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+@pytest.mark.parametrize(("proxies", "expected"), [("0", "None"), ("1", "('HTTP_X_FORWARDED_PROTO', 'https')")])
+def test_x_forwarded_proto_is_trusted_only_behind_a_declared_proxy(proxies: str, expected: str) -> None:
+    env = {
+        **os.environ,
+        "FLOWPLAY_PRODUCTION": "1",
+        "FLOWPLAY_TRUSTED_PROXIES": proxies,
+        "SECRET_KEY": "x" * 50,
+        "FLOWPLAY_SECRET_KEYS": "hT1wIAbrcbnPk3ShlpXxIMHgjDXWlqAKrlbKf8X8xAc=",
+        "ALLOWED_HOSTS": "flowplay.example.com",
+    }
+    code = "from django.conf import settings; print(settings.SECURE_PROXY_SSL_HEADER)"
+    done = subprocess.run(
+        [sys.executable, "-c", f"import django, os; os.environ['DJANGO_SETTINGS_MODULE']='flowplay.settings'; {code}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == expected
