@@ -19,9 +19,7 @@ from django.utils.html import format_html
 from flows.admin import FlowAdmin as FlowDefinitionAdmin
 from flows.models import Flow
 from tenancy.admin import TenantMixin
-from tenancy.audit import record
 
-from .audit import PLAY_VERBS
 from .models import Approval, Decision, Event, InvalidState, Layer, Play
 from .redaction import redact
 from .workers import queue_warning
@@ -121,8 +119,7 @@ def _run(admin_obj: PlayAdmin, request: Any, queryset: Any, label: str, verb: An
 def _verb_action(verb: str, label: str) -> Any:
     def action(admin_obj: PlayAdmin, request: Any, queryset: Any) -> None:
         def apply(play: Play) -> None:
-            getattr(play, verb)(by=request.user)
-            record(request.user, PLAY_VERBS[verb], play, source="admin")
+            getattr(play, verb)(by=request.user, source="admin")
 
         _run(admin_obj, request, queryset, label, apply)
 
@@ -136,8 +133,7 @@ def _decide_action(decision: str, label: str) -> Any:
             layer = play.pending_approval()
             if layer is None:
                 raise InvalidState(f"Play {play.id} is {play.state} with no step waiting for approval")
-            play.decide(layer.id, decision, request.user, note=f"{label} in the admin")
-            record(request.user, f"play.{decision}", play, layerId=layer.id, source="admin")
+            play.decide(layer.id, decision, request.user, note=f"{label} in the admin", source="admin")
 
         _run(admin_obj, request, queryset, label, apply)
 
@@ -147,8 +143,7 @@ def _decide_action(decision: str, label: str) -> Any:
 
 def _retry(admin_obj: PlayAdmin, request: Any, queryset: Any) -> None:
     def apply(play: Play) -> None:
-        new = play.retry(by=request.user)
-        record(request.user, "play.retried", play, newPlayId=new.id, source="admin")
+        play.retry(by=request.user, source="admin")
 
     _run(admin_obj, request, queryset, "Retry", apply)
 

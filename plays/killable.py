@@ -1,24 +1,10 @@
 """Run a CPU-bound step in a forked process that a timeout or a cancel really stops.
 
-A Python thread cannot be stopped: a step thread that parses a hostile CSV or PDF keeps
-its CPU (and the GIL, starving the heartbeat) long after its step timed out or its play was
-cancelled. Modules marked ``cpu_bound`` therefore run here instead: the runner forks, the
-child runs the module and sends its outcome back through a pipe, and the runner waits with
-the step's deadline, checking for a cancel every quarter second. When time is up, or the
-play was cancelled, the child is killed (SIGKILL) and reaped at once: nothing of the step
-is left running, and the worker slot is free.
-
-Why a fork per step rather than a pool: the child starts with everything the worker has
-imported (Django, the modules), costs a few milliseconds, needs no warm-up, no replacement
-after a kill and no serialization of the args; it is safe because the forking thread is
-the runner's, and the child touches neither the database nor the broker and leaves with
-``os._exit`` (so it never closes the connections it inherited). It works the same on the
-embedded default and under Celery prefork workers (a fork of a pool process, not a
-``multiprocessing`` child, so the daemon restriction does not apply).
-
-Two backstops in the child: ``RLIMIT_CPU`` (the step's timeout plus a margin) in case the
-worker itself stops before it can kill, and ``PR_SET_PDEATHSIG`` (Linux) so that a worker
-killed with SIGKILL takes its child with it.
+A thread cannot be stopped: one parsing a hostile CSV or PDF keeps its CPU and the GIL
+long after its step timed out. ``cpu_bound`` modules run in a fork per step instead (it
+inherits the imports, needs no pool or pickled args, and touches neither the database
+nor the broker); the runner waits with the step's deadline and SIGKILLs it on timeout or
+cancel. Backstops in the child: ``RLIMIT_CPU`` and ``PR_SET_PDEATHSIG``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,14 @@
-"""Plays, their layers and events: the execution state machine.
+"""Plays, their layers, iterations and events: the execution state machine.
 
-Every play state change happens in a verb method on ``Play`` (``start``, ``park``,
-``wait_for_approval``, ``finish``, ``fail``, ``skip``, ``hold``, ``resume``, ``cancel``,
-``decide``). Each one is a compare-and-set ``UPDATE … WHERE state IN (…)`` whose row count
-says whether it won, and writes its ``Event`` row in the same transaction. The ``state``
-field is assigned nowhere else. Layer state changes live on ``Layer`` the same way. One
-exception by design: ``Play.step_on`` is the runner's hot path on PostgreSQL, the writes of
-``Layer.end`` + ``Layer.open`` and the play's cursor in a single statement; it follows them
-and falls back to them whenever it cannot apply.
+The verbs on these models are the only writers of their rows. Each one is a
+compare-and-set ``UPDATE … WHERE`` (state, lease holder) whose row count says whether it
+won, and stores its events in the same transaction (``emit``). ``Play.step_on`` is the
+runner's hot path on PostgreSQL: ``Layer.end`` + ``Layer.open`` + the cursor in one statement.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -26,6 +23,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from flows.models import Flow, FlowVersion
+from tenancy.audit import record as audit_record
 from tenancy.ids import new_id
 from tenancy.models import Company
 from tenancy.storable import StorableJSONField, storable
@@ -197,24 +195,13 @@ class EventQuerySet(models.QuerySet):
         play_id: str | None = None,
         flow_id: str | None = None,
     ) -> tuple[list[dict[str, Any]], Position]:
-        """The messages of the company's events after ``after`` in cursor order (at most
-        ``limit``, optionally of one play or flow), and the position read up to.
+        """The company's events after ``after`` in cursor order (at most ``limit``, maybe of
+        one play or flow), and the position read up to: the horizon when fewer came back.
 
-        The cursor is (transaction id, id). On PostgreSQL the transaction id is the writing
-        transaction's ``pg_current_xact_id()``, stored with the row, and a reader takes only
-        rows of transactions older than the oldest one still running when its statement's
-        snapshot was taken (``_HORIZON_SQL``): every such transaction has ended, so its
-        rows are all in the snapshot, and every transaction that can still write has a
-        larger id. The rows below that horizon are therefore a prefix of the final order
-        that never grows in the middle: a reader that resumes after the last cursor it saw
-        misses nothing and gets nothing twice, with no lock shared by two writers. (Rows of
-        the reading transaction itself are visible to it too; only tests read their own
-        uncommitted writes.) Transactions of other databases of the cluster do not count
-        (``_HORIZON_SQL``). On SQLite one transaction writes at a time, so ids are in
-        commit order and the transaction id is 0.
-
-        When fewer than ``limit`` messages come back, the returned position is the horizon
-        (no event is between the last one returned and it), else the last event's cursor.
+        The cursor is (writing transaction's id, id). On PostgreSQL a reader takes only rows
+        of transactions older than the oldest one still running (``_HORIZON_SQL``): those
+        are a prefix of the final order, so resuming after the last cursor misses nothing
+        and repeats nothing, with no lock shared by writers. SQLite has one writer: xid 0.
         """
         from django.db import connection
 
@@ -429,6 +416,52 @@ def _store(items: list[tuple[Play, str, dict[str, Any]]]) -> list[Event]:
     return events
 
 
+@functools.cache
+def _step_on_sql(ended: tuple[str, ...], columns: tuple[str, ...]) -> str:
+    """Play.step_on's statement (built once): ``ended`` are the columns Layer.end writes."""
+    from django.db import connection
+
+    q = connection.ops.quote_name
+    return f"""
+            WITH ok AS MATERIALIZED (
+                SELECT FROM plays_play pp, plays_layer ll
+                WHERE pp.id = %s AND pp.runner = %s AND pp.state = 'RUN'
+                    AND ll.id = %s AND ll.play_id = pp.id AND ll.state IN ('RUN', 'WAIT')
+                FOR UPDATE
+            ), p AS (
+                UPDATE plays_play SET next_index = %s, lease_until = %s, event_seq = event_seq + 2
+                WHERE id = %s AND EXISTS (SELECT FROM ok) RETURNING event_seq
+            ), d AS (
+                UPDATE plays_layer SET {", ".join(f"{q(c)} = %s" for c in ended)},
+                    started_at = COALESCE(started_at, %s)
+                WHERE id = %s AND EXISTS (SELECT FROM ok)
+            ), n AS (
+                INSERT INTO plays_layer ({", ".join(q(c) for c in columns)})
+                SELECT {", ".join(["%s"] * len(columns))} WHERE EXISTS (SELECT FROM ok)
+            )
+            INSERT INTO plays_event (company_id, play_id, flow_id, seq, xid, type, payload, created_at)
+            SELECT %s, %s, %s, p.event_seq - 2 + v.k, pg_current_xact_id()::text::bigint, v.type,
+                v.payload || jsonb_build_object('seq', p.event_seq - 2 + v.k), %s
+            FROM p, (VALUES (1, %s, %s::jsonb), (2, %s, %s::jsonb)) AS v (k, type, payload)
+            ORDER BY v.k
+            RETURNING id, seq, xid
+        """
+
+
+_versions: dict[int, FlowVersion] = {}
+
+
+def _version(pk: int) -> FlowVersion:
+    """A flow version by pk, kept: its row never changes, and PostgreSQL never hands a
+    sequence value out twice (only used there)."""
+    found = _versions.get(pk)
+    if found is None:
+        if len(_versions) > 1000:
+            _versions.clear()
+        found = _versions[pk] = FlowVersion.objects.get(pk=pk)
+    return found
+
+
 # --- Plays ----------------------------------------------------------------------------
 
 
@@ -624,11 +657,11 @@ class Play(models.Model):
                     **(cls._started(version.definition, now) if at_once else {}),
                 )
                 if at_once:
-                    # What start() does from NEW, written with the row (one statement less).
+                    # What admit() does from NEW, written with the row (one statement less).
                     emit(play, [(EventType.PLAY_STARTED, {"state": State.RUN})])
                     play.enqueue()
                 elif start:
-                    play.start()
+                    play.admit()
                 if on_created is not None:
                     on_created(play)
         except IntegrityError:
@@ -649,7 +682,7 @@ class Play(models.Model):
 
     # -- transitions --------------------------------------------------------------------
 
-    def start(self, reported_from: str | None = None) -> bool:
+    def admit(self, reported_from: str | None = None) -> bool:
         """NEW/DEFERRED → RUN (or DEFERRED when not due or no slot; SKIP when flow filters fail).
 
         Runs inside the caller's transaction; the runner task is enqueued after commit.
@@ -704,14 +737,14 @@ class Play(models.Model):
 
     @staticmethod
     def _starts_at_once(definition: dict[str, Any], run_at: datetime | None) -> bool:
-        """Whether start() would take a new play straight to RUN whatever the database
+        """Whether admit() would take a new play straight to RUN whatever the database
         holds: not deferred, no flow filters, no concurrency limit."""
         execution = definition.get("execution", {})
         return run_at is None and not definition.get("filters") and not execution.get("maxConcurrency")
 
     @staticmethod
     def _started(definition: dict[str, Any], now: datetime) -> dict[str, Any]:
-        """The fields start() sets when a play first starts."""
+        """The fields admit() sets when a play first starts."""
         fields: dict[str, Any] = {"state": State.RUN, "started_at": now, "updated_at": now}
         timeout = definition.get("execution", {}).get("timeout")
         if timeout:
@@ -774,13 +807,69 @@ class Play(models.Model):
     def take_lease(play_id: str, runner: str, lease_seconds: float) -> Play | None:
         """Take the runner's lease on a RUN play and read it (with its flow version) as it
         is now; None if it is not RUN or another live runner has it."""
+        from django.db import connection
+
         now = timezone.now()
+        until = now + timedelta(seconds=lease_seconds)
+        if connection.vendor == "postgresql":  # one round trip: the update returns the row
+            sql = f"""
+                UPDATE plays_play SET runner = %s, lease_until = %s
+                WHERE id = %s AND state = 'RUN' AND (runner = '' OR lease_until < %s OR runner = %s)
+                RETURNING {", ".join(connection.ops.quote_name(f.column) for f in Play._meta.concrete_fields)}
+            """
+            play = next(iter(Play.objects.raw(sql, [runner, until, play_id, now, runner])), None)
+            if play is not None:
+                play.flow_version = _version(play.flow_version_id)
+            return play
         n = (
             Play.objects.filter(pk=play_id, state=State.RUN)
             .filter(Q(runner="") | Q(lease_until__lt=now) | Q(runner=runner))
-            .update(runner=runner, lease_until=now + timedelta(seconds=lease_seconds))
+            .update(runner=runner, lease_until=until)
         )
         return Play.objects.select_related("flow_version").filter(pk=play_id).first() if n else None
+
+    @staticmethod
+    def renew_lease(play_id: str, runner: str, until: datetime) -> None:
+        """The heartbeat: extend the lease that ``runner`` holds (RUN, or held while its step ends)."""
+        Play.objects.filter(pk=play_id, runner=runner, state__in=[State.RUN, State.ON_HOLD]).update(lease_until=until)
+
+    def hold_lease(self, runner: str, until: datetime | None = None) -> bool:
+        """Whether ``runner`` still holds this RUN play (its lease renewed to ``until``)."""
+        query = Play.objects.filter(pk=self.pk, runner=runner, state=State.RUN)
+        return bool(query.update(lease_until=until) if until else query.exists())
+
+    def move_cursor(self, runner: str, to: int) -> bool:
+        """Set the next step to run (the play may be held meanwhile); False if ``runner``
+        no longer holds an unfinished play."""
+        n = Play.objects.filter(pk=self.pk, runner=runner).exclude(state__in=TERMINAL).update(next_index=to)
+        if n:
+            self.next_index = to
+        return bool(n)
+
+    def step_past(self, runner: str, to: int, until: datetime) -> bool:
+        """Set the next step and renew the lease, if ``runner`` holds this play and it is RUN."""
+        n = Play.objects.filter(pk=self.pk, runner=runner, state=State.RUN).update(next_index=to, lease_until=until)
+        if n:
+            self.next_index, self.lease_until = to, until
+        return bool(n)
+
+    def wait_for_iterations(self, runner: str) -> None:
+        """Give the lease up while a loop's iterations run; the play stays RUN."""
+        Play.objects.filter(pk=self.pk, runner=runner).update(runner="", lease_until=None, updated_at=timezone.now())
+
+    def wake(self) -> None:
+        """A parked play's wait is over early (its child ended): due now."""
+        Play.objects.filter(pk=self.pk, state=State.DEFERRED).update(run_at=timezone.now())
+
+    def wake_from_loop(self) -> None:
+        """A loop's last iteration ended: a runner picks the play up at its iterator step."""
+        if Play.objects.filter(pk=self.pk, state=State.RUN, runner="").exists():
+            self.enqueue()
+
+    def requeue(self) -> None:
+        """The reaper: forget a lost runner and send the play's task again."""
+        Play.objects.filter(pk=self.pk, state=State.RUN).update(runner="", lease_until=None, updated_at=timezone.now())
+        self.enqueue()
 
     @staticmethod
     def can_step_on() -> bool:
@@ -790,20 +879,16 @@ class Play(models.Model):
         return connection.vendor == "postgresql"
 
     def step_on(self, runner: str, done: Layer, out: Any, step: dict[str, Any], lease_until: datetime) -> Layer | None:
-        """The runner's commonest write, in one statement on PostgreSQL: layer ``done`` DONE
-        with ``out``, the cursor past it and the lease renewed, the layer of the next step
-        ``step`` opened RUN, and their two events. Returns the new layer; None when nothing
-        was written (another database, the play no longer ours and RUN, ``done`` already
-        ended): the caller then takes the general path, which finds out which and acts.
+        """``Runner.succeed``'s transaction (``step_past``, ``Layer.end``, ``Layer.open`` and
+        their events) in one statement on PostgreSQL: ``done`` DONE, the cursor at ``step``
+        and the lease renewed, ``step``'s layer opened RUN. The new layer, or None when
+        nothing was written (not PostgreSQL, the play not ours and RUN, ``done`` ended).
 
-        It is the transaction ``Runner.succeed`` writes with ``advance_running``,
-        ``Layer.end`` and ``Layer.open`` (the reference for what it does), as one
-        data-modifying ``WITH`` statement, atomic on its own in autocommit: one round trip
-        instead of seven. Every part of a ``WITH`` runs to completion, so none has a
-        condition of its own: ``ok`` checks and locks the play and the layer (``FOR UPDATE``
-        re-checks a row a concurrent commit changed), and each write runs only if ``ok``
-        found them — all or nothing. The play's row is locked first, as in the general
-        path, and its update also reserves the two events' ``seq`` (see ``_store``).
+        Why raw SQL: one round trip instead of seven on the path every step takes. The
+        rows come from the same definitions (``Layer.ended``, ``Layer.build``,
+        ``event_payload``); test_runner's equality test compares both paths' rows.
+        ``ok`` locks the play, then the layer, and each part writes only if ``ok`` found
+        them (the parts of a ``WITH`` have no condition of their own): all or nothing.
         """
         from django.db import connection
 
@@ -819,34 +904,14 @@ class Play(models.Model):
         payloads = [event_payload(self, kind, 0, extra, now) for kind, extra in events]
         fields = list(Layer._meta.concrete_fields)
         prep = Event._meta.get_field("payload").get_db_prep_save
-        sql = f"""
-            WITH ok AS MATERIALIZED (
-                SELECT FROM plays_play pp, plays_layer ll
-                WHERE pp.id = %s AND pp.runner = %s AND pp.state = 'RUN'
-                    AND ll.id = %s AND ll.play_id = pp.id AND ll.state IN ('RUN', 'WAIT')
-                FOR UPDATE
-            ), p AS (
-                UPDATE plays_play SET next_index = %s, lease_until = %s, event_seq = event_seq + 2
-                WHERE id = %s AND EXISTS (SELECT FROM ok) RETURNING event_seq
-            ), d AS (
-                UPDATE plays_layer SET state = 'DONE', out = %s, error = NULL, completed_at = %s,
-                    started_at = COALESCE(started_at, %s)
-                WHERE id = %s AND EXISTS (SELECT FROM ok)
-            ), n AS (
-                INSERT INTO plays_layer ({", ".join(connection.ops.quote_name(f.column) for f in fields)})
-                SELECT {", ".join(["%s"] * len(fields))} WHERE EXISTS (SELECT FROM ok)
-            )
-            INSERT INTO plays_event (company_id, play_id, flow_id, seq, xid, type, payload, created_at)
-            SELECT %s, %s, %s, p.event_seq - 2 + v.k, pg_current_xact_id()::text::bigint, v.type,
-                v.payload || jsonb_build_object('seq', p.event_seq - 2 + v.k), %s
-            FROM p, (VALUES (1, %s, %s::jsonb), (2, %s, %s::jsonb)) AS v (k, type, payload)
-            ORDER BY v.k
-            RETURNING id, seq, xid
-        """
+        end = Layer.ended(LayerState.DONE, out, None, now)
+        ended = [Layer._meta.get_field(name) for name in end]
+        sql = _step_on_sql(tuple(f.column for f in ended), tuple(f.column for f in fields))
         params = [
             *(self.pk, runner, done.pk),
             *(step["index"], lease_until, self.pk),
-            *(Layer._meta.get_field("out").get_db_prep_save(out, connection), now, now, done.pk),
+            *(f.get_db_prep_save(end[f.name], connection) for f in ended),
+            *(now, done.pk),
             *(f.get_db_prep_save(getattr(layer, f.attname), connection) for f in fields),
             *(self.company_id, self.pk, self.flow_id, now),
             *(events[0][0], prep(payloads[0], connection), events[1][0], prep(payloads[1], connection)),
@@ -864,8 +929,7 @@ class Play(models.Model):
 
         publish_on_commit(self.company_id, messages)
         self.next_index, self.lease_until = step["index"], lease_until
-        done.state, done.out, done.error, done.completed_at = LayerState.DONE, out, None, now
-        done.started_at = done.started_at or now
+        done._set({**end, "started_at": done.started_at or now})
         return layer
 
     def release(self, runner: str) -> bool:
@@ -895,10 +959,12 @@ class Play(models.Model):
         emit(self, [(EventType.PLAY_WAITING, {"layerId": layer.id, "ref": layer.ref, "state": State.WAIT})])
         return True
 
-    def finish(self, runner: str) -> bool:
-        """RUN → DONE, or FILTERED when every layer was filtered out."""
-        states = set(self.layers.values_list("state", flat=True))
-        state = State.FILTERED if states == {LayerState.FILTERED} else State.DONE
+    def finish(self, runner: str, filtered: bool | None = None) -> bool:
+        """RUN → DONE, or FILTERED when every layer was filtered out (``filtered``: the
+        caller knows already)."""
+        if filtered is None:
+            filtered = set(self.layers.values_list("state", flat=True)) == {LayerState.FILTERED}
+        state = State.FILTERED if filtered else State.DONE
         now = timezone.now()
         n = Play.objects.filter(pk=self.pk, state=State.RUN, runner=runner).update(
             state=state, completed_at=now, updated_at=now, runner="", lease_until=None
@@ -959,33 +1025,48 @@ class Play(models.Model):
         self._after_end()
         return True
 
-    def hold(self, by: Any = None) -> bool:
-        """NEW/DEFERRED/RUN/WAIT → ON_HOLD. A step in flight finishes; no further step starts."""
+    # -- operator verbs (API, pages, admin): each writes its audit entry when ``by`` is given
+
+    def _audit(self, by: Any, action: str, source: str, **details: Any) -> None:
+        if by is not None:
+            audit_record(by, action, self, **details, **({"source": source} if source else {}))
+
+    def hold(self, by: Any = None, source: str = "") -> bool:
+        """NEW/DEFERRED/RUN/WAIT → ON_HOLD, its subflow plays too. A step in flight
+        finishes; no further step starts."""
+        with transaction.atomic():
+            self._hold()
+            self._audit(by, "play.held", source)
+        return True
+
+    def _hold(self) -> None:
         current = Play.objects.filter(pk=self.pk).values_list("state", flat=True).first()
         if current not in HOLDABLE:
             raise InvalidState(f"Play {self.id} is {current} and cannot be held")
+        if not self._cas([current], state=State.ON_HOLD):
+            raise InvalidState(f"Play {self.id} changed state and cannot be held now")
+        emit(self, [self._state_event(current)])
+        self._after_end()
+        for child in self._children(HOLDABLE):
+            try:
+                child._hold()
+            except InvalidState:
+                pass
+
+    def resume(self, by: Any = None, source: str = "") -> bool:
+        """ON_HOLD → the state it would have now (WAIT, DEFERRED, NEW or RUN), its subflow plays too."""
         with transaction.atomic():
-            if not self._cas([current], state=State.ON_HOLD):
-                raise InvalidState(f"Play {self.id} changed state and cannot be held now")
-            emit(self, [self._state_event(current)])
-            self._after_end()
-            for child in self._children(HOLDABLE):
-                try:
-                    child.hold(by)
-                except InvalidState:
-                    pass
+            self._resume_tree()
+            self._audit(by, "play.resumed", source)
         return True
 
-    def resume(self, by: Any = None) -> bool:
-        """ON_HOLD → the state it would have now: WAIT, DEFERRED, NEW or RUN."""
-        with transaction.atomic():
-            self._resume()
-            for child in self._children([State.ON_HOLD]):
-                try:
-                    child.resume(by)
-                except InvalidState:
-                    pass
-        return True
+    def _resume_tree(self) -> None:
+        self._resume()
+        for child in self._children([State.ON_HOLD]):
+            try:
+                child._resume_tree()
+            except InvalidState:
+                pass
 
     def _resume(self) -> None:
         self.refresh_from_db(fields=["state", "run_at", "started_at"])
@@ -997,11 +1078,11 @@ class Play(models.Model):
         elif self.started_at is None and self.run_at is None and not self._ever_started_request():
             target = State.NEW
         else:
-            # Re-enter through start(), which decides between RUN and DEFERRED.
+            # Re-enter through admit(), which decides between RUN and DEFERRED.
             if not self._cas([State.ON_HOLD], state=State.DEFERRED):
                 raise InvalidState(f"Play {self.id} changed state and cannot be resumed now")
             self.state = State.DEFERRED
-            started = self.start(reported_from=State.ON_HOLD)
+            started = self.admit(reported_from=State.ON_HOLD)
             if not started or self.state == State.DEFERRED:
                 emit(self, [(EventType.PLAY_STATE, {"state": State.DEFERRED, "previousState": State.ON_HOLD})])
             return
@@ -1013,31 +1094,36 @@ class Play(models.Model):
         # A play held while NEW was never asked to start; one held while DEFERRED was.
         return self.events.filter(type=EventType.PLAY_STATE, payload__state=State.DEFERRED).exists()
 
-    def cancel(self, by: Any = None) -> bool:
-        """Any non-terminal state → FAIL/CANCELLED. The runner sees it before its next write."""
+    def cancel(self, by: Any = None, source: str = "") -> bool:
+        """Any non-terminal state → FAIL/CANCELLED, its subflow plays too. The runner sees
+        it before its next write."""
         with transaction.atomic():
-            current = Play.objects.filter(pk=self.pk).values_list("state", flat=True).first()
-            if current not in NON_TERMINAL:
-                raise InvalidState(f"Play {self.id} is {current} and cannot be cancelled")
-            who = getattr(by, "username", None)
-            message = f"Cancelled by {who}" if who else "Cancelled"
-            if not self._fail_now(current, error_body("CANCELLED", message)):
-                raise InvalidState(f"Play {self.id} changed state and cannot be cancelled now")
-            # Subflow plays still running are cancelled with their parent.
-            for child in self._children(NON_TERMINAL):
-                try:
-                    child.cancel(by)
-                except InvalidState:
-                    pass
+            self._cancel(getattr(by, "username", None))
+            self._audit(by, "play.cancelled", source)
         return True
 
-    def begin(self, by: Any = None) -> bool:
-        """NEW → started (the API's /start for a play created with start=false)."""
+    def _cancel(self, who: str | None) -> None:
+        current = Play.objects.filter(pk=self.pk).values_list("state", flat=True).first()
+        if current not in NON_TERMINAL:
+            raise InvalidState(f"Play {self.id} is {current} and cannot be cancelled")
+        message = f"Cancelled by {who}" if who else "Cancelled"
+        if not self._fail_now(current, error_body("CANCELLED", message)):
+            raise InvalidState(f"Play {self.id} changed state and cannot be cancelled now")
+        for child in self._children(NON_TERMINAL):
+            try:
+                child._cancel(who)
+            except InvalidState:
+                pass
+
+    def begin(self, by: Any = None, source: str = "") -> bool:
+        """NEW → admitted (the API's /start for a play created with start=false)."""
         with transaction.atomic():
             self.refresh_from_db(fields=["state"])
             if self.state != State.NEW:
                 raise InvalidState(f"Play {self.id} is {self.state}, not NEW")
-            return self.start()
+            admitted = self.admit()
+            self._audit(by, "play.started", source)
+        return admitted
 
     def _after_end(self) -> None:
         """A slot may have freed: let deferred plays of the flow start; wake a waiting parent."""
@@ -1061,7 +1147,7 @@ class Play(models.Model):
             return
         iteration = Layer.objects.filter(pk=self.parent_layer_id).values_list("iteration", flat=True).first()
         if iteration is None:
-            Play.objects.filter(pk=parent.pk, state=State.DEFERRED).update(run_at=timezone.now())
+            parent.wake()
             return
         for waiting in Iteration.objects.filter(play=parent, index=iteration, state=IterationState.RUN, runner=""):
             waiting.play = parent
@@ -1072,7 +1158,7 @@ class Play(models.Model):
 
     # -- approvals ----------------------------------------------------------------------
 
-    def decide(self, layer_id: str, decision: str, by: Any, note: str = "") -> Approval:
+    def decide(self, layer_id: str, decision: str, by: Any, note: str = "", source: str = "") -> Approval:
         """Record an approval decision on the waiting layer and continue or skip the play."""
         with transaction.atomic():
             # Two people deciding at once: lock the play row so only one decision is taken.
@@ -1090,14 +1176,14 @@ class Play(models.Model):
                 decided_by=by if getattr(by, "pk", None) else None,
             )
             if decision == Decision.APPROVED:
-                # The layer becomes RUN when the runner picks the step up again.
-                Layer.objects.filter(pk=layer.pk).update(state=LayerState.RUN, approved=True)
+                layer.approve()  # its first attempt begins when the runner picks it up
                 self._cas([State.WAIT], state=State.RUN, runner="", lease_until=None)
                 emit(self, [(EventType.PLAY_STATE, {"state": State.RUN, "previousState": State.WAIT})])
                 self.enqueue()
             else:
                 layer.end(LayerState.SKIP, out=None)
                 self.skip([State.WAIT])
+            self._audit(by, f"play.{decision}", source, layerId=layer_id)
             self.refresh_from_db()
         return approval
 
@@ -1106,7 +1192,7 @@ class Play(models.Model):
 
     # -- retry --------------------------------------------------------------------------
 
-    def retry(self, by: Any = None) -> Play:
+    def retry(self, by: Any = None, source: str = "") -> Play:
         """FAIL → a new play with retryOf, the same args and version, DONE layers copied."""
         with transaction.atomic():
             self.refresh_from_db()
@@ -1118,6 +1204,20 @@ class Play(models.Model):
                 and Play.objects.filter(flow_id=self.flow_id, idempotency_key=key).exclude(state=State.FAIL).exists()
             ):
                 key = None
+            failed = (
+                self.layers.exclude(state__in=[LayerState.DONE, LayerState.FILTERED, LayerState.SKIP])
+                .order_by("index", "iteration")
+                .first()
+            )
+            resume_at = failed.index if failed else self.next_index
+            if failed is not None and failed.iteration is not None:
+                # It failed inside a loop: the loop runs again from its iterator.
+                loop = (
+                    self.layers.filter(loop_concurrency__isnull=False, iteration__isnull=True, index__lt=failed.index)
+                    .order_by("-index")
+                    .first()
+                )
+                resume_at = loop.index if loop is not None else resume_at
             new = Play.objects.create(
                 company_id=self.company_id,
                 flow_id=self.flow_id,
@@ -1130,43 +1230,27 @@ class Play(models.Model):
                 root_id=self.root_id,
                 triggered_by=by if getattr(by, "pk", None) else None,
                 trigger_kind=TriggerKind.RETRY,
+                next_index=resume_at,
             )
-            failed = (
-                self.layers.exclude(state__in=[LayerState.DONE, LayerState.FILTERED, LayerState.SKIP])
-                .order_by("index", "iteration")
-                .first()
+            Layer.objects.bulk_create(
+                Layer(
+                    play=new,
+                    ref=layer.ref,
+                    app_id=layer.app_id,
+                    index=layer.index,
+                    iteration=layer.iteration,
+                    state=layer.state,
+                    attempts=layer.attempts,
+                    started_at=layer.started_at,
+                    completed_at=layer.completed_at,
+                    out=layer.out,
+                    error=layer.error,
+                    reused_from=layer.reused_from or layer,
+                )
+                for layer in self.layers.filter(index__lt=resume_at).order_by("index", "iteration")
             )
-            copies = []
-            resume_at = failed.index if failed else self.next_index
-            if failed is not None and failed.iteration is not None:
-                # It failed inside a loop: the loop runs again from its iterator.
-                loop = (
-                    self.layers.filter(app_id="iterator", iteration__isnull=True, index__lt=failed.index)
-                    .order_by("-index")
-                    .first()
-                )
-                resume_at = loop.index if loop is not None else resume_at
-            for layer in self.layers.filter(index__lt=resume_at).order_by("index", "iteration"):
-                copies.append(
-                    Layer(
-                        play=new,
-                        ref=layer.ref,
-                        app_id=layer.app_id,
-                        index=layer.index,
-                        iteration=layer.iteration,
-                        state=layer.state,
-                        attempts=layer.attempts,
-                        started_at=layer.started_at,
-                        completed_at=layer.completed_at,
-                        out=layer.out,
-                        error=layer.error,
-                        reused_from=layer.reused_from or layer,
-                    )
-                )
-            Layer.objects.bulk_create(copies)
-            Play.objects.filter(pk=new.pk).update(next_index=resume_at)
-            new.next_index = resume_at
-            new.start()
+            new.admit()
+            self._audit(by, "play.retried", source, newPlayId=new.id)
         return new
 
 
@@ -1177,6 +1261,15 @@ class IdempotencyConflict(Exception):
 
 
 # --- Layers ---------------------------------------------------------------------------
+
+
+class Parked(models.TextChoices):
+    """Why a RUN layer gave its worker up; what the runner does when the play wakes up."""
+
+    NO = "", "not parked"
+    RESULT = "result", "its result is in parked_out (a sleep)"
+    RECHECK = "recheck", "the module looks again (a subflow's child, a loop's iterations)"
+    RETRY = "retry", "the next attempt begins (after a retry delay)"
 
 
 class Layer(models.Model):
@@ -1196,8 +1289,14 @@ class Layer(models.Model):
     error = StorableJSONField(null=True, blank=True)
     # Set on the layers a retry copied instead of running them again.
     reused_from = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
-    # A step that parked the play (sleep) keeps its result here until the play wakes up.
+    # Why a RUN layer gave its worker up, and what it does when the play wakes (Parked).
+    parked = models.CharField(max_length=8, choices=Parked, blank=True, default="")
+    # Parked.RESULT: the result a sleep recorded, the step's out once the play wakes up.
     parked_out = StorableJSONField(null=True, blank=True)
+    # Parked.RETRY: the error code of the attempt that failed (the next one's note).
+    retry_code = models.CharField(max_length=64, blank=True, default="")
+    # An iterator's layer: how many of its iterations run at once (set when it fans out).
+    loop_concurrency = models.PositiveIntegerField(null=True, blank=True)
     approved = models.BooleanField(default=False)
 
     class Meta:
@@ -1294,16 +1393,51 @@ class Layer(models.Model):
     def end(self, state: str, *, out: Any = None, error: dict[str, Any] | None = None) -> bool:
         """RUN/WAIT → a final state, with its event. False if the layer had already ended."""
         now = timezone.now()
-        n = Layer.objects.filter(pk=self.pk, state__in=[LayerState.RUN, LayerState.WAIT]).update(
-            state=state, out=out, error=error, completed_at=now, started_at=self.started_at or now
-        )
-        if not n:
+        fields = {**Layer.ended(state, out, error, now), "started_at": self.started_at or now}
+        if not Layer.objects.filter(pk=self.pk, state__in=[LayerState.RUN, LayerState.WAIT]).update(**fields):
             return False
-        self.state, self.out, self.error, self.completed_at = state, out, error, now
-        self.started_at = self.started_at or now
+        self._set(fields)
         extra = self.event_extra(state, out=out, error=error)
         emit(self.play, [(EventType.LAYER_FAILED if state == LayerState.FAIL else EventType.LAYER_COMPLETED, extra)])
         return True
+
+
+    @staticmethod
+    def ended(state: str, out: Any, error: dict[str, Any] | None, now: datetime) -> dict[str, Any]:
+        """The fields a layer's end writes (``end``, and ``Play.step_on``'s statement)."""
+        return {"state": state, "out": out, "error": error, "completed_at": now, **UNPARKED}
+
+    def _set(self, fields: dict[str, Any]) -> None:
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def park(self, parked: str, out: Any = None, retry_code: str = "") -> bool:
+        """RUN: give the worker up until the play wakes (``parked`` says what happens then)."""
+        fields = {"parked": parked, "parked_out": out, "retry_code": retry_code}
+        n = Layer.objects.filter(pk=self.pk, state=LayerState.RUN).update(**fields)
+        if n:
+            self._set(fields)
+        return bool(n)
+
+    def unpark(self) -> None:
+        """The play woke up: the layer is an ordinary RUN layer again."""
+        Layer.objects.filter(pk=self.pk).update(**UNPARKED)
+        self._set(UNPARKED)
+
+    def start_loop(self, concurrency: int) -> None:
+        """An iterator's layer fans out: at most ``concurrency`` iterations at once."""
+        Layer.objects.filter(pk=self.pk, state=LayerState.RUN).update(loop_concurrency=concurrency)
+        self.loop_concurrency = concurrency
+
+    def approve(self) -> bool:
+        """WAIT → RUN, approved: the runner starts its first attempt when it picks it up."""
+        n = Layer.objects.filter(pk=self.pk, state=LayerState.WAIT).update(state=LayerState.RUN, approved=True)
+        if n:
+            self.state, self.approved = LayerState.RUN, True
+        return bool(n)
+
+
+UNPARKED: dict[str, Any] = {"parked": Parked.NO, "parked_out": None, "retry_code": ""}
 
 
 class Decision(models.TextChoices):
@@ -1396,11 +1530,35 @@ class Iteration(models.Model):
             self.refresh_from_db()
         return bool(n)
 
+    def hold_lease(self, runner: str, until: datetime | None = None) -> bool:
+        """Whether ``runner`` still holds this RUN iteration (its lease renewed to ``until``)."""
+        query = Iteration.objects.filter(pk=self.pk, runner=runner, state=IterationState.RUN)
+        return bool(query.update(lease_until=until) if until else query.exists())
+
+    @staticmethod
+    def renew_lease(pk: int, runner: str, until: datetime) -> None:
+        """The heartbeat: extend the lease of a RUN iteration that ``runner`` holds."""
+        Iteration.objects.filter(pk=pk, runner=runner, state=IterationState.RUN).update(lease_until=until)
+
+    def move_cursor(self, runner: str, to: int) -> bool:
+        """Set the next body step to run; False if ``runner`` no longer holds the iteration."""
+        n = Iteration.objects.filter(pk=self.pk, runner=runner, state=IterationState.RUN).update(next_index=to)
+        if n:
+            self.next_index = to
+        return bool(n)
+
     def release(self, runner: str) -> None:
         """Give the lease up; the iteration stays RUN and is relaunched when its play runs again."""
         Iteration.objects.filter(pk=self.pk, runner=runner).update(
             runner="", lease_until=None, updated_at=timezone.now()
         )
+
+    def requeue(self) -> None:
+        """The reaper: forget a lost runner and send the iteration's task again."""
+        Iteration.objects.filter(pk=self.pk, state=IterationState.RUN).update(
+            runner="", lease_until=None, updated_at=timezone.now()
+        )
+        self.enqueue()
 
     def end(self, runner: str, state: str) -> bool:
         """RUN → DONE/FAIL (inside the caller's transaction)."""
@@ -1410,62 +1568,50 @@ class Iteration(models.Model):
             )
         )
 
-
-def fan_out(play: Play, layer: Layer, items: list[Any], body_start: int) -> None:
-    """Create the iterations of ``layer``'s iterator and launch the first ones.
-
-    Runs inside the runner's transaction; the iterator layer stays RUN until the last
-    iteration ends (see ``dispatch``).
-    """
-    Iteration.objects.bulk_create(
-        Iteration(play=play, ref=layer.ref, index=i, item=item, next_index=body_start) for i, item in enumerate(items)
-    )
-    dispatch(play, layer)
-
-
-def dispatch(play: Play, layer: Layer, relaunch: bool = False) -> bool:
-    """Keep ``concurrency`` iterations of the loop running; close the loop when all ended.
-
-    Called when a loop starts, when an iteration ends and when a play that was held in
-    the middle of a loop runs again (``relaunch``: iterations that lost their runner to
-    the hold are enqueued again; dead workers' ones are found by the reaper). Returns True when the loop is complete and the
-    play may go on after it.
-    """
-    # One dispatcher at a time per play: two iterations ending together must not both
-    # launch the same pending ones or both close the loop.
-    state = Play.objects.select_for_update().filter(pk=play.pk).values_list("state", flat=True).first()
-    if state != State.RUN:
-        return False  # held, waiting or ended: resuming the play dispatches again
-    params = layer.parked_out or {}
-    concurrency = max(1, int(params.get("concurrency") or 10))
-    iterations = Iteration.objects.filter(play=play, ref=layer.ref)
-    counts = dict(iterations.values_list("state").annotate(n=models.Count("id")))
-    running = counts.get(IterationState.RUN, 0)
-    pending = counts.get(IterationState.PENDING, 0)
-    if counts.get(IterationState.FAIL):
-        return False
-    if not running and not pending:
-        done = counts.get(IterationState.DONE, 0)
-        if layer.end(LayerState.DONE, out={"count": done}):
-            Layer.objects.filter(pk=layer.pk).update(parked_out=None)
-        return True
-    stale = timezone.now()
-    if relaunch:
-        for orphan in iterations.filter(state=IterationState.RUN).filter(Q(runner="") | Q(lease_until__lt=stale)):
-            orphan.play = play
-            orphan.enqueue()
-    free = concurrency - running
-    if free > 0 and pending:
-        ids = list(
-            iterations.filter(state=IterationState.PENDING).order_by("index").values_list("pk", flat=True)[:free]
+    @staticmethod
+    def fan_out(play: Play, layer: Layer, items: list[Any], body_start: int, concurrency: int) -> None:
+        """Create one iteration per item of ``layer``'s loop (in the caller's transaction)."""
+        layer.start_loop(concurrency)
+        Iteration.objects.bulk_create(
+            Iteration(play=play, ref=layer.ref, index=i, item=item, next_index=body_start)
+            for i, item in enumerate(items)
         )
-        Iteration.objects.filter(pk__in=ids, state=IterationState.PENDING).update(
-            state=IterationState.RUN, updated_at=stale
-        )
-        for it in Iteration.objects.filter(pk__in=ids):
-            it.play = play
-            it.enqueue()
-    return False
+
+    @staticmethod
+    def dispatch(play: Play, layer: Layer, relaunch: bool = False) -> int | None:
+        """Keep ``loop_concurrency`` iterations of the loop running; once all have ended,
+        how many are DONE (None meanwhile). ``relaunch``: also send again the tasks of
+        iterations that have no live runner (the play was held, or resumed)."""
+        # One dispatcher at a time per play: two iterations ending together must not both
+        # launch the same pending ones.
+        state = Play.objects.select_for_update().filter(pk=play.pk).values_list("state", flat=True).first()
+        if state != State.RUN:
+            return None  # held, waiting or ended: resuming the play dispatches again
+        iterations = Iteration.objects.filter(play=play, ref=layer.ref)
+        counts = dict(iterations.values_list("state").annotate(n=models.Count("id")))
+        running = counts.get(IterationState.RUN, 0)
+        pending = counts.get(IterationState.PENDING, 0)
+        if counts.get(IterationState.FAIL):
+            return None
+        if not running and not pending:
+            return counts.get(IterationState.DONE, 0)
+        now = timezone.now()
+        if relaunch:
+            for orphan in iterations.filter(state=IterationState.RUN).filter(Q(runner="") | Q(lease_until__lt=now)):
+                orphan.play = play
+                orphan.enqueue()
+        free = max(1, layer.loop_concurrency or 1) - running
+        if free > 0 and pending:
+            ids = list(
+                iterations.filter(state=IterationState.PENDING).order_by("index").values_list("pk", flat=True)[:free]
+            )
+            Iteration.objects.filter(pk__in=ids, state=IterationState.PENDING).update(
+                state=IterationState.RUN, updated_at=now
+            )
+            for it in Iteration.objects.filter(pk__in=ids):
+                it.play = play
+                it.enqueue()
+        return None
 
 
 from .workers import Worker  # noqa: E402, F401  (worker liveness per queue: plays/workers.py)

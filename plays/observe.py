@@ -87,7 +87,7 @@ def running(play: Play, iteration: Any = None) -> Iterator[None]:
 
 def _outcome(layer: Any) -> str:
     if layer.state == LayerState.RUN:
-        return "parked" if layer.parked_out is not None else "stopped"
+        return "parked" if layer.parked else "stopped"
     return str(layer.state).lower()
 
 

@@ -31,11 +31,9 @@ from django.views.decorators.http import require_POST
 from flows.api import ApiError, PagePagination
 from flows.models import Flow
 from flows.views import LoginThrottle
-from tenancy.audit import record
 from tenancy.auth import authenticate_by_login
 from tenancy.permissions import OPERATE_PLAY, VIEW_FLOW, VIEW_PLAY
 
-from .audit import PLAY_VERBS
 from .models import (
     HOLDABLE,
     NON_TERMINAL,
@@ -429,12 +427,10 @@ def play_action(request: HttpRequest, play_id: str, verb: str) -> HttpResponse:
         raise Http404("No such action")
     try:
         if verb == "retry":
-            new = play.retry(by=request.user)
-            record(request.user, "play.retried", play, newPlayId=new.id, source="page")
+            new = play.retry(by=request.user, source="page")
             messages.success(request, f"Retry {new.id} created ({new.state}).")
             return redirect("pages:play-detail", play_id=new.pk)
-        getattr(play, VERBS[verb])(by=request.user)
-        record(request.user, PLAY_VERBS[VERBS[verb]], play, source="page")
+        getattr(play, VERBS[verb])(by=request.user, source="page")
         play.refresh_from_db(fields=["state"])
         messages.success(request, f"{ACTION_LABELS[verb]}: play is now {play.state}.")
     except InvalidState as exc:
@@ -461,11 +457,10 @@ def play_decide(request: HttpRequest, play_id: str) -> HttpResponse:
         return redirect("pages:play-detail", play_id=play.pk)
     data = form.cleaned_data
     try:
-        play.decide(data["layer_id"], data["decision"], request.user, data["note"])
+        play.decide(data["layer_id"], data["decision"], request.user, data["note"], source="page")
     except InvalidState as exc:
         messages.error(request, exc.message)
     else:
-        record(request.user, f"play.{data['decision']}", play, layerId=data["layer_id"], source="page")
         play.refresh_from_db(fields=["state"])
         messages.success(request, f"Step {data['decision']}: play is now {play.state}.")
     return redirect("pages:play-detail", play_id=play.pk)

@@ -1,26 +1,13 @@
 """The step runner: executes a RUN play's steps in order inside one Celery task.
 
-Consecutive steps run in the same worker without a broker round trip; the play goes back
-to the broker only when something forces a hand-off (an approval, a sleep, the end of the
-runner's time slice). Every state change is a model verb committed before the next step
-starts, so a runner that dies loses at most the attempt it was in: the play's lease
-expires, the reaper requeues the play, and the next runner counts the interrupted
-attempt and carries on. A step that had finished is never run again.
-
-1. ``run(play_id)`` claims the play's lease (a compare-and-set; a duplicate delivery of
-   the task loses and returns).
-2. For each step from ``play.next_index``: filters → ``FILTERED``; ``needsApproval`` →
-   ``WAIT``; else the layer is opened (``RUN``), its args rendered and the module called
-   in a thread (a ``cpu_bound`` one in a forked child that a timeout or cancel kills:
-   ``plays/killable.py``), bounded by the step's timeout, retried with backoff.
-3. The outcome is recorded together with ``next_index``; ``onError`` decides whether the
-   play goes on. A success is recorded in the same transaction that opens the next step's
-   layer (or finishes the play): one commit per step, each state change still durable
-   before its event is sent.
-4. Recording an outcome goes through ``Runner.record``: a transient database error (a
-   restart, a dropped connection) is retried there with the outcome the runner holds, so
-   the step does not run again; a write that cannot succeed (``StorageFailure``) fails the
-   step once with ``STORAGE_ERROR``. A step runs again only when its worker died.
+1. ``run(play_id)`` takes the play's lease (a duplicate delivery loses and returns).
+2. Each step from the cursor: filters → FILTERED, ``needsApproval`` → WAIT, else its layer
+   opens RUN and the module runs (in a thread, or a killable fork: ``killable``), bounded
+   by its timeout and retried with backoff; ``Park`` gives the worker up.
+3. A success is recorded in the transaction that opens the next step (one commit per
+   step), through ``Runner.record``, which retries transient database errors with the
+   outcome it holds: a step runs again only when its worker died (the reaper requeues it).
+``IterationRunner`` does the same for one item of a loop, with the iteration's cursor and lease.
 """
 
 from __future__ import annotations
@@ -37,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import nullcontext
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
@@ -46,9 +33,9 @@ from django.utils import timezone
 
 from flows import credentials, vault
 from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, render
+from flows.models import Flow
 from flows.modules import Park, RunContext, StepError, get_module
 from flows.modules.base import check_output_size, json_size, max_output_bytes
-from flows.modules.iterator import loop_end
 from tenancy.storable import UnstorableValue, storable
 
 from . import killable, observe
@@ -59,12 +46,11 @@ from .models import (
     IterationState,
     Layer,
     LayerState,
+    Parked,
     Play,
     State,
     batched_events,
-    dispatch,
     error_body,
-    fan_out,
 )
 from .redaction import redact, redact_text, secrets_of
 
@@ -78,7 +64,12 @@ def config(name: str) -> Any:
 
 
 class Stop(Exception):
-    """The runner must stop: the play left RUN, or its lease moved to another runner."""
+    """The runner stops: the play left RUN or its lease moved (the lease is given up), or
+    ``done``: it ended or was handed back (nothing to give up)."""
+
+    def __init__(self, done: bool = False):
+        super().__init__("done" if done else "stop")
+        self.done = done
 
 
 class StorageFailure(Exception):
@@ -164,13 +155,9 @@ class Heartbeat:
         until = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
         for play_id, iteration, runner in owned.values():
             if iteration is None:
-                Play.objects.filter(pk=play_id, runner=runner, state__in=[State.RUN, State.ON_HOLD]).update(
-                    lease_until=until
-                )
+                Play.renew_lease(play_id, runner, until)
             else:
-                Iteration.objects.filter(pk=iteration, runner=runner, state=IterationState.RUN).update(
-                    lease_until=until
-                )
+                Iteration.renew_lease(iteration, runner, until)
         plays = {play_id for play_id, _, _ in owned.values()}
         gone = set(Play.objects.filter(pk__in=plays, state__in=TERMINAL).values_list("pk", flat=True))
         with self._lock:
@@ -228,69 +215,138 @@ def run_iteration(iteration_id: int) -> None:
     ended = heartbeat.track(play.id, runner, iteration.pk)
     try:
         with observe.running(play, iteration):
-            Runner(play, runner, ended, iteration).loop()
+            IterationRunner(play, runner, ended, iteration).loop()
     finally:
         heartbeat.untrack(play.id, iteration.pk)
 
 
-# Stored in a layer's parked_out while the play waits for something that the module must
-# look at again when the play wakes up (a subflow's child play), as opposed to a sleep,
-# whose result is known when it parks.
-RERUN = {"$rerun": True}
-# parked_out of a layer whose next attempt waits for its retry delay: {"$retry": <error code>}.
-RETRY = "$retry"
+def lease() -> datetime:
+    return timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
 
 
 class Runner:
-    """Runs a play's steps from its cursor; or, for an iteration, the loop body's steps
-    for one item, with the iteration's own cursor and lease."""
+    """Runs a play's steps from its cursor (``IterationRunner``: one loop iteration's)."""
 
-    def __init__(self, play: Play, runner: str, ended: threading.Event, iteration: Iteration | None = None):
+    iteration: Iteration | None = None
+
+    def __init__(self, play: Play, runner: str, ended: threading.Event):
         self.play = play
         self.runner = runner
         self.ended = ended
-        self.iteration = iteration
         self.definition = definition_of(play)
         self.steps: list[dict[str, Any]] = self.definition["layers"]
-        self.end = len(self.steps)
+        self.start, self.end = -1, len(self.steps)
+        self.loop_scope: dict[str, Any] = {}
         self.layers: dict[str, Layer] = {}
         self.outputs: dict[str, Any] = {}
-        self.loop_scope: dict[str, Any] = {}
-        self.start = -1
-        if iteration is not None:
-            self.start = next(s["index"] for s in self.steps if s["ref"] == iteration.ref)
-            self.end = loop_end(self.steps, self.start)
-            total = iteration.play.iterations.filter(ref=iteration.ref).count()
-            self.loop_scope = {
-                iteration.ref: {
-                    "item": iteration.item,
-                    "index": iteration.index,
-                    "total": total,
-                    "isLast": iteration.index == total - 1,
-                }
-            }
+        self.setup()
         self.load_layers()
         self.slice_ends = time.monotonic() + config("RUNNER_SLICE_SECONDS")
         # The layer that succeed() opened for the next step, whose first attempt has begun.
         self.opened: str | None = None
 
-    def load_layers(self) -> None:
-        """Read the play's layers (an iteration's: those of its loop body) as they are stored."""
-        play, iteration = self.play, self.iteration
-        self.layers, self.outputs = {}, {}
-        for layer in play.layers.filter(iteration__isnull=True):
-            layer.play = play
-            self.layers[layer.ref] = layer
-            self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
-        if iteration is not None:
-            for layer in play.layers.filter(iteration=iteration.index, index__gt=self.start, index__lt=self.end):
-                layer.play = play
-                self.layers[layer.ref] = layer
-                self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
+    # -- what a play's runner and an iteration's runner do differently ---------------------
+
+    def setup(self) -> None:
+        """The part of the flow this runner runs (``start``, ``end``) and its loop scope."""
 
     @property
     def cursor(self) -> int:
-        return self.iteration.next_index if self.iteration is not None else self.play.next_index
+        return self.play.next_index
+
+    @property
+    def iteration_index(self) -> int | None:
+        return None
+
+    def load_layers(self) -> None:
+        """Read the play's layers (an iteration's: also those of its loop body) as stored."""
+        self.layers, self.outputs = {}, {}
+        # Every layer is created with an event, except a retry's copies: a play whose only
+        # event is play:started has none to read (one query less per play).
+        if self.play.event_seq > 1 or self.play.retry_of_id is not None or self.play.next_index:
+            self._add_layers(self.play.layers.filter(iteration__isnull=True))
+
+    def _add_layers(self, layers: Any) -> None:
+        for layer in layers:
+            layer.play = self.play
+            self.layers[layer.ref] = layer
+            self.outputs[layer.ref] = layer.out if layer.state == LayerState.DONE else None
+
+    def holds(self, until: datetime | None) -> bool:
+        """In the current transaction: whether the play is still ours and RUN (lease renewed)."""
+        return self.play.hold_lease(self.runner, until)
+
+    def move(self, to: int) -> bool:
+        return self.play.move_cursor(self.runner, to)
+
+    def give_up(self) -> bool:
+        """After a Stop: release the lease; False if the play is RUN again and ours to go on."""
+        if self.play.release(self.runner):
+            return True
+        self.play.refresh_from_db()  # resumed while we were stopping: go on with it
+        return self.play.state != State.RUN
+
+    def hand_back(self) -> None:
+        self.play.hand_back(self.runner)
+
+    def at_end(self) -> None:
+        with transaction.atomic():
+            self.own(update_lease=False)
+            self.play.finish(self.runner, self.all_filtered())
+
+    def step_past(self, index: int, to: int) -> bool:
+        """Move the cursor to ``to``: True if the play is still ours and RUN (lease renewed),
+        False if it was held meanwhile (the step is recorded all the same)."""
+        if self.play.step_past(self.runner, to, lease()):
+            return True
+        self.advance(index, to)  # ON_HOLD: recorded, nothing new starts
+        return False
+
+    def finishes(self) -> bool:
+        """Inside succeed()'s transaction, past the last step: the play is DONE."""
+        if not self.play.finish(self.runner, self.all_filtered()):
+            raise Stop
+        return True
+
+    def all_filtered(self) -> bool:
+        """Whether every step was filtered out (the runner holds all of the play's own layers)."""
+        return bool(self.layers) and all(layer.state == LayerState.FILTERED for layer in self.layers.values())
+
+    def take_back(self) -> None:
+        """Before a retried write: hold the lease again. While the database was away no
+        heartbeat could renew it; if the reaper requeued the play but no other runner took
+        it yet, take it back, so that the outcome held here is written, not run again."""
+        Play.take_lease(self.play.pk, self.runner, config("LEASE_SECONDS"))
+
+    def refresh(self) -> None:
+        self.play.refresh_from_db()
+
+    def park_runner(self, until: datetime, ready: Callable[[], bool] | None) -> None:
+        self.play.park(self.runner, until)
+        if ready is not None and ready():
+            self.play.wake()  # what it waits for ended before the park: go on now
+
+    # A sleep step gives the worker up (an iteration's waits in its worker; others go on).
+    parks_sleeps = True
+
+    def parks(self, seconds: float) -> bool:
+        """Whether a retry delay this long gives the worker up."""
+        return seconds >= config("RETRY_PARK_SECONDS")
+
+    def fan_out(self, step: dict[str, Any], layer: Layer, items: list[Any], concurrency: int) -> int | None:
+        """RunContext.fan_out: create the loop's iterations (or see to them when the play
+        wakes up at its iterator); the play waits without a runner until the last ends."""
+        with transaction.atomic():
+            self.own()
+            if layer.loop_concurrency is None:
+                Iteration.fan_out(self.play, layer, items, step["index"] + 1, concurrency)
+                done = Iteration.dispatch(self.play, layer)
+            else:
+                done = Iteration.dispatch(self.play, layer, relaunch=True)
+            if done is None:
+                layer.park(Parked.RECHECK)
+                self.play.wait_for_iterations(self.runner)
+        return done
 
     # -- main loop ------------------------------------------------------------------------
 
@@ -298,54 +354,28 @@ class Runner:
         while True:
             try:
                 self.step()
-            except Stop:
-                if self.iteration is not None:
-                    self.iteration.release(self.runner)
+            except Stop as stop:
+                if stop.done or self.give_up():
                     return
-                if self.play.release(self.runner):
-                    return
-                # Resumed while we were stopping: carry on with the fresh state.
-                self.play.refresh_from_db()
-                if self.play.state != State.RUN:
-                    return
-            except _Done:
-                return
 
     def step(self) -> None:
         play = self.play
         if time.monotonic() > self.slice_ends and self.opened is None:
-            if self.iteration is not None:
-                self.iteration.release(self.runner)
-                with transaction.atomic():
-                    self.iteration.enqueue()
-            else:
-                play.hand_back(self.runner)
-            raise _Done
+            self.hand_back()
+            raise Stop(done=True)
         index = self.cursor
         if index >= self.end:
-            if self.iteration is not None:
-                self.end_iteration(IterationState.DONE)
-            with transaction.atomic():
-                self.own(update_lease=False)
-                play.finish(self.runner)
-            raise _Done
+            self.at_end()
+            raise Stop(done=True)
         step = self.steps[index]
-        if step["appId"] == "iterator":
-            self.iterate(step)
-            return
         if play.deadline_at is not None and timezone.now() >= play.deadline_at:
-            self.fail_play(
-                error_body(
-                    "PLAY_TIMEOUT",
-                    f"The play exceeded its timeout of {self.definition['execution']['timeout']} s",
-                    step["ref"],
-                )
-            )
+            timeout = self.definition["execution"]["timeout"]
+            self.fail_play(error_body("PLAY_TIMEOUT", f"The play exceeded its timeout of {timeout} s", step["ref"]))
         layer = self.layers.get(step["ref"])
         if layer is not None and layer.state in LAYER_TERMINAL:
             # Recorded before a crash that came between the layer and next_index; both are
             # written in one transaction, so this only guards against hand edits.
-            self.advance(index)
+            self.advance(index, self.after(step) if layer.state == LayerState.DONE else None)
             return
         if layer is None:
             layer = self.open(step)
@@ -356,19 +386,16 @@ class Runner:
                 self.own()
                 play.wait_for_approval(layer)
             raise Stop
-        elif layer.parked_out == RERUN:
-            # Woken up to look again (a subflow's child ended): the same attempt goes on.
-            Layer.objects.filter(pk=layer.pk).update(parked_out=None)
-            layer.parked_out = None
-        elif isinstance(layer.parked_out, dict) and RETRY in layer.parked_out:
-            # Woken up after a retry delay: the next attempt begins.
-            with transaction.atomic():
+        elif layer.parked == Parked.RECHECK:
+            layer.unpark()  # woken up to look again (a child ended): the same attempt goes on
+        elif layer.parked == Parked.RETRY:
+            with transaction.atomic():  # woken up after a retry delay: the next attempt
                 self.own()
-                Layer.objects.filter(pk=layer.pk).update(parked_out=None)
-                layer.begin_attempt(play, f"retry after {layer.parked_out[RETRY]}")
-            layer.parked_out = None
-        elif layer.parked_out is not None:
-            self.succeed(step, layer, layer.parked_out)
+                note = f"retry after {layer.retry_code}"
+                layer.unpark()
+                layer.begin_attempt(play, note)
+        elif layer.parked == Parked.RESULT:
+            self.succeed(step, layer, layer.parked_out)  # a sleep is over
             return
         elif layer.pk == self.opened:
             self.opened = None  # opened by succeed(): this is its first attempt
@@ -381,45 +408,19 @@ class Runner:
             self.execute(step, layer)
 
     def own(self, update_lease: bool = True) -> None:
-        """Check, inside the current transaction, that the play is still ours and RUN."""
-        changes: dict[str, Any] = {}
-        if update_lease:
-            changes["lease_until"] = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
-        if self.iteration is not None:
-            # Lock the play row first, as every writer of the play does (its events take
-            # their seq on it): taken after this iteration's layer, it could deadlock with
-            # a cancel that holds the play and ends that layer.
-            if self.lock_play() != State.RUN:
-                raise Stop
-            query = Iteration.objects.filter(pk=self.iteration.pk, runner=self.runner, state=IterationState.RUN)
-        else:
-            query = Play.objects.filter(pk=self.play.pk, runner=self.runner, state=State.RUN)
-        if not (query.update(**changes) if changes else query.exists()):
+        """Stop unless the play is still ours and RUN (checked inside the caller's transaction)."""
+        if not self.holds(lease() if update_lease else None):
             raise Stop
-
-    def lock_play(self) -> str | None:
-        """Lock the play's row for this transaction; its state."""
-        return Play.objects.select_for_update().filter(pk=self.play.pk).values_list("state", flat=True).first()
 
     def advance(self, index: int, to: int | None = None) -> None:
         """Move the cursor past step ``index`` (or to ``to``)."""
-        after = index + 1 if to is None else to
-        if self.iteration is not None:
-            n = Iteration.objects.filter(pk=self.iteration.pk, runner=self.runner, state=IterationState.RUN).update(
-                next_index=after
-            )
-            if not n:
-                raise Stop
-            self.iteration.next_index = after
-            return
-        n = (
-            Play.objects.filter(pk=self.play.pk, runner=self.runner)
-            .exclude(state__in=TERMINAL)
-            .update(next_index=after)
-        )
-        if not n:
+        if not self.move(index + 1 if to is None else to):
             raise Stop
-        self.play.next_index = after
+
+    def after(self, step: dict[str, Any]) -> int:
+        """The index of the step that follows ``step`` when it succeeds (a loop: its end)."""
+        module = get_module(step["appId"])
+        return module.after(self.steps, step["index"]) if module is not None else step["index"] + 1
 
     def scope(self) -> Scope:
         return Scope(
@@ -429,73 +430,7 @@ class Runner:
             credentials=credentials.CredentialsView(self.play.company_id, self.play.id),
         )
 
-    # -- loops ----------------------------------------------------------------------------
-
-    def iterate(self, step: dict[str, Any]) -> None:
-        """Start the loop of an iterator step, or see to a loop in progress.
-
-        The iterations run as tasks of their own across the worker fleet; this runner
-        gives the play up meanwhile, and the last iteration to end hands the play back
-        to the broker at the step after the loop.
-        """
-        play = self.play
-        if self.iteration is not None:
-            layer = self.open(step)
-            if layer is not None:
-                self.finish_failed(
-                    step, layer, error_body("NESTED_LOOP", "An iterator cannot run inside another iterator's loop")
-                )
-            return
-        end = loop_end(self.steps, step["index"])
-        layer = self.layers.get(step["ref"])
-        if layer is None:
-            layer = self.open(step)
-            if layer is None:
-                return
-            try:
-                args = render(step.get("args") or {}, self.scope())
-                if isinstance(args.get("items"), dict) and "items" in args["items"]:
-                    args["items"] = args["items"]["items"]  # an enumeration's or aggregator's out
-                args = get_module("iterator").clean(args)
-            except ExpressionError as exc:
-                self.finish_failed(step, layer, error_body("EXPRESSION_ERROR", str(exc)))
-                return
-            except StepError as exc:
-                self.finish_failed(step, layer, error_body(exc.code, str(exc)))
-                return
-            items, concurrency = args["items"], args["concurrency"]
-            limit = config("MAX_ITERATOR_ITEMS")
-            if len(items) > limit:
-                self.finish_failed(
-                    step,
-                    layer,
-                    error_body("TOO_MANY_ITEMS", f"{len(items)} items exceed the limit of {limit} per iterator"),
-                )
-                return
-            with transaction.atomic():
-                self.own()
-                Layer.objects.filter(pk=layer.pk).update(parked_out={"concurrency": concurrency, "total": len(items)})
-                layer.parked_out = {"concurrency": concurrency, "total": len(items)}
-                fan_out(play, layer, items, step["index"] + 1)
-                if not items:
-                    layer.end(LayerState.DONE, out={"count": 0})
-                    self.outputs[step["ref"]] = {"count": 0}
-                    self.advance(step["index"], to=end)
-                    return
-                self.await_loop()
-            raise _Done
-        if layer.state in LAYER_TERMINAL:
-            self.advance(step["index"], to=end if layer.state == LayerState.DONE else step["index"] + 1)
-            return
-        with transaction.atomic():
-            self.own()
-            if dispatch(play, layer, relaunch=True):
-                layer.refresh_from_db()
-                self.outputs[step["ref"]] = layer.out
-                self.advance(step["index"], to=end)
-                return
-            self.await_loop()
-        raise _Done
+    # -- RunContext callbacks ---------------------------------------------------------------
 
     def collect(self, ref: str) -> list[Any]:
         """The outputs of a loop step's finished iterations, in item order."""
@@ -505,31 +440,52 @@ class Runner:
             .values_list("out", flat=True)
         )
 
-    def await_loop(self) -> None:
-        """Give the play up while its loop's iterations run (it stays RUN)."""
-        Play.objects.filter(pk=self.play.pk, runner=self.runner).update(
-            runner="", lease_until=None, updated_at=timezone.now()
-        )
+    def child_state(self, layer: Layer) -> dict[str, Any] | None:
+        """RunContext.child_state: the child play that ``layer`` started, if any."""
+        child = Play.objects.filter(parent_layer_id=layer.pk).order_by("created_at").first()
+        if child is None:
+            return None
+        out = None
+        if child.state in TERMINAL:
+            last = child.layers.filter(state=LayerState.DONE, iteration__isnull=True).order_by("-index").first()
+            out = last.out if last is not None else None
+        ended = child.state in TERMINAL
+        return {"id": child.id, "state": str(child.state), "ended": ended, "error": child.error, "out": out}
 
-    def end_iteration(self, state: str, error: dict[str, Any] | None = None) -> None:
-        """This iteration is over: record it, launch the next ones, close the loop."""
-        iteration = self.iteration
-        assert iteration is not None
+    def start_child(self, layer: Layer, key: str, args: dict[str, Any]) -> dict[str, Any]:
+        """RunContext.start_child: trigger flow ``key`` (id or permanentId) as a child play
+        of this step, within FLOWPLAY_MAX_SUBFLOW_DEPTH and FLOWPLAY_MAX_DESCENDANT_PLAYS."""
+        parent = self.play
+        depth, above = 1, parent.parent_id
+        limit = settings.FLOWPLAY["MAX_SUBFLOW_DEPTH"]
+        while above is not None and depth <= limit:
+            depth += 1
+            above = Play.objects.filter(pk=above).values_list("parent_id", flat=True).first()
+        if depth + 1 > limit:
+            raise StepError(
+                f"Subflow depth limit of {limit} plays reached (a flow calling itself?)", "SUBFLOW_DEPTH", False
+            )
+        flows = Flow.objects.filter(company_id=parent.company_id, deleted_at__isnull=True)
+        flow = flows.filter(pk=key).first() or flows.filter(permanent_id=key).first()
+        if flow is None:
+            raise StepError(f"No flow {key!r}", "NOT_FOUND", retryable=False)
+        if not flow.enabled:
+            raise StepError(f"Flow {key!r} is disabled", "FLOW_DISABLED", retryable=False)
+        budget = settings.FLOWPLAY["MAX_DESCENDANT_PLAYS"]
         with transaction.atomic():
-            if not iteration.end(self.runner, state):
-                raise _Done
-            if state == IterationState.FAIL:
-                self.play.fail(
-                    error or error_body("STEP_FAILED", "An iteration failed"), from_states=[State.RUN, State.ON_HOLD]
+            # Iterations of one play start children at once: lock the root so that
+            # counting and starting are one step per tree (SQLite serializes anyway).
+            Play.objects.select_for_update().filter(pk=parent.root_id or parent.pk).first()
+            if budget and parent.descendants() >= budget:
+                raise StepError(
+                    f"The root play {parent.root_id or parent.pk} already started {budget} subflow plays "
+                    "(FLOWPLAY_MAX_DESCENDANT_PLAYS)",
+                    "SUBFLOW_LIMIT",
+                    retryable=False,
                 )
-                raise _Done
-            loop_layer = self.play.layers.filter(ref=iteration.ref, iteration__isnull=True).first()
-            if loop_layer is not None and dispatch(self.play, loop_layer):
-                # The last iteration ended: the play goes on after the loop.
-                if Play.objects.filter(pk=self.play.pk, state=State.RUN, runner="").exists():
-                    Play.objects.filter(pk=self.play.pk).update(next_index=loop_end(self.steps, loop_layer.index))
-                    self.play.enqueue()
-        raise _Done
+            child, _ = Play.trigger(flow, args, parent=parent, parent_layer=layer)
+        ended = child.state in TERMINAL
+        return {"id": child.id, "state": str(child.state), "ended": ended, "error": child.error, "out": None}
 
     # -- opening a step -------------------------------------------------------------------
 
@@ -548,7 +504,7 @@ class Runner:
         verdict = self.filter_verdict(step)
         with transaction.atomic():
             self.own()
-            iteration = self.iteration.index if self.iteration is not None else None
+            iteration = self.iteration_index
             if isinstance(verdict, (FilterError, ExpressionError)):
                 layer = Layer.open(play, step, LayerState.RUN, iteration=iteration)
             elif not verdict:
@@ -591,13 +547,31 @@ class Runner:
             wait = delay * multiplier ** (layer.attempts - 1)
             if jitter:
                 wait *= random.uniform(0.8, 1.2)
-            if self.iteration is None and wait >= config("RETRY_PARK_SECONDS"):
+            if self.parks(wait):
                 # A long delay gives the worker up: the play is DEFERRED until the next attempt.
-                self.park(layer, Park(timezone.now() + timedelta(seconds=wait), out={RETRY: error["code"]}))
+                until = timezone.now() + timedelta(seconds=wait)
+                self.park(layer, until, Parked.RETRY, retry_code=error["code"])
             self.sleep(wait)
             with transaction.atomic():
                 self.own()
                 layer.begin_attempt(self.play, f"retry after {error['code']}")
+
+    def context(self, step: dict[str, Any], layer: Layer, timeout: float, auth: Any) -> RunContext:
+        return RunContext(
+            play_id=self.play.id,
+            flow_id=self.play.flow_id,
+            company_id=self.play.company_id,
+            ref=step["ref"],
+            attempt=layer.attempts,
+            timeout=timeout,
+            layer_id=layer.id,
+            iteration=layer.iteration,
+            collect=self.collect,
+            auth=auth,
+            fan_out=lambda items, concurrency: self.fan_out(step, layer, items, concurrency),
+            start_child=lambda key, args: self.start_child(layer, key, args),
+            child_state=lambda: self.child_state(layer),
+        )
 
     def attempt(self, step: dict[str, Any], layer: Layer, module: Any, timeout: float) -> dict[str, Any] | None:
         """Run one attempt; record success; return the error of a failed attempt."""
@@ -621,18 +595,7 @@ class Runner:
                 return {**error_body(exc.code, redact_text(exc.message, secrets)), "retryable": exc.retryable}
         if self.play.deadline_at is not None:
             timeout = min(timeout, max(0.0, (self.play.deadline_at - timezone.now()).total_seconds()))
-        ctx = RunContext(
-            play_id=self.play.id,
-            flow_id=self.play.flow_id,
-            company_id=self.play.company_id,
-            ref=step["ref"],
-            attempt=layer.attempts,
-            timeout=timeout,
-            layer_id=layer.id,
-            iteration=layer.iteration,
-            collect=self.collect,
-            auth=auth,
-        )
+        ctx = self.context(step, layer, timeout, auth)
         try:
             if module.inline:
                 out = _masked(module, args, ctx, secrets)
@@ -654,45 +617,48 @@ class Runner:
                 self.fail_play(error_body("PLAY_TIMEOUT", "The play exceeded its timeout", step["ref"]))
             return error_body("TIMEOUT", f"Step {step['ref']} timed out after {timeout:g} s")
         except Park as park:
-            if self.iteration is not None and park.out is not None:
-                # A sleep inside a loop: iterations are not parked one by one, so this one
-                # waits in its worker (bounded by the step's timeout) while others go on.
+            if park.until is None:
+                raise Stop(done=True) from None  # fan_out handed the play over already
+            if park.out is not None and not self.parks_sleeps:
                 self.sleep(max(0.0, (park.until - timezone.now()).total_seconds()))
                 self.succeed(step, layer, park.out)
                 return None
-            self.park(layer, park)
+            parked = Parked.RECHECK if park.out is None else Parked.RESULT
+            self.park(layer, park.until, parked, out=park.out, ready=park.ready)
         except StepError as exc:
             return {**error_body(exc.code, str(exc)), "retryable": exc.retryable}
+        except Stop:
+            raise  # from a RunContext callback (the play is no longer ours)
         except Exception as exc:  # a module bug must not kill the runner
             log.exception("step %s of play %s raised", step["ref"], self.play.id)
             return error_body("STEP_ERROR", f"{type(exc).__name__}: {exc}")
         self.succeed(step, layer, out)
         return None
 
-    def park(self, layer: Layer, park: Park) -> None:
-        """Give the worker up until ``park.until``, or until ``park.ready`` says so."""
-        ready = getattr(park, "ready", None)
+    def park(
+        self,
+        layer: Layer,
+        until: datetime,
+        parked: str,
+        *,
+        out: Any = None,
+        retry_code: str = "",
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        """Give the worker up until ``until``, or until ``ready`` says so."""
         try:
-            parked = RERUN if park.out is None else storable(park.out)
-            self.record(lambda retry: self._record_park(layer, parked, park, ready))
+            out = storable(out) if out is not None else None
+
+            def write(retry: bool) -> None:
+                with transaction.atomic():
+                    self.own()
+                    layer.park(parked, out, retry_code)
+                    self.park_runner(until, ready)
+
+            self.record(write)
         except (StorageFailure, UnstorableValue) as exc:
             self.store_failed(self.steps[layer.index], layer, exc)
         raise Stop
-
-    def _record_park(self, layer: Layer, parked: Any, park: Park, ready: Any) -> None:
-        with transaction.atomic():
-            self.own()
-            Layer.objects.filter(pk=layer.pk).update(parked_out=parked)
-            layer.parked_out = parked
-            if self.iteration is not None:
-                self.iteration.release(self.runner)
-                # What it waits for may have ended before the release: then go on now.
-                if ready is not None and ready():
-                    self.iteration.enqueue()
-            else:
-                self.play.park(self.runner, park.until)
-                if ready is not None and ready():
-                    Play.objects.filter(pk=self.play.pk, state=State.DEFERRED).update(run_at=timezone.now())
 
     def wait(self, future: Future, timeout: float) -> Any:
         """Wait for a step, abandoning it if the play is cancelled meanwhile."""
@@ -717,14 +683,10 @@ class Runner:
     def record(self, write: Callable[[bool], T]) -> T:
         """Write a step's outcome: ``write(retry)`` is one transaction (or one statement).
 
-        The one place where the runner survives its database. A transient error (see
-        ``transient``: a restart, a dropped connection) is retried here, on a fresh
-        connection, with backoff (0.05 s doubling to 1 s) for up to RECORD_RETRY_SECONDS,
-        with the outcome this runner holds: the step does not run again. ``retry`` tells
-        ``write`` that an earlier try may have committed although its answer was lost.
-        Past the deadline the error propagates: the worker is as good as dead, its lease
-        expires and the reaper requeues the play. Any other database error, or a value that
-        cannot be stored, raises ``StorageFailure``: trying again would fail again.
+        A transient database error is retried here on a fresh connection, with backoff, for
+        up to RECORD_RETRY_SECONDS, with the outcome this runner holds (the step does not run
+        again; ``retry``: an earlier try may have committed). Past that the error propagates
+        and the reaper requeues the play; any other error raises ``StorageFailure``.
         """
         deadline = time.monotonic() + config("RECORD_RETRY_SECONDS")
         pause = 0.05
@@ -748,25 +710,12 @@ class Runner:
                 pause = min(pause * 2, 1.0)
                 retry = True
 
-    def take_back(self) -> None:
-        """Before a retried write: hold the lease again. While the database was away no
-        heartbeat could renew it; if it expired and the reaper requeued the play (or the
-        iteration) but no other runner has taken it yet, take it back, so that the outcome
-        held here is written rather than the step run again. A runner that took it first
-        keeps it: the write then stops this runner."""
-        if self.iteration is not None:
-            self.iteration.claim(self.runner, config("LEASE_SECONDS"))
-        else:
-            Play.take_lease(self.play.pk, self.runner, config("LEASE_SECONDS"))
-
     def recorded(self, layer: Layer) -> bool:
         """Whether ``layer`` has ended in the database: a retried write's earlier try committed."""
         if not Layer.objects.filter(pk=layer.pk).exclude(state__in=[LayerState.RUN, LayerState.WAIT]).exists():
             return False
         # Carry on from what is stored, like a runner that took the play over.
-        self.play.refresh_from_db()
-        if self.iteration is not None:
-            self.iteration.refresh_from_db()
+        self.refresh()
         self.load_layers()
         following = self.steps[self.cursor] if self.cursor < self.end else None
         opened = self.layers.get(following["ref"]) if following is not None else None
@@ -796,7 +745,7 @@ class Runner:
             self.store_failed(step, layer, exc)
             return
         if finished:
-            raise _Done
+            raise Stop(done=True)
 
     def _record_success(self, step: dict[str, Any], layer: Layer, out: Any, following: Any, retry: bool) -> bool:
         """succeed()'s write; True when the play finished."""
@@ -805,7 +754,7 @@ class Runner:
         if following is not None and self.step_on(layer, out, following):
             return False
         with transaction.atomic(), batched_events():
-            running = self.advance_running(step["index"])
+            running = self.step_past(step["index"], self.after(step))
             if not layer.end(LayerState.DONE, out=out):
                 raise Stop
             if running:
@@ -814,15 +763,14 @@ class Runner:
 
     def opens_next(self, step: dict[str, Any]) -> dict[str, Any] | None:
         """The step after ``step`` if its layer opens RUN in the transaction that ends
-        ``step``; None if there is none or it needs step() (a loop, an approval, a filter
-        that says no, a deadline, the end of the time slice)."""
-        index = step["index"] + 1
+        ``step``; None if there is none or it needs step() (an approval, a filter that says
+        no, a deadline, the end of the time slice)."""
+        index = self.after(step)
         if index >= self.end:
             return None
         following = self.steps[index]
         if (
-            following["appId"] == "iterator"
-            or following.get("needsApproval")
+            following.get("needsApproval")
             or following["ref"] in self.layers
             or time.monotonic() > self.slice_ends
             or (self.play.deadline_at is not None and timezone.now() >= self.play.deadline_at)
@@ -833,55 +781,26 @@ class Runner:
     def step_on(self, layer: Layer, out: Any, following: dict[str, Any]) -> bool:
         """succeed() in one statement where the database can (Play.step_on): a play's step
         DONE and ``following`` started. False: nothing written, succeed() goes on."""
-        if self.iteration is not None or not Play.can_step_on():
+        if not Play.can_step_on():
             return False
-        lease = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
         # Alone it is atomic; inside a caller's transaction (tests) a savepoint keeps a
         # failed statement from breaking that transaction.
         with transaction.atomic() if connection.in_atomic_block else nullcontext():
-            opened = self.play.step_on(self.runner, layer, out, following, lease)
+            opened = self.play.step_on(self.runner, layer, out, following, lease())
         if opened is None:
             return False
         self.layers[following["ref"]] = opened
         self.opened = opened.pk
         return True
 
-    def advance_running(self, index: int) -> bool:
-        """Move the cursor past step ``index``; True if the play is still ours and RUN
-        (its lease renewed), False if it was held meanwhile (the step is recorded all the
-        same). Stop if it is no longer ours."""
-        if self.iteration is None:
-            lease = timezone.now() + timedelta(seconds=config("LEASE_SECONDS"))
-            n = Play.objects.filter(pk=self.play.pk, runner=self.runner, state=State.RUN).update(
-                next_index=index + 1, lease_until=lease
-            )
-            if n:
-                self.play.next_index = index + 1
-                return True
-            self.advance(index)  # ON_HOLD: recorded, nothing new starts
-            return False
-        self.lock_play()  # before the iteration's rows (see own)
-        self.advance(index)
-        try:
-            self.own()
-        except Stop:
-            return False
-        return True
-
     def go_on(self, following: dict[str, Any] | None) -> bool:
         """Inside succeed()'s transaction, on a play that is ours and RUN: open the layer of
-        ``following`` (see opens_next), or finish the play if there is no next step. True
-        when the play finished."""
+        ``following`` (see opens_next), or finish after the last step. True when the play finished."""
         if self.cursor >= self.end:
-            if self.iteration is not None:
-                return False
-            if not self.play.finish(self.runner):
-                raise Stop
-            return True
+            return self.finishes()
         if following is None:
             return False
-        iteration = self.iteration.index if self.iteration is not None else None
-        layer = Layer.open(self.play, following, LayerState.RUN, iteration=iteration)
+        layer = Layer.open(self.play, following, LayerState.RUN, iteration=self.iteration_index)
         self.layers[following["ref"]] = layer
         self.opened = layer.pk
         return False
@@ -902,7 +821,7 @@ class Runner:
             )
         self.outputs[step["ref"]] = None
         if failed is not None:
-            raise _Done if failed else Stop
+            raise Stop(done=failed)
 
     def _record_failure(self, step: dict[str, Any], layer: Layer, error: dict[str, Any]) -> bool | None:
         """finish_failed()'s write: whether the play failed (None: onError let it go on)."""
@@ -919,16 +838,113 @@ class Runner:
             )
 
     def fail_play(self, error: dict[str, Any]) -> None:
-        self.record(lambda retry: self._record_play_failure(error))
-        raise _Done
+        def write(retry: bool) -> None:
+            with transaction.atomic():
+                self.play.fail(error, from_states=[State.RUN])
 
-    def _record_play_failure(self, error: dict[str, Any]) -> None:
+        self.record(write)
+        raise Stop(done=True)
+
+
+class IterationRunner(Runner):
+    """Runs one iteration of a loop: the loop body's steps for one item, with the
+    iteration's own cursor and lease; the play's row stays the lock of every write."""
+
+    def __init__(self, play: Play, runner: str, ended: threading.Event, iteration: Iteration):
+        self.iteration = self.it = iteration  # ``it``: never None here
+        super().__init__(play, runner, ended)
+
+    def setup(self) -> None:
+        iteration = self.it
+        loop = next(s for s in self.steps if s["ref"] == iteration.ref)
+        self.start, self.end = loop["index"], self.after(loop)
+        total = self.play.iterations.filter(ref=iteration.ref).count()
+        self.loop_scope = {
+            iteration.ref: {
+                "item": iteration.item,
+                "index": iteration.index,
+                "total": total,
+                "isLast": iteration.index == total - 1,
+            }
+        }
+
+    @property
+    def cursor(self) -> int:
+        return self.it.next_index
+
+    @property
+    def iteration_index(self) -> int | None:
+        return self.it.index
+
+    def load_layers(self) -> None:
+        super().load_layers()
+        layers = self.play.layers.filter(iteration=self.iteration_index, index__gt=self.start, index__lt=self.end)
+        self._add_layers(layers)
+
+    def holds(self, until: datetime | None) -> bool:
+        # Lock the play row first, as every writer of the play does (its events take their
+        # seq on it): taken after this iteration's layer, it could deadlock with a cancel
+        # that holds the play and ends that layer.
+        return self.lock_play() == State.RUN and self.it.hold_lease(self.runner, until)
+
+    def lock_play(self) -> str | None:
+        """Lock the play's row for this transaction; its state."""
+        return Play.objects.select_for_update().filter(pk=self.play.pk).values_list("state", flat=True).first()
+
+    def move(self, to: int) -> bool:
+        return self.it.move_cursor(self.runner, to)
+
+    def give_up(self) -> bool:
+        self.it.release(self.runner)
+        return True
+
+    def hand_back(self) -> None:
+        self.it.release(self.runner)
         with transaction.atomic():
-            self.play.fail(error, from_states=[State.RUN])
+            self.it.enqueue()
 
+    def at_end(self) -> None:
+        """This iteration is over: launch the next ones; the last one wakes the play up."""
+        with transaction.atomic():
+            if self.it.end(self.runner, IterationState.DONE):
+                loop = self.play.layers.filter(ref=self.it.ref, iteration__isnull=True).first()
+                if loop is not None and Iteration.dispatch(self.play, loop) is not None:
+                    self.play.wake_from_loop()
 
-class _Done(Exception):
-    """The play reached a terminal state or was handed back: the runner is finished."""
+    def step_past(self, index: int, to: int) -> bool:
+        self.lock_play()  # before the iteration's rows (see holds)
+        self.advance(index, to)
+        try:
+            self.own()
+        except Stop:
+            return False
+        return True
+
+    def finishes(self) -> bool:
+        return False  # the next step() ends the iteration
+
+    def take_back(self) -> None:
+        self.it.claim(self.runner, config("LEASE_SECONDS"))
+
+    def refresh(self) -> None:
+        super().refresh()
+        self.it.refresh_from_db()
+
+    def park_runner(self, until: datetime, ready: Callable[[], bool] | None) -> None:
+        self.it.release(self.runner)
+        if ready is not None and ready():
+            self.it.enqueue()  # what it waits for ended before the release: go on now
+
+    parks_sleeps = False  # iterations are not parked one by one: it waits in its worker
+
+    def parks(self, seconds: float) -> bool:
+        return False
+
+    def fan_out(self, step: dict[str, Any], layer: Layer, items: list[Any], concurrency: int) -> int | None:
+        raise StepError("An iterator cannot run inside another iterator's loop", "NESTED_LOOP", retryable=False)
+
+    def step_on(self, layer: Layer, out: Any, following: dict[str, Any]) -> bool:
+        return False
 
 
 def _call(module: Any, args: dict[str, Any], ctx: RunContext, revealed: Any = ()) -> Any:

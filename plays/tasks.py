@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that load rows and call model verbs.
+"""Celery tasks: each finds the rows it works on and calls their model verbs (which write).
 
 Sweeps (``release_due``, ``reap_stuck``, ``expire_timed_out``) each have a ``*_one``
 function that handles one unit of work and returns whether it found any, so tests drive
@@ -56,9 +56,8 @@ def release_due_one() -> bool:
         )
         if play is None:
             return False
-        if not play.start():
-            # No slot free: start() cleared run_at, release_flow() starts it later.
-            pass
+        # No slot free: admit() cleared run_at, release_flow() starts it later.
+        play.admit()
     return True
 
 
@@ -88,7 +87,7 @@ def release_flow_slots(flow_id: str) -> int:
                 .order_by("created_at")
                 .first()
             )
-            if play is None or not play.start() or play.state != State.RUN:
+            if play is None or not play.admit() or play.state != State.RUN:
                 return started
             started += 1
 
@@ -112,10 +111,9 @@ def reap_stuck_one(idle_seconds: float = 30.0) -> bool:
         )
         if play is None:
             return False
-        Play.objects.filter(pk=play.pk, state=State.RUN).update(runner="", lease_until=None, updated_at=now)
         metrics.reaped("play", lease_expired=bool(play.runner))
         log.warning("requeueing play %s (runner %r lost)", play.pk, play.runner)
-        play.enqueue()
+        play.requeue()
     return True
 
 
@@ -132,11 +130,10 @@ def reap_stuck_iteration_one(idle_seconds: float = 30.0) -> bool:
         )
         if iteration is None:
             return False
-        Iteration.objects.filter(pk=iteration.pk, state=IterationState.RUN).update(runner="", lease_until=None, updated_at=now)
         metrics.reaped("iteration", lease_expired=bool(iteration.runner))
         if iteration.runner:
             log.warning("requeueing iteration %s (runner %r lost)", iteration, iteration.runner)
-        iteration.enqueue()
+        iteration.requeue()
     return True
 
 

@@ -27,7 +27,6 @@ from tenancy.audit import record
 from tenancy.permissions import OPERATE_PLAY, RUN_FLOW, VIEW_PLAY
 
 from . import workers
-from .audit import PLAY_VERBS
 from .models import (
     START,
     Event,
@@ -357,7 +356,6 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             getattr(play, verb)(by=request.user)
         except InvalidState as exc:
             raise invalid_state(exc.message) from None
-        record(request.user, PLAY_VERBS[verb], play)
         play.refresh_from_db()
         return Response(PlayDetailSerializer(play).data)
 
@@ -392,7 +390,6 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
                         data.validated_data.get("note", ""))
         except InvalidState as exc:
             raise invalid_state(exc.message) from None
-        record(request.user, f"play.{data.validated_data['decision']}", play, layerId=data.validated_data["layerId"])
         play.refresh_from_db()
         return Response(PlayDetailSerializer(play).data)
 
@@ -407,7 +404,6 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             new = play.retry(by=request.user)
         except InvalidState as exc:
             raise invalid_state(exc.message) from None
-        record(request.user, "play.retried", play, newPlayId=new.id)
         return Response({"playId": new.id, "state": new.state, "retryOf": play.id, "startedAt": iso(new.started_at)},
                         status=status.HTTP_201_CREATED)
 

@@ -896,3 +896,20 @@ def test_csv_parse_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (err.code, err.retryable) == ("INVALID_INPUT", False)
     monkeypatch.setattr(modules.csv_parse, "MAX_CSV_ROWS", 2)
     assert step_error("csv-parse", {"input": "h\n1\n2\n3\n"}).code == "INVALID_INPUT"
+
+
+def test_no_module_imports_plays() -> None:
+    """Control flow (iterator, subflow) goes through RunContext callbacks: flows/modules
+    never imports the app that runs it."""
+    import ast
+    from pathlib import Path
+
+    package = Path(modules.__file__).parent
+    found = []
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{path.name}: {name}" for name in names if name == "plays" or name.startswith("plays.")]
+    assert found == []

@@ -471,3 +471,64 @@ def test_step_on_waits_for_a_concurrent_hold_and_then_writes_nothing(api: Any, n
     assert (p.state, p.next_index) == ("ON_HOLD", 0)
     assert sorted(Layer.objects.filter(play_id=play_id).values_list("ref", "state")) == [("a", "RUN")]
     assert not Event.objects.filter(play_id=play_id, type="play:layer:completed").exists()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="Play.step_on writes in one statement on PostgreSQL only")
+def test_step_on_writes_what_the_general_path_writes(api: Any, no_enqueue: Any) -> None:
+    """Play.step_on's statement and the transaction it replaces (Runner._record_success:
+    step_past, Layer.end, Layer.open) leave equal rows and equal events."""
+    from datetime import timedelta
+
+    from django.db import transaction
+    from django.utils import timezone
+
+    from plays.models import LayerState, batched_events
+
+    def outcome(play: Play, first: Layer) -> tuple:
+        p = Play.objects.get(pk=play.pk)
+        skip = {"id", "play", "started_at", "completed_at"}
+        layers = [{f.name: getattr(x, f.attname) for f in Layer._meta.concrete_fields if f.name not in skip}
+                  for x in Layer.objects.filter(play=play).order_by("index")]
+        events = [{k: v for k, v in e.payload.items() if k not in ("layerId", "playId", "flowId", "timestamp")}
+                  for e in Event.objects.filter(play=play).order_by("seq")]
+        ends = [x.completed_at is not None for x in Layer.objects.filter(play=play).order_by("index")]
+        return p.next_index, p.event_seq, p.state, layers, events, ends
+
+    lease = timezone.now() + timedelta(seconds=30)
+    fast, steps, first = leased_play_with_a_running_first_step(api)
+    assert fast.step_on("r1", first, {"x": [1, "two"]}, steps[1], lease) is not None
+    slow, steps, second = leased_play_with_a_running_first_step(api)
+    with transaction.atomic(), batched_events():
+        assert slow.step_past("r1", 1, lease)
+        assert second.end(LayerState.DONE, out={"x": [1, "two"]})
+        Layer.open(slow, steps[1], LayerState.RUN)
+    assert outcome(fast, first) == outcome(slow, second)
+    assert (first.state, first.out, first.parked) == (second.state, second.out, second.parked)
+
+
+def test_the_parking_migration_splits_parked_out_into_its_fields(api: Any, no_enqueue: Any) -> None:
+    """plays.0007: what parked_out held (a sleep's result, $rerun, $retry, a loop's
+    concurrency) moves to parked / retry_code / loop_concurrency; ended layers keep none."""
+    import importlib
+
+    from django.apps import apps
+
+    from plays.models import LayerState
+
+    migration = importlib.import_module("plays.migrations.0008_i14e_layer_parking")
+    flow = make_flow(api, [{"ref": f"s{i}", "appId": "var", "args": {"values": {}}} for i in range(6)])
+    play = Play.take_lease(run(api, flow)["playId"], "r1", 30)
+    steps = play.flow_version.definition["layers"]
+    old = [({"slept": True}, "var", LayerState.RUN), ({"$rerun": True}, "subflow", LayerState.RUN),
+           ({"$retry": "FLAKY"}, "curl", LayerState.RUN), ({"concurrency": 3, "total": 9}, "iterator", LayerState.RUN),
+           ({"slept": True}, "sleep", LayerState.DONE), (None, "var", LayerState.RUN)]
+    layers = []
+    for step, (parked_out, app_id, state) in zip(steps, old, strict=True):
+        layer = Layer.open(play, step, LayerState.RUN)
+        Layer.objects.filter(pk=layer.pk).update(parked_out=parked_out, app_id=app_id, state=state)
+        layers.append(layer.pk)
+    migration.split(apps, None)
+    got = [Layer.objects.filter(pk=pk).values_list("parked", "parked_out", "retry_code", "loop_concurrency").get()
+           for pk in layers]
+    assert got == [("result", {"slept": True}, "", None), ("recheck", None, "", None), ("retry", None, "FLAKY", None),
+                   ("recheck", None, "", 3), ("", None, "", None), ("", None, "", None)]

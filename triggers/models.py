@@ -231,7 +231,7 @@ class Schedule(models.Model):
         play = Play.objects.select_related("flow_version").filter(pk=self.queued_play_id, state=State.NEW).first()
         Schedule.objects.filter(pk=self.pk).update(queued_play=None, updated_at=timezone.now())
         self.queued_play = None
-        return play is not None and play.start()
+        return play is not None and play.admit()
 
     def _running(self, states: Any = None, exclude: str | None = None) -> Any:
         """This schedule's plays that have not ended (by default: not NEW either)."""

@@ -85,14 +85,15 @@ def json_size(value: Any) -> int:
 class Park(Exception):
     """Raised by a module that wants the play to wait without holding a worker.
 
-    ``until`` is an aware datetime; ``out`` is what the step records once the wait is over.
+    ``until`` (aware) ends the wait at the latest; ``out`` is the step's result then (a
+    sleep), or None: the module is called again when the play wakes, and ``ready`` says
+    whether what it waits for has happened already. ``until`` None: a ``RunContext``
+    callback (``fan_out``) has handed the play over already.
     """
 
-    def __init__(self, until: datetime, out: Any, ready: Callable[[], bool] | None = None):
-        super().__init__(f"park until {until.isoformat()}")
+    def __init__(self, until: datetime | None, out: Any = None, ready: Callable[[], bool] | None = None):
+        super().__init__(f"park until {until.isoformat() if until else 'woken'}")
         self.until = until
-        # None: the module is called again when the play wakes (it waits for something,
-        # e.g. a subflow's child play); ``ready`` tells whether that already happened.
         self.out = out
         self.ready = ready
 
@@ -112,6 +113,14 @@ class RunContext:
     # The credential named by the step's `auth` arg, resolved by the runner
     # (flows.credentials.resolve_auth); only for modules with `uses_credentials`.
     auth: dict | None = None
+    # Control flow, provided by the runner (plays), so that modules never import it:
+    # fan_out(items, concurrency): start (or, when called again, see to) one iteration of
+    # the loop body per item; the number DONE once all have ended, else None (then raise
+    # Park(None)). start_child(flow key, args) and child_state(): this step's child play,
+    # as {"id", "state", "ended", "error", "out"} (child_state: None before it exists).
+    fan_out: Callable[[list, int], int | None] | None = None
+    start_child: Callable[[str, dict], dict] | None = None
+    child_state: Callable[[], dict | None] | None = None
 
 
 def is_expression(value: Any) -> bool:
@@ -242,9 +251,9 @@ class Module:
     # Args the engine passes through unrendered because the module gives their {{ }} its
     # own meaning (the `template` text is rendered over `data` by the module itself).
     raw_args: ClassVar[frozenset[str]] = frozenset()
-    # Modules that only read and write flowplay's own database (subflow, kv) run in the
-    # runner's thread and connection, not in the step thread pool: they are quick, and
-    # they see what the runner has written.
+    # Modules that only read and write flowplay's own database (subflow, kv, iterator) or
+    # only return their rendered args (var) run in the runner's thread and connection, not
+    # in the step thread pool: they are quick, and they see what the runner has written.
     inline: ClassVar[bool] = False
     # Modules whose work is CPU-bound and unbounded by any wait (parsing, matching, mapping)
     # run in a forked process that the runner kills on timeout or cancel
@@ -272,6 +281,10 @@ class Module:
 
     def execute(self, args: dict, ctx: RunContext) -> Any:
         raise NotImplementedError
+
+    def after(self, steps: list[dict], index: int) -> int:
+        """The index of the step that follows this one at ``index`` (a loop skips its body)."""
+        return index + 1
 
     def _problems(self, args: Any, lenient: bool) -> dict[str, list[str]]:
         problems: dict[str, list[str]] = {}

@@ -1,17 +1,18 @@
 """`iterator` and `aggregator`: run a part of the flow once per item, then gather the results.
 
 The steps between an ``iterator`` and the first ``aggregator`` whose ``sourceRef`` names
-one of them are the loop body. The runner (``plays.runner.Runner.iterate``) runs the body
-once per item, each item an ``Iteration`` task of its own so that items run in parallel
-across the worker fleet, at most ``concurrency`` at a time. Inside the body,
-``$prev.<iteratorRef>`` is ``{item, index, total, isLast}``.
+one of them are the loop body (``loop_end``). The iterator hands its items to
+``ctx.fan_out``: each item becomes an iteration, a task of its own, so that items run in
+parallel across the worker fleet, at most ``concurrency`` at a time; the play waits
+meanwhile, and its iterator step ends with ``{count}`` once all have ended. Inside the
+body, ``$prev.<iteratorRef>`` is ``{item, index, total, isLast}``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import Module, RunContext, StepError, _obj, register
+from .base import Module, Park, RunContext, StepError, _obj, register
 
 
 @register
@@ -27,9 +28,31 @@ class Iterator(Module):
     )
     out_schema = _obj({"count": {"type": "integer"}}, ["count"])
 
+    inline = True  # fan_out writes in the runner's transaction
+
+    def run(self, args: dict, ctx: RunContext) -> Any:
+        items = (args or {}).get("items")
+        if isinstance(items, dict) and "items" in items:
+            args = {**args, "items": items["items"]}  # an enumeration's or aggregator's out
+        return self.execute(self.clean(args), ctx)
+
     def execute(self, args: dict, ctx: RunContext) -> Any:
-        # The runner expands the loop itself; a module call means a runner bug.
-        raise StepError("iterator steps are run by the play runner", "INTERNAL", retryable=False)
+        from django.conf import settings
+
+        items, limit = args["items"], settings.FLOWPLAY["MAX_ITERATOR_ITEMS"]
+        if len(items) > limit:
+            raise StepError(f"{len(items)} items exceed the limit of {limit} per iterator", "TOO_MANY_ITEMS", False)
+        if not items:
+            return {"count": 0}
+        if ctx.fan_out is None:
+            raise StepError("iterator needs the play runner", "INTERNAL", retryable=False)
+        done = ctx.fan_out(items, args["concurrency"])
+        if done is None:
+            raise Park(None)  # the last iteration to end wakes the play up
+        return {"count": done}
+
+    def after(self, steps: list[dict], index: int) -> int:
+        return loop_end(steps, index)
 
 
 def _pluck(value: Any, field: str) -> Any:
