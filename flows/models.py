@@ -142,9 +142,24 @@ class ApiKey(models.Model):
 
     @classmethod
     def lookup(cls, token: str) -> ApiKey | None:
-        key = cls.objects.active().select_related("user", "user__company").filter(token_hash=hash_token(token)).first()
+        """The active key of ``token`` with its user and company, in one query that also
+        reads whether the user has a role (``know_roles``: the role check needs no query)."""
+        from .permissions import know_roles
+
+        user = models.OuterRef("user_id")
+        key = (
+            cls.objects.active()
+            .select_related("user", "user__company")
+            .annotate(
+                user_has_roles=models.Exists(User.groups.through.objects.filter(user_id=user))
+                | models.Exists(User.user_permissions.through.objects.filter(user_id=user))
+            )
+            .filter(token_hash=hash_token(token))
+            .first()
+        )
         if key is None or not key.user.is_active:
             return None
+        know_roles(key.user, key.user_has_roles)
         now = timezone.now()
         # Write at most once a minute: a busy script must not turn every read into a write.
         if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:

@@ -163,9 +163,9 @@ class FlowViewSet(viewsets.ModelViewSet):
     )
     @action(detail=True, methods=["post"])
     def run(self, request: Any, flow_id: str) -> Response:
-        from plays.views import trigger  # plays depends on flows, not the other way round
+        from plays.views import run  # plays depends on flows, not the other way round
 
-        return trigger(request, get_flow(request, flow_id))
+        return run(request, flow_id)
 
 
 class FlowletViewSet(

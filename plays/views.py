@@ -9,6 +9,7 @@ from typing import Any
 import django_filters
 from django import forms
 from django.conf import settings
+from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -19,6 +20,7 @@ from rest_framework.views import APIView
 
 from flows.api import ApiError, invalid_state, not_found
 from flows.audit import PLAY_VERBS, record
+from flows.audit import entry as audit_entry
 from flows.models import Flow, FlowVersion
 from flows.permissions import OPERATE_PLAY, VIEW_PLAY
 from flows.serializers import RunSerializer
@@ -51,8 +53,25 @@ from .serializers import (
 # --- Trigger --------------------------------------------------------------------------
 
 
+def run(request: Any, flow_key: str) -> Response:
+    """POST /api/flows/{flowId}/run: the caller's live flow (by id or permanentId; another
+    company's is a 404) and its current version's snapshot in one query, then ``trigger``.
+
+    A flow without a snapshot of its current version yet (never run since its last change
+    by another way than the API) is read alone; ``Play.trigger`` makes the snapshot."""
+    version = (
+        FlowVersion.objects.select_related("flow")
+        .filter(flow__deleted_at__isnull=True, flow__company_id=request.user.company_id, version=F("flow__version"))
+        .filter(Q(flow_id=flow_key) | Q(flow__permanent_id=flow_key))
+        .first()
+    )
+    if version is None:
+        return trigger(request, get_flow(request, flow_key))
+    return trigger(request, version.flow, version)
+
+
 def trigger(request: Any, flow: Flow, version: FlowVersion | None = None) -> Response:
-    """POST /api/flows/{flowId}/run."""
+    """POST /api/flows/{flowId}/run for ``flow`` (``version``: its current snapshot, if read)."""
     limit = settings.FLOWPLAY["MAX_ARGS_BYTES"]
     if len(request.body or b"") > limit + 4096:
         raise ApiError("PAYLOAD_TOO_LARGE", f"The request body is larger than {limit} bytes", 413)
@@ -72,7 +91,7 @@ def trigger(request: Any, flow: Flow, version: FlowVersion | None = None) -> Res
             flow, args, idempotency_key=values.get("idempotencyKey"), run_at=run_at, user=request.user,
             start=values.get("start", True),
             version=version,
-            on_created=lambda play: record(request.user, "play.triggered", play, flowId=flow.id),
+            audit=lambda play: audit_entry(request.user, "play.triggered", play, flowId=flow.id),
         )
     except IdempotencyConflict as exc:
         raise ApiError(
