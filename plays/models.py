@@ -26,6 +26,7 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from flowplay import rows
 from flows.ids import new_id
 from flows.models import Company, Flow, FlowVersion
 from flows.storable import StorableJSONField, storable
@@ -464,17 +465,6 @@ def _event_prep(payload: dict[str, Any], connection: Any) -> Any:
     return Event._meta.get_field("payload").get_db_prep_save(payload, connection)
 
 
-def _play_from_row(values: list[Any], connection: Any) -> Play:
-    """A Play from its concrete columns as read by ``_trigger_sql`` (converted as the ORM does)."""
-    fields = Play._meta.concrete_fields
-    converted = []
-    for field, value in zip(fields, values, strict=True):
-        for convert in [*connection.ops.get_db_converters(field), *field.get_db_converters(connection)]:
-            value = convert(value, field, connection)
-        converted.append(value)
-    return Play.from_db(connection.alias, [f.attname for f in fields], converted)
-
-
 @functools.cache
 def _trigger_sql(limited: bool, keyed: bool, audited: bool) -> str:
     """The statement of ``Play._insert_started``, on PostgreSQL: one round trip where the
@@ -516,9 +506,8 @@ def _trigger_sql(limited: bool, keyed: bool, audited: bool) -> str:
         sql += f""",
         a AS ({_insert_select(AuditEntry, connection)} FROM p)"""
     if keyed:
-        columns = ", ".join(f"o.{quote(f.column)}" for f in Play._meta.concrete_fields)
         sql += f"""
-        SELECT slot.free, e.id, e.xid, {columns} FROM slot LEFT JOIN e ON TRUE
+        SELECT slot.free, e.id, e.xid, {rows.columns(Play, "o", connection)} FROM slot LEFT JOIN e ON TRUE
         LEFT JOIN {play_table} o ON o.flow_id = %s AND o.idempotency_key = %s AND o.state <> '{State.FAIL.value}'"""
     else:
         sql += """
@@ -819,7 +808,7 @@ class Play(models.Model):
                 recorded(entry)
             return play, True
         if key and held[0] is not None:
-            existing = _play_from_row(held, connection)
+            existing = rows.instance(cls, held, connection)
             if existing.args_hash != digest:
                 raise IdempotencyConflict(existing)
             return existing, False
