@@ -27,9 +27,10 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from flowplay import rows
-from flows.ids import new_id
-from flows.models import Company, Flow, FlowVersion
-from flows.storable import StorableJSONField, storable
+from flows.models import Flow, FlowVersion
+from tenancy.ids import new_id
+from tenancy.models import Company
+from tenancy.storable import StorableJSONField, storable
 
 from .broker import send_on_commit
 
@@ -501,7 +502,7 @@ def _trigger_sql(limited: bool, keyed: bool, audited: bool) -> str:
             RETURNING id, xid
         )"""
     if audited:
-        from flows.models import AuditEntry
+        from tenancy.models import AuditEntry
 
         sql += f""",
         a AS ({_insert_select(AuditEntry, connection)} FROM p)"""
@@ -673,7 +674,7 @@ class Play(models.Model):
         returned instead, and the same key with other args raises ``IdempotencyConflict``.
         Two concurrent requests with one key race on the partial unique constraint: the
         loser returns the winner's play. ``audit`` builds the audit entry of the new play
-        (unsaved, ``flows.audit.entry``), stored with the play in its transaction, so a play
+        (unsaved, ``tenancy.audit.entry``), stored with the play in its transaction, so a play
         never exists without the record of who triggered it; ``on_created`` runs in that
         transaction too. ``source`` is what started it: ``{"kind": <TriggerKind>, **details}``
         (default: the API, or the parent's subflow step). ``version``: the flow's current
@@ -724,7 +725,7 @@ class Play(models.Model):
                 elif start:
                     play.start()
                 if audit is not None:
-                    from flows.audit import recorded
+                    from tenancy.audit import recorded
 
                     entry = audit(play)
                     entry.save(force_insert=True)
@@ -803,7 +804,7 @@ class Play(models.Model):
             publish_on_commit(play.company_id, [{**payload, "cursor": encode_cursor((xid, event_id))}])
             play.enqueue()
             if entry is not None:
-                from flows.audit import recorded
+                from tenancy.audit import recorded
 
                 recorded(entry)
             return play, True

@@ -18,8 +18,9 @@ from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from flows.models import ApiKey, AuditEntry, Flow, User
+from flows.models import Flow
 from plays.models import Event, Play
+from tenancy.models import ApiKey, AuditEntry, User
 
 from .conftest import PASSWORD, make_flow
 
