@@ -22,7 +22,8 @@ from flows.models import Flow
 from plays.models import Event, Play
 from tenancy.models import ApiKey, AuditEntry, User
 
-from .conftest import PASSWORD, make_flow
+from .conftest import PASSWORD
+from .factories import make_flow
 
 ONE_STEP = [{"ref": "v", "appId": "var", "args": {"values": {}}}]
 POSTGRES = connection.vendor == "postgresql"
