@@ -22,6 +22,7 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from flowplay import rows
 from flows.models import Flow, FlowVersion
 from tenancy.audit import record as audit_record
 from tenancy.ids import new_id
@@ -462,6 +463,91 @@ def _version(pk: int) -> FlowVersion:
     return found
 
 
+def _one_statement() -> bool:
+    """Whether ``Play.trigger`` may write a new play in one statement (PostgreSQL, and not
+    inside ``batched_events``, whose events are stored at the end of its block)."""
+    from django.db import connection
+
+    return connection.vendor == "postgresql" and _batch.items is None
+
+
+def _insert_fields(model: type[models.Model]) -> list[models.Field]:
+    """The columns an INSERT of ``model`` writes: every concrete field but an auto primary key."""
+    from django.db.models.fields import AutoFieldMixin
+
+    return [f for f in model._meta.concrete_fields if not isinstance(f, AutoFieldMixin)]
+
+
+def _insert_select(model: type[models.Model], connection: Any) -> str:
+    """``INSERT INTO <table> (<columns>) SELECT <one typed parameter per column>``, for
+    ``_insert_params``. The casts name the base type (``varchar``, not ``varchar(24)``, which
+    would cut a long value short instead of refusing it as the ORM's INSERT does)."""
+    quote = connection.ops.quote_name
+    fields = _insert_fields(model)
+    columns = ", ".join(quote(f.column) for f in fields)
+    values = ", ".join(f"%s::{f.cast_db_type(connection).split('(')[0]}" for f in fields)
+    return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) SELECT {values}"
+
+
+def _insert_params(obj: models.Model, connection: Any) -> list[Any]:
+    """The values ``_insert_select`` takes, prepared as the ORM's own INSERT prepares them."""
+    return [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in _insert_fields(type(obj))]
+
+
+def _event_prep(payload: dict[str, Any], connection: Any) -> Any:
+    return Event._meta.get_field("payload").get_db_prep_save(payload, connection)
+
+
+@functools.cache
+def _trigger_sql(limited: bool, keyed: bool, audited: bool) -> str:
+    """The statement of ``Play._insert_started``, on PostgreSQL: one round trip where the
+    ORM took seven (count, BEGIN, play, event, audit entry, COMMIT, and the key's SELECT).
+
+    - ``slot``: FLOWPLAY_MAX_RUNNING_PLAYS_PER_COMPANY, as ``Play._company_has_slot``
+      counts it (root plays in RUN; counting stops at the limit). Soft, as there: starts
+      racing each other may pass it by a few, which keeps the path free of locks.
+    - ``p``: the play, RUN, only with a free slot; ``ON CONFLICT DO NOTHING`` on the
+      idempotency key's partial unique index (a concurrent insert of the key is waited
+      for; if it commits, nothing is inserted).
+    - ``e``, ``a``: its ``play:started`` event (seq 1, the transaction's id for the cursor)
+      and its audit entry, only if the play was inserted.
+    - the row: whether the slot was free, the event's id and xid, and the play that held
+      the key when the statement began (the one a repeat gets back).
+    """
+    from django.db import connection
+
+    quote = connection.ops.quote_name
+    play_table, event_table = quote(Play._meta.db_table), quote(Event._meta.db_table)
+    if limited:
+        slot = (
+            f"SELECT COUNT(*) < %s AS free FROM (SELECT 1 FROM {play_table} WHERE company_id = %s "
+            f"AND state = '{State.RUN.value}' AND parent_id IS NULL LIMIT %s) AS running"
+        )
+    else:
+        slot = "SELECT TRUE AS free"
+    sql = f"""
+        WITH slot AS ({slot}),
+        p AS ({_insert_select(Play, connection)} FROM slot WHERE slot.free ON CONFLICT DO NOTHING RETURNING id),
+        e AS (
+            INSERT INTO {event_table} (company_id, play_id, flow_id, seq, xid, type, payload, created_at)
+            SELECT %s, p.id, %s, 1, pg_current_xact_id()::text::bigint, %s, %s::jsonb, %s FROM p
+            RETURNING id, xid
+        )"""
+    if audited:
+        from tenancy.models import AuditEntry
+
+        sql += f""",
+        a AS ({_insert_select(AuditEntry, connection)} FROM p)"""
+    if keyed:
+        sql += f"""
+        SELECT slot.free, e.id, e.xid, {rows.columns(Play, "o", connection)} FROM slot LEFT JOIN e ON TRUE
+        LEFT JOIN {play_table} o ON o.flow_id = %s AND o.idempotency_key = %s AND o.state <> '{State.FAIL.value}'"""
+    else:
+        sql += """
+        SELECT slot.free, e.id, e.xid FROM slot LEFT JOIN e ON TRUE"""
+    return sql
+
+
 # --- Plays ----------------------------------------------------------------------------
 
 
@@ -610,6 +696,7 @@ class Play(models.Model):
         parent: Play | None = None,
         parent_layer: Layer | None = None,
         on_created: Callable[[Play], Any] | None = None,
+        audit: Callable[[Play], Any] | None = None,
         source: dict[str, Any] | None = None,
         version: FlowVersion | None = None,
     ) -> tuple[Play, bool]:
@@ -618,13 +705,22 @@ class Play(models.Model):
         With an idempotency key, an existing play holding that key (any state but FAIL) is
         returned instead, and the same key with other args raises ``IdempotencyConflict``.
         Two concurrent requests with one key race on the partial unique constraint: the
-        loser catches the IntegrityError and returns the winner's play. ``on_created`` runs in
-        the transaction that creates the play (the API writes its audit entry there, so a play
-        never exists without the record of who triggered it). ``source`` is what started
-        it: ``{"kind": <TriggerKind>, **details}`` (default: the API, or the parent's subflow
-        step). ``version``: the flow's current snapshot when the caller has it already.
+        loser returns the winner's play. ``audit`` builds the audit entry of the new play
+        (unsaved, ``tenancy.audit.entry``), stored with the play in its transaction, so a play
+        never exists without the record of who triggered it; ``on_created`` runs in that
+        transaction too. ``source`` is what started it: ``{"kind": <TriggerKind>, **details}``
+        (default: the API, or the parent's subflow step). ``version``: the flow's current
+        snapshot when the caller has it already.
         """
         digest = args_digest(args)
+        source = dict(source or {"kind": TriggerKind.SUBFLOW if parent is not None else TriggerKind.API})
+        kind = source.pop("kind")
+        if start and parent is None and on_created is None and _one_statement():
+            version = version or flow.snapshot()
+            if cls._starts_at_once(version.definition, run_at):
+                done = cls._insert_started(flow, version, args, digest, idempotency_key, user, kind, source, audit)
+                if done is not None:
+                    return done
         if idempotency_key:
             existing = cls._existing_for_key(flow, idempotency_key, digest)
             if existing is not None:
@@ -636,8 +732,6 @@ class Play(models.Model):
             and cls._company_has_slot(flow.company_id, parent.pk if parent is not None else None)
         )
         now = timezone.now()
-        source = dict(source or {"kind": TriggerKind.SUBFLOW if parent is not None else TriggerKind.API})
-        kind = source.pop("kind")
         try:
             with transaction.atomic():
                 play = cls.objects.create(
@@ -662,6 +756,12 @@ class Play(models.Model):
                     play.enqueue()
                 elif start:
                     play.admit()
+                if audit is not None:
+                    from tenancy.audit import recorded
+
+                    entry = audit(play)
+                    entry.save(force_insert=True)
+                    recorded(entry)
                 if on_created is not None:
                     on_created(play)
         except IntegrityError:
@@ -672,6 +772,84 @@ class Play(models.Model):
                 raise
             return existing, False
         return play, True
+
+    @classmethod
+    def _insert_started(
+        cls,
+        flow: Flow,
+        version: FlowVersion,
+        args: dict[str, Any],
+        digest: str,
+        key: str | None,
+        user: Any,
+        kind: str,
+        info: dict[str, Any],
+        audit: Callable[[Play], Any] | None,
+    ) -> tuple[Play, bool] | None:
+        """``trigger``'s common case on PostgreSQL in one statement (``_trigger_sql``),
+        atomic on its own: the company's running-play limit checked, the play inserted RUN
+        unless its idempotency key is taken, its ``play:started`` event and its audit entry
+        inserted, and the play that holds the key read. None when it inserted nothing and
+        found no such play (no free slot, or a concurrent insert of the key committed after
+        the statement began): ``trigger``'s general path then decides.
+        """
+        from django.db import connection
+        from django.db.models.signals import post_save, pre_save
+
+        from .fanout import publish_on_commit
+
+        now = timezone.now()
+        play = cls(
+            company_id=flow.company_id,
+            flow=flow,
+            flow_version=version,
+            args=args,
+            args_hash=digest,
+            idempotency_key=key or None,
+            triggered_by=user if getattr(user, "pk", None) else None,
+            trigger_kind=kind,
+            trigger_info=info or None,
+            created_at=now,
+            event_seq=1,
+            **cls._started(version.definition, now),
+        )
+        # What Model.save() would send (plays/observe.py: the trace and the trigger count).
+        pre_save.send(sender=cls, instance=play, raw=False, using=connection.alias, update_fields=None)
+        payload = event_payload(play, EventType.PLAY_STARTED, 1, {"state": State.RUN}, now)
+        entry = audit(play) if audit is not None else None
+        limit = settings.FLOWPLAY["MAX_RUNNING_PLAYS_PER_COMPANY"]
+        sql = _trigger_sql(bool(limit), bool(key), entry is not None)
+        params: list[Any] = [limit, play.company_id, limit] if limit else []
+        params += _insert_params(play, connection)
+        params += [play.company_id, play.flow_id, EventType.PLAY_STARTED, _event_prep(payload, connection), now]
+        if entry is not None:
+            params += _insert_params(entry, connection)
+        if key:
+            params += [play.flow_id, key]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            free, event_id, xid, *held = cursor.fetchone()
+        if event_id is not None:
+            play._state.adding = False
+            play._state.db = connection.alias
+            post_save.send(sender=cls, instance=play, created=True, update_fields=None, raw=False, using=connection.alias)
+            publish_on_commit(play.company_id, [{**payload, "cursor": encode_cursor((xid, event_id))}])
+            play.enqueue()
+            if entry is not None:
+                from tenancy.audit import recorded
+
+                recorded(entry)
+            return play, True
+        if key and held[0] is not None:
+            existing = rows.instance(cls, held, connection)
+            if existing.args_hash != digest:
+                raise IdempotencyConflict(existing)
+            return existing, False
+        if key and free:
+            existing = cls._existing_for_key(flow, key, digest)
+            if existing is not None:
+                return existing, False
+        return None
 
     @classmethod
     def _existing_for_key(cls, flow: Flow, key: str, digest: str) -> Play | None:

@@ -48,13 +48,22 @@ ACTIONS = {
 
 def record(user: Any, action: str, obj: Any, **details: Any) -> AuditEntry:
     """Store one audit entry of ``user`` doing ``action`` to ``obj`` (a model instance)."""
+    stored = entry(user, action, obj, **details)
+    stored.save(force_insert=True)
+    recorded(stored)
+    return stored
+
+
+def entry(user: Any, action: str, obj: Any, **details: Any) -> AuditEntry:
+    """The entry ``record`` stores, unsaved: for a caller that writes it in a statement of
+    its own (``Play.trigger`` on PostgreSQL), which then calls ``recorded``."""
     if action not in ACTIONS:
         raise ValueError(f"Unknown audit action {action!r}")
     actor = user if getattr(user, "pk", None) else None
     company_id = getattr(obj, "company_id", None) or getattr(actor, "company_id", None)
     if company_id is None and hasattr(obj, "user"):
         company_id = getattr(obj.user, "company_id", None)
-    entry = AuditEntry.objects.create(
+    return AuditEntry(
         company_id=company_id,
         actor=actor,
         actor_name=getattr(actor, "username", "") or "",
@@ -64,8 +73,11 @@ def record(user: Any, action: str, obj: Any, **details: Any) -> AuditEntry:
         object_repr=str(obj)[:200],
         details=details,
     )
-    log.info("audit: %s %s %s %s", entry.actor_name or "system", action, entry.object_type, entry.object_id)
-    return entry
+
+
+def recorded(stored: AuditEntry) -> None:
+    """The log line of a stored entry."""
+    log.info("audit: %s %s %s %s", stored.actor_name or "system", stored.action, stored.object_type, stored.object_id)
 
 
 def history(obj: Any) -> Any:
@@ -73,4 +85,4 @@ def history(obj: Any) -> Any:
     return AuditEntry.objects.filter(object_type=obj._meta.model_name, object_id=str(obj.pk))
 
 
-__all__ = ["ACTIONS", "record", "history"]
+__all__ = ["ACTIONS", "entry", "record", "recorded", "history"]
