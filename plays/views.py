@@ -26,7 +26,6 @@ from flows.serializers import FlowSerializer, RunResponseSerializer, RunSerializ
 from flows.strict import NO_NUL
 from flows.views import get_flow
 from tenancy.audit import entry as audit_entry
-from tenancy.audit import record
 from tenancy.permissions import OPERATE_PLAY, RUN_FLOW, VIEW_PLAY
 
 from . import workers
