@@ -16,10 +16,15 @@ from django.forms.models import BaseInlineFormSet
 from django.urls import reverse
 from django.utils.html import format_html
 
-from flows.audit import PLAY_VERBS, record
+from flows.admin import FlowAdmin as FlowDefinitionAdmin
+from flows.models import Flow
+from tenancy.admin import TenantMixin
+from tenancy.audit import record
 
+from .audit import PLAY_VERBS
 from .models import Approval, Decision, Event, InvalidState, Layer, Play
 from .redaction import redact
+from .workers import queue_warning
 
 OPERATE = "plays.operate_play"
 
@@ -30,18 +35,6 @@ def pretty_json(value: Any) -> str:
         return "-"
     return format_html("<pre style=\"white-space: pre-wrap\">{}</pre>",
                        json.dumps(redact(value), indent=2, ensure_ascii=False, sort_keys=True, default=str))
-
-
-class TenantMixin:
-    """Staff see their own company's rows; superusers see all."""
-
-    company_field = "company_id"
-
-    def get_queryset(self, request: Any) -> Any:
-        qs = super().get_queryset(request)  # type: ignore[misc]
-        if request.user.is_superuser:
-            return qs
-        return qs.filter(**{self.company_field: request.user.company_id})
 
 
 # A play of a 10,000-item loop has some 30,000 layers and more events: the admin page shows
@@ -223,3 +216,16 @@ class PlayAdmin(TenantMixin, admin.ModelAdmin):
 
     def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
         return False
+
+
+admin.site.unregister(Flow)
+
+
+@admin.register(Flow)
+class FlowAdmin(FlowDefinitionAdmin):
+    """The flow admin of ``flows.admin``, warning when the flow's queue has no live worker."""
+
+    def save_model(self, request: Any, obj: Flow, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if warning := queue_warning(obj.queue or "default"):
+            messages.warning(request, warning["message"])

@@ -23,8 +23,9 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 
-from flows.models import ApiKey, Flow
-from flows.permissions import VIEW_PLAY, key_allows
+from flows.models import Flow
+from tenancy.models import ApiKey
+from tenancy.permissions import VIEW_PLAY, key_allows
 
 from .models import Play, Position, decode_cursor
 

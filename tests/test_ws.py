@@ -11,15 +11,16 @@ import pytest
 from channels.db import database_sync_to_async as sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from flows.models import ApiKey, Flow, User
+from flows.models import Flow
 from plays import consumers, wsauth
 from plays import hub as hub_module
 from plays.fanout import company_group, doorbell
 from plays.hub import Hub, LiveRange, hub, live_event
 from plays.models import Event, EventType, Play, decode_cursor, emit, encode_cursor
 from plays.wsauth import SEND_BACKLOG
+from tenancy.models import ApiKey, User
 
-from .conftest import make_flow
+from .factories import make_flow
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
