@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -278,30 +279,34 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # --- Channels -------------------------------------------------------------------------
+# The channel layer only carries the live stream's doorbells (plays/fanout.py → plays/hub.py):
+# Redis pub/sub, one subscription per company per web process. Pub/sub channel names are
+# server-wide, not per Redis database: the prefix carries the database's number.
 if REDIS_URL:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            # redis-py 8 times socket reads out after 5 s by default, exactly as long as
-            # channels-redis blocks in BZPOPMIN waiting for a message: an idle WebSocket
-            # consumer then dies with "Timeout reading from redis". Give reads more room.
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             # A pooled connection that Redis closed (a restart, a failover, an idle timeout)
-            # is reconnected and the command sent again once, instead of failing the caller.
+            # is reconnected and the command sent again once, instead of failing the caller;
+            # the subscriber connection subscribes again by itself when it reconnects, and
+            # its health check finds a dead one that no error would show.
             "CONFIG": {
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "retry_on_error": [RedisConnectionError]}],
-                "capacity": 1000,
-                "expiry": 30,
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "socket_timeout": 30,
+                        "retry_on_error": [RedisConnectionError],
+                        "health_check_interval": 15,
+                    }
+                ],
+                "prefix": f"flowplay.{urlsplit(REDIS_URL).path.strip('/') or '0'}.",
             },
         }
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-# WebSocket consumers join groups of this process only; one hub per web process takes each
-# event from Redis (or the event table) once and hands it to them (plays/consumers.py).
-# A consumer that falls 100 messages behind loses the newest ones and reads the table.
-CHANNEL_LAYERS["local"] = {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 100}}
 
 # --- Client addresses -----------------------------------------------------------------
 # How many reverse proxies in front of the web process append to X-Forwarded-For. 0 (the

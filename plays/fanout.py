@@ -1,11 +1,12 @@
-"""Publish stored events to the WebSocket consumers through the channel layer.
+"""After commit, ring the doorbell of the company's live stream.
 
-The ``Event`` rows are the truth; the channel layer is only a doorbell that carries the
-payloads so a consumer rarely has to read them back. With Redis configured, each process
-sends through one background thread with its own event loop (so a runner never waits on
-Redis, and the channels-redis connection pool lives as long as the process). Without
-Redis, the web process relays new rows from the database instead (see consumers.py), so
-nothing is sent from here.
+The ``Event`` rows are the truth: each web process's hub (``plays/hub.py``) reads them
+from the table in cursor order. With Redis configured, a commit that stored events
+publishes the newest cursor on the company's pub/sub channel (channels-redis'
+``RedisPubSubChannelLayer``), which wakes the hubs at once. Each process sends through one
+background thread with its own event loop (so a runner never waits on Redis); doorbells
+that queue up meanwhile are merged, one per company. Without Redis the hubs poll the
+table, so nothing is sent from here.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ def company_group(company_id: str) -> str:
 
 class Publisher:
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[str, list[dict[str, Any]]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._lock = threading.Lock()
 
-    def send(self, company_id: str, payloads: list[dict[str, Any]]) -> None:
+    def send(self, company_id: str, cursor: str) -> None:
         with self._lock:
             if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
                 self._pid = os.getpid()
@@ -50,9 +51,9 @@ class Publisher:
                 self._thread = threading.Thread(target=self._run, name="flowplay-publisher", daemon=True)
                 self._thread.start()
         if self._queue.qsize() >= MAX_PENDING:
-            log.warning("channel-layer publisher is %d batches behind; dropping %d events", MAX_PENDING, len(payloads))
+            log.warning("channel-layer publisher is %d doorbells behind; dropping one", MAX_PENDING)
             return
-        self._queue.put((company_id, payloads))
+        self._queue.put((company_id, cursor))
 
     def _run(self) -> None:
         from channels.layers import get_channel_layer
@@ -60,15 +61,20 @@ class Publisher:
         loop = asyncio.new_event_loop()
         layer = get_channel_layer()
         while True:
-            company_id, payloads = self._queue.get()
-            try:
-                loop.run_until_complete(
-                    layer.group_send(
-                        company_group(company_id), {"type": "play.events", "company": company_id, "events": payloads}
-                    )
-                )
-            except Exception:  # Redis down: consumers catch up from the database
-                log.warning("could not publish %d events to the channel layer", len(payloads), exc_info=True)
+            newest = dict([self._queue.get()])
+            while not self._queue.empty():  # merge what queued up meanwhile
+                company_id, cursor = self._queue.get()
+                newest[company_id] = max(newest.get(company_id, ""), cursor)
+            for company_id, cursor in newest.items():
+                try:
+                    loop.run_until_complete(layer.group_send(company_group(company_id), doorbell(company_id, cursor)))
+                except Exception:  # Redis down: the hubs poll the table
+                    log.warning("could not ring the live stream's doorbell", exc_info=True)
+
+
+def doorbell(company_id: str, cursor: str) -> dict[str, Any]:
+    """The message: the company's events up to ``cursor`` are committed."""
+    return {"type": "events.committed", "company": company_id, "cursor": cursor}
 
 
 publisher = Publisher()
@@ -78,4 +84,6 @@ def publish_on_commit(company_id: str, payloads: list[dict[str, Any]]) -> None:
     events_committed(payloads)  # metrics: plays started and finished (plays/metrics.py)
     if not settings.REDIS_URL:
         return
-    transaction.on_commit(lambda: publisher.send(company_id, payloads))
+    if payloads:
+        newest = max(p["cursor"] for p in payloads)
+        transaction.on_commit(lambda: publisher.send(company_id, newest))

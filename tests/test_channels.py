@@ -32,10 +32,10 @@ class NoHub:
     """The WebSocket hub reads the event table from another thread; the tests' transaction is
     invisible there, so the wait relies on its own polling."""
 
-    async def subscribe(self, company_id: str) -> None:
+    async def listen(self, company_id: str, listener: Any) -> None:
         pass
 
-    async def unsubscribe(self, company_id: str) -> None:
+    async def unlisten(self, company_id: str, listener: Any) -> None:
         pass
 
 

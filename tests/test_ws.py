@@ -1,5 +1,6 @@
-"""The WebSocket consumer in-process (channels' WebsocketCommunicator), on the embedded
-channel layer and hub (embedded mode). The real server and clients are in tests/integration/test_ws.py."""
+"""The WebSocket consumer in-process (channels' WebsocketCommunicator), with the hub in
+its embedded mode (polling the table). The real server and clients are in
+tests/integration/test_ws.py."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async as sync_to_async
-from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
 from flows.models import Flow
-from plays import consumers
-from plays.fanout import company_group
+from plays import consumers, wsauth
+from plays import hub as hub_module
+from plays.fanout import company_group, doorbell
+from plays.hub import Hub, LiveRange, hub, live_event
 from plays.models import Event, EventType, Play, decode_cursor, emit, encode_cursor
 from plays.wsauth import SEND_BACKLOG
 from tenancy.models import ApiKey, User
@@ -36,10 +38,10 @@ def _one_database_thread(monkeypatch: Any) -> None:
     where the real file database in WAL mode lets readers run beside the writer.
     """
     for owner, name in [
-        (consumers.PlayEventsConsumer, n)
-        for n in ("_read", "_head", "_lag", "_resolve_flow", "_play_visible", "_still_authorized")
-    ] + [(consumers.Hub, "_read"), (consumers.Hub, "_head")]:
+        (consumers.PlayEventsConsumer, n) for n in ("_read", "_head", "_lag", "_still_authorized")
+    ] + [(Hub, "_read"), (Hub, "_head")]:
         monkeypatch.setattr(owner, name, sync_to_async(owner.__dict__[name].func))
+    monkeypatch.setattr(wsauth, "_db", sync_to_async)
 
 
 @pytest.fixture(autouse=True)
@@ -216,23 +218,20 @@ def test_a_range_that_starts_past_the_position_makes_it_read_the_table(
     token: str, play: Play, monkeypatch: Any
 ) -> None:
     """A range from the hub that does not start where the consumer is (the ones between
-    were dropped by a full channel) is filled from the table: nothing lost, nothing twice."""
-    monkeypatch.setattr(consumers.Hub, "RELAY_SECONDS", 3600)
+    were dropped from a full queue) is filled from the table: nothing lost, nothing twice."""
+    monkeypatch.setattr(Hub, "RELAY_SECONDS", 3600)
     monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
 
     async def go() -> tuple[list[str], list[str]]:
         comm = communicator(f"/api/ws?token={token}")
         assert (await comm.connect())[0]
-        await asyncio.sleep(0.2)  # the poller's first round (the replay) is done
+        await asyncio.sleep(0.2)  # the sender's first round (the replay) is done
         events = await sync_to_async(lambda: [e for _ in range(3) for e in step(play, "x")])()
-        await get_channel_layer(consumers.LOCAL_LAYER).group_send(
-            company_group(play.company_id),
-            {
-                "type": "play.events",
-                "after": list(decode_cursor(events[1].cursor)),
-                "events": [consumers.hub_event(events[2].message)],
-                "reached": list(decode_cursor(events[2].cursor)),
-            },
+        offer(
+            play.company_id,
+            LiveRange(
+                decode_cursor(events[1].cursor), [live_event(events[2].message)], decode_cursor(events[2].cursor)
+            ),
         )
         cursors = await receive_cursors(comm, 3)
         assert await comm.receive_nothing(timeout=0.3)
@@ -243,8 +242,14 @@ def test_a_range_that_starts_past_the_position_makes_it_read_the_table(
     assert got == stored
 
 
+def offer(company_id: str, live: LiveRange) -> None:
+    """Hand a range to the company's listeners, as the hub does."""
+    for listener in list(hub.listeners[company_id]):
+        listener(live)
+
+
 def test_contiguous_ranges_are_delivered_without_reading_the_table(token: str, play: Play, monkeypatch: Any) -> None:
-    monkeypatch.setattr(consumers.Hub, "RELAY_SECONDS", 3600)
+    monkeypatch.setattr(Hub, "RELAY_SECONDS", 3600)
     monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
     reads = []
     real_read = consumers.PlayEventsConsumer.__dict__["_read"].func
@@ -259,22 +264,13 @@ def test_contiguous_ranges_are_delivered_without_reading_the_table(token: str, p
         start = await sync_to_async(Event.objects.head)(play.company_id)
         comm = communicator(f"/api/ws?token={token}")
         assert (await comm.connect())[0]
-        await asyncio.sleep(0.3)  # the poller's first round (the replay) is done
+        await asyncio.sleep(0.3)  # the sender's first round (the replay) is done
         first_reads = len(reads)
         events = await sync_to_async(lambda: step(play, "one") + step(play, "two") + step(play, "three"))()
-        group = company_group(play.company_id)
         positions = [start] + [decode_cursor(e.cursor) for e in events]
         # Three ranges, one of them sent twice (a hub that read again): no duplicate.
         for i in (0, 1, 1, 2):
-            await get_channel_layer(consumers.LOCAL_LAYER).group_send(
-                group,
-                {
-                    "type": "play.events",
-                    "after": list(positions[i]),
-                    "events": [consumers.hub_event(events[i].message)],
-                    "reached": list(positions[i + 1]),
-                },
-            )
+            offer(play.company_id, LiveRange(positions[i], [live_event(events[i].message)], positions[i + 1]))
         cursors = await receive_cursors(comm, 3)
         assert await comm.receive_nothing(timeout=0.3)
         await comm.disconnect()
@@ -285,29 +281,36 @@ def test_contiguous_ranges_are_delivered_without_reading_the_table(token: str, p
     assert extra_reads == 0
 
 
-def test_the_poll_delivers_the_end_of_a_burst_whose_messages_were_dropped(
+def test_the_end_of_a_burst_whose_ranges_were_dropped_is_read_from_the_table(
     token: str, play: Play, monkeypatch: Any
 ) -> None:
-    from channels.layers import InMemoryChannelLayer
+    reads = []
+    real_read = consumers.PlayEventsConsumer.__dict__["_read"].func
 
-    async def full_channel(self: Any, group: str, message: dict) -> None:
-        pass  # every consumer channel is full: the group_send reaches nobody
+    def counting_read(self: Any, after: Any) -> Any:
+        reads.append(after)
+        return real_read(self, after)
+
+    monkeypatch.setattr(consumers.PlayEventsConsumer, "_read", sync_to_async(counting_read))
+    monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
 
     async def go() -> tuple[list[str], list[str]]:
         comm = communicator(f"/api/ws?token={token}")
         assert (await comm.connect())[0]
         first = await sync_to_async(step)(play, "delivered")
         got = await receive_cursors(comm, 1)
+        reads_before = len(reads)
         with monkeypatch.context() as m:
-            m.setattr(InMemoryChannelLayer, "group_send", full_channel)
+            m.setattr(consumers, "QUEUED_RANGES", 0)  # every queue full: the ranges are dropped
             events = await sync_to_async(lambda: step(play, "dropped") + step(play, "dropped"))()
             # Nothing comes after them to show the gap: the hub's position does.
-            got += await receive_cursors(comm, 2, timeout=consumers.POLL_SECONDS * 5)
+            got += await receive_cursors(comm, 2)
         await comm.disconnect()
-        return got, [first[0].cursor] + [e.cursor for e in events]
+        return got, [first[0].cursor] + [e.cursor for e in events], len(reads) - reads_before
 
-    got, stored = run(go())
+    got, stored, table_reads = run(go())
     assert got == stored
+    assert table_reads >= 1
 
 
 def test_it_closes_a_client_that_does_not_read(token: str, play: Play, monkeypatch: Any) -> None:
@@ -385,7 +388,7 @@ def test_it_closes_when_the_session_is_logged_out(alice: User, client: Any, monk
 
 
 class FlakyRedisLayer:
-    """Stands in for the channels-redis layer: group_add fails while ``down``."""
+    """Stands in for channels-redis' pub/sub layer: every call fails while ``down``."""
 
     def __init__(self) -> None:
         self.down = True
@@ -393,7 +396,9 @@ class FlakyRedisLayer:
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def new_channel(self, prefix: str) -> str:
-        return f"{prefix}!test"
+        if self.down:
+            raise ConnectionError("Connection refused.")
+        return f"{prefix}test"
 
     async def group_add(self, group: str, channel: str) -> None:
         if self.down:
@@ -406,22 +411,19 @@ class FlakyRedisLayer:
         self.groups.get(group, set()).discard(channel)
 
     async def receive(self, channel: str) -> dict[str, Any]:
-        message = await self.inbox.get()
-        if isinstance(message, Exception):
-            raise message
-        return message
+        return await self.inbox.get()
 
 
-def test_hub_survives_redis_restarts_and_joins_its_groups_again(monkeypatch: Any, settings: Any) -> None:
-    """A Redis that restarted (pooled connections closed, groups forgotten) never fails a
-    handshake; the hub joins again and goes on: a doorbell makes it read the table and
-    hand what it found to the process-local group."""
+def test_hub_survives_redis_being_down_and_joins_its_channels_when_it_is_back(
+    monkeypatch: Any, settings: Any
+) -> None:
+    """A Redis that is down never fails a listener; the hub subscribes once it is back, and
+    a doorbell makes it read the table and hand what it found to its listeners."""
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     redis = FlakyRedisLayer()
-    local = get_channel_layer(consumers.LOCAL_LAYER)
-    monkeypatch.setattr(consumers, "get_channel_layer", lambda alias="default": redis if alias == "default" else local)
-    monkeypatch.setattr(consumers, "REJOIN_SECONDS", 0.05)
-    monkeypatch.setattr(consumers, "POLL_SECONDS", 3600)
+    monkeypatch.setattr(hub_module, "get_channel_layer", lambda alias="default": redis)
+    monkeypatch.setattr(Hub, "JOIN_SECONDS", 0.05)
+    monkeypatch.setattr(hub_module, "POLL_SECONDS", 3600)
     table: list[dict[str, Any]] = []
 
     async def head(self: Any, company_id: str) -> Any:
@@ -431,44 +433,36 @@ def test_hub_survives_redis_restarts_and_joins_its_groups_again(monkeypatch: Any
         found = [e for e in table if decode_cursor(e["cursor"]) > after]
         return found, decode_cursor(found[-1]["cursor"]) if found else after
 
-    monkeypatch.setattr(consumers.Hub, "_head", head)
-    monkeypatch.setattr(consumers.Hub, "_read", read)
-    hub = consumers.Hub()
+    monkeypatch.setattr(Hub, "_head", head)
+    monkeypatch.setattr(Hub, "_read", read)
+    local_hub = Hub()
     group = company_group("c1")
+    got: list[LiveRange] = []
+
+    async def until(condition: Any) -> None:
+        for _ in range(300):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
 
     async def scenario() -> None:
-        await hub.subscribe("c1")  # Redis refuses: no exception
-        assert hub.listeners["c1"] == 1 and group not in redis.groups
+        await local_hub.listen("c1", got.append)  # Redis refuses: no exception
+        assert "c1" in local_hub.listeners and group not in redis.groups
         redis.down = False
-        for _ in range(100):
-            if group in redis.groups:
-                break
-            await asyncio.sleep(0.01)
-        assert redis.groups[group] == {"flowplay-hub!test"}
-        # A doorbell from Redis: the hub reads the table and feeds the process-local group.
-        mine = await local.new_channel()
-        await local.group_add(group, mine)
+        await until(lambda: group in redis.groups)
+        assert redis.groups[group] == {"flowplay-hub.test"}
         await asyncio.sleep(0.05)  # the first sweep has read the (empty) table
-        events = [{"cursor": encode_cursor((7, 1)), "seq": 1, "type": "play:started"}]
+        events = [{"cursor": encode_cursor((7, 1)), "seq": 1, "type": "play:started", "playId": "p1"}]
         table.extend(events)
-        await redis.inbox.put({"type": "play.events", "company": "c1", "events": events})
-        got = await asyncio.wait_for(local.receive(mine), 2)
-        assert got["events"] == [consumers.hub_event(e) for e in events]
-        assert got["after"] == [0, 0] and got["reached"] == [7, 1]
-        assert hub.positions["c1"] == (7, 1)
-        # Redis restarts: the receive fails, the groups are gone; the hub joins again.
-        redis.groups.clear()
-        await redis.inbox.put(ConnectionError("Connection closed by server."))
-        for _ in range(300):
-            if group in redis.groups:
-                break
-            await asyncio.sleep(0.01)
-        assert redis.groups[group] == {"flowplay-hub!test"}
+        await redis.inbox.put(doorbell("c1", events[0]["cursor"]))
+        await until(lambda: got)
+        assert got == [LiveRange((0, 0), [live_event(events[0])], (7, 1))]
+        assert local_hub.position("c1") == (7, 1)
         redis.down = True
-        await hub.unsubscribe("c1")  # Redis down again: leaving does not fail either
-        assert "c1" not in hub.listeners
-        for task in (hub.task, hub.watcher, hub.pump):
-            assert task is not None
+        await local_hub.unlisten("c1", got.append)  # Redis down again: leaving does not fail either
+        assert "c1" not in local_hub.listeners
+        for task in local_hub.tasks:
             task.cancel()
 
     run(scenario())

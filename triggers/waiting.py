@@ -1,11 +1,10 @@
 """Wait for a play to end without holding a thread or a worker.
 
 A sync channel request and an MCP tool call both wait for the play they started. They
-wait on the web process's event loop: the coroutine listens on the process-local channel
-layer, where the WebSocket hub (``plays.consumers.hub``) already brings every event of
-the company once (from Redis, or from the event table in the embedded mode), and reads
-the play's row when an event says it ended. Events can be dropped (a full channel), so
-the row is also read on a timer that backs off from 50 ms to 1 s. Database reads run on
+wait on the web process's event loop: the coroutine listens to the process's hub
+(``plays.hub``), which already brings every event of the company once (woken by Redis,
+or polling the event table in the embedded mode), and reads the play's row when an event
+says it ended. The row is also read on a timer that backs off from 50 ms to 1 s. Database reads run on
 the shared thread pool one at a time (``database_sync_to_async``), never in a thread kept
 for the request; the play runs on the workers as any other.
 """
@@ -14,15 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 
-from plays.consumers import LOCAL_LAYER, hub
-from plays.fanout import company_group
+from plays.hub import LiveRange, hub
 from plays.models import TERMINAL, Layer, LayerState, Play
 
 END_EVENTS = frozenset({"play:completed", "play:failed", "play:state"})
@@ -60,35 +56,27 @@ async def wait_for_end(play: Play, timeout: float) -> str | None:
     state = await _state(play.pk)
     if state in TERMINAL or state is None or timeout <= 0:
         return state
-    layer = get_channel_layer(LOCAL_LAYER)
-    channel = await layer.new_channel("flowplay-wait.")
-    group = company_group(play.company_id)
-    await layer.group_add(group, channel)
-    await hub.subscribe(play.company_id)
+    ended = asyncio.Event()
+
+    def listener(live: LiveRange) -> None:
+        if any(event.play_id == play.pk and event.type in END_EVENTS for event in live.events):
+            ended.set()
+
+    await hub.listen(play.company_id, listener)
     try:
         delay = FIRST_POLL_SECONDS
         while True:
-            next_poll = min(loop.time() + delay, deadline)
-            while (remaining := next_poll - loop.time()) > 0:
-                try:
-                    message = await asyncio.wait_for(layer.receive(channel), remaining)
-                except TimeoutError:
-                    break
-                if any(_ends(event, play.pk) for event in message.get("events", ())):
-                    break
+            try:
+                await asyncio.wait_for(ended.wait(), max(0.0, min(loop.time() + delay, deadline) - loop.time()))
+            except TimeoutError:
+                pass
+            ended.clear()
             state = await _state(play.pk)
             if state in TERMINAL or state is None or loop.time() >= deadline:
                 return state
             delay = min(delay * 2, MAX_POLL_SECONDS)
     finally:
-        await layer.group_discard(group, channel)
-        await hub.unsubscribe(play.company_id)
-
-
-def _ends(event: Any, play_id: str) -> bool:
-    """Whether a hub event (``plays.consumers.hub_event``: cursor, play id, flow id, its
-    JSON) says that ``play_id`` ended or changed state."""
-    return event[1] == play_id and json.loads(event[3]).get("type") in END_EVENTS
+        await hub.unlisten(play.company_id, listener)
 
 
 def error_body(code: str, message: str, status: int) -> dict[str, Any]:

@@ -7,6 +7,12 @@ every play has ended, each client's events are compared, play by play, with the 
 ones from ``GET /api/plays/{id}/events``: same events, same order, nothing lost, nothing
 twice. Latency is the time from an event's ``timestamp`` (its ``created_at``, taken
 before its transaction commits) to its arrival at the client.
+
+The client disturbs the server as little as it can: it learns that the plays ended from
+the stream itself (the API is asked only to confirm), and it keeps each message's text
+and arrival time, parsing them after the run. The floor, measured in the same run
+and the same event loop as the clients: a bare Redis pub/sub round trip (``--redis``,
+default ``REDIS_URL``), which also shows how late this busy loop reads what arrived.
 """
 
 from __future__ import annotations
@@ -37,12 +43,16 @@ class Command(BaseCommand):
         parser.add_argument("--plays", type=int, default=200, help="plays started at once (default %(default)s)")
         parser.add_argument("--steps", type=int, default=3, help="var steps per play (default %(default)s)")
         parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
+        parser.add_argument("--redis", default=None, help="Redis for the floor (default REDIS_URL; '' for none)")
 
     def handle(self, *args: Any, **options: Any) -> None:
         # One INFO line per HTTP request would bury the table.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         if options["clients"] < 1 or options["plays"] < 1 or options["steps"] < 1:
             raise CommandError("--clients, --plays and --steps must be at least 1")
+        from django.conf import settings
+
+        redis_url = settings.REDIS_URL if options["redis"] is None else options["redis"]
         result = asyncio.run(
             bench(
                 options["url"].rstrip("/"),
@@ -51,6 +61,7 @@ class Command(BaseCommand):
                 options["plays"],
                 options["steps"],
                 options["timeout"],
+                redis_url,
             )
         )
         self.stdout.write(table(result))
@@ -71,7 +82,55 @@ def parse_ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, timeout: float) -> dict[str, Any]:
+def ended(message: dict[str, Any]) -> bool:
+    kind = message.get("type")
+    return kind in ("play:completed", "play:failed") or (kind == "play:state" and message.get("state") in TERMINAL)
+
+
+class Floor:
+    """A bare Redis pub/sub round trip every 20 ms, published and received in this
+    process's event loop: the machine's and this client's share of the latency."""
+
+    def __init__(self, redis_url: str):
+        self.redis_url = redis_url
+        self.latencies: list[float] = []
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self.redis_url:
+            from redis import asyncio as aioredis
+
+            self.redis = aioredis.Redis.from_url(self.redis_url)
+            self.pubsub = self.redis.pubsub()
+            self.channel = f"wsbench.floor.{secrets.token_hex(6)}"
+            await self.pubsub.subscribe(self.channel)
+            self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async def publish() -> None:
+            while True:
+                await self.redis.publish(self.channel, repr(time.time()))
+                await asyncio.sleep(0.02)
+
+        publisher = asyncio.create_task(publish())
+        try:
+            async for message in self.pubsub.listen():
+                if message["type"] == "message":
+                    self.latencies.append((time.time() - float(message["data"])) * 1000)
+        finally:
+            publisher.cancel()
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            await self.pubsub.aclose()
+            await self.redis.aclose()
+
+
+async def bench(
+    url: str, token: str, n_clients: int, n_plays: int, steps: int, timeout: float, redis_url: str = ""
+) -> dict[str, Any]:
     from websockets.asyncio.client import connect
 
     headers = {"Authorization": f"Bearer {token}"}
@@ -93,17 +152,28 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
             raise CommandError(f"could not create the bench flow: {r.status_code} {r.text[:300]}")
         flow_id = r.json()["id"]
         query = urlencode({"token": token, "flowId": flow_id})
-        received: list[list[tuple[dict[str, Any], float]]] = [[] for _ in range(n_clients)]
+        raw_received: list[list[tuple[str | bytes, float]]] = [[] for _ in range(n_clients)]
         sockets = []
+        floor = Floor(redis_url)
+        seen_ended: set[str] = set()
+        all_seen = asyncio.Event()
+        play_ids: list[str] = []
         try:
             for _ in range(n_clients):
                 sockets.append(await connect(f"{ws_base(url)}?{query}", max_size=None, open_timeout=60))
+            await floor.start()
             started = time.monotonic()
 
             async def listen(i: int) -> None:
-                ws = sockets[i]
+                ws, into = sockets[i], raw_received[i]
                 async for raw in ws:
-                    received[i].append((json.loads(raw), time.time()))
+                    into.append((raw, time.time()))
+                    if i == 0:  # one client tells when the plays have ended
+                        message = json.loads(raw)
+                        if ended(message):
+                            seen_ended.add(message["playId"])
+                            if play_ids and seen_ended.issuperset(play_ids):
+                                all_seen.set()
 
             listeners = [asyncio.create_task(listen(i)) for i in range(n_clients)]
             sem = asyncio.Semaphore(20)
@@ -115,9 +185,12 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
                         raise CommandError(f"run failed: {r.status_code} {r.text[:300]}")
                     return r.json()["playId"]
 
-            play_ids = await asyncio.gather(*(trigger(k) for k in range(n_plays)))
+            play_ids += await asyncio.gather(*(trigger(k) for k in range(n_plays)))
+            if seen_ended.issuperset(play_ids):
+                all_seen.set()
 
             async def all_ended() -> None:
+                await all_seen.wait()
                 pending = set(play_ids)
                 while pending:
                     for play_id in list(pending)[:50]:
@@ -138,14 +211,16 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
             stored = sum(len(v) for v in expected.values())
             # Wait (bounded) until every client has every stored event, then stop listening.
             deadline = time.monotonic() + min(timeout, 120)
-            while time.monotonic() < deadline and any(len(r) < stored for r in received):
+            while time.monotonic() < deadline and any(len(r) < stored for r in raw_received):
                 await asyncio.sleep(0.1)
             finished = time.monotonic()
             for task in listeners:
                 task.cancel()
         finally:
+            await floor.stop()
             for ws in sockets:
                 await ws.close()
+    received = [[(json.loads(raw), arrived) for raw, arrived in events] for events in raw_received]
 
     # Cursors are company-wide and sort as strings; seq numbers only one play's events.
     wanted = {cursor: play_id for play_id, cursors in expected.items() for cursor in cursors}
@@ -179,7 +254,8 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
                     details.append(f"client {i}: play {play_id} lost {missing}")
         latencies += [(arrived - parse_ts(e["timestamp"])) * 1000 for e, arrived in events]
     elapsed = max(finished - started, 1e-9)
-    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [latencies[0] if latencies else 0.0] * 99
+    q = percentiles(latencies)
+    fq = percentiles(floor.latencies)
     return {
         "clients": n_clients,
         "plays": n_plays,
@@ -191,12 +267,18 @@ async def bench(url: str, token: str, n_clients: int, n_plays: int, steps: int, 
         "p50 ms": round(q[49], 1),
         "p99 ms": round(q[98], 1),
         "max ms": round(max(latencies, default=0.0), 1),
+        "floor p50 ms": round(fq[49], 1) if floor.latencies else "-",
+        "floor p99 ms": round(fq[98], 1) if floor.latencies else "-",
         "lost": lost,
         "duplicates": duplicates,
         "out of order": out_of_order,
         "unexpected": unexpected,
         "details": details,
     }
+
+
+def percentiles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=100) if len(values) >= 2 else [values[0] if values else 0.0] * 99
 
 
 def table(result: dict[str, Any]) -> str:
@@ -211,6 +293,8 @@ def table(result: dict[str, Any]) -> str:
         "p50 ms",
         "p99 ms",
         "max ms",
+        "floor p50 ms",
+        "floor p99 ms",
         "lost",
         "duplicates",
         "out of order",
