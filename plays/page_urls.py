@@ -6,7 +6,7 @@ from django.urls import path, re_path
 
 from flows import credential_views
 
-from . import pages
+from . import history, pages
 
 app_name = "pages"
 
@@ -15,8 +15,8 @@ urlpatterns = [
     path("login/", pages.LoginPage.as_view(), name="login"),
     path("logout/", pages.LogoutPage.as_view(), name="logout"),
     path("flows/", pages.flow_list, name="flows"),
-    path("flows/<str:flow_key>/plays/", pages.flow_history, name="flow-history"),
-    path("plays/", pages.play_history, name="history"),
+    path("flows/<str:flow_key>/plays/", history.flow_history, name="flow-history"),
+    path("plays/", history.play_history, name="history"),
     path("credentials/", credential_views.credential_list, name="credentials"),
     path("credentials/change/", credential_views.credential_action, name="credential-action"),
     path("plays/<str:play_id>/", pages.play_detail, name="play-detail"),
