@@ -76,18 +76,27 @@ def preview(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         return render(request, "flowplay/bulk_preview.html", {"form_errors": form.errors, "nav": "history"}, status=400)
     ids, errors = _selection(request, form)
-    data = form.cleaned_data
-    dry = bulk.classify(data["action"], request.user.company_id, ids) if not errors else None
+    return render_preview(request, form.cleaned_data["action"], ids, errors=errors, data=form.cleaned_data)
+
+
+def render_preview(request: HttpRequest, action: str, ids: list[str], *, errors: list[str] | None = None,
+                   data: dict[str, Any] | None = None, back: str = "/plays/") -> HttpResponse:
+    """The dry run page for ``ids`` (also the admin's bulk actions' intermediate page)."""
+    errors = list(errors or [])
+    data = data or {"action": action, "scope": "selected", "query": "", "flow": "", "back": back, "note": ""}
+    if len(ids) > bulk.MAX_PLAYS and not errors:
+        errors.append(f"More than {bulk.MAX_PLAYS} plays selected: narrow the filter.")
+    dry = bulk.classify(action, request.user.company_id, ids) if not errors else None
     context = {
         "nav": "history",
-        "action": data["action"],
-        "action_label": Action(data["action"]).label,
+        "action": action,
+        "action_label": Action(action).label,
         "data": data,
         "ids": ids if data["scope"] == "selected" else [],
         "dry": dry,
-        "summary": bulk.summary(data["action"], dry) if dry else "",
+        "summary": bulk.summary(action, dry) if dry else "",
         "errors": errors,
-        "needs_note": data["action"] in (Action.APPROVE, Action.DECLINE),
+        "needs_note": action in (Action.APPROVE, Action.DECLINE),
         "count": len(ids),
     }
     return render(request, "flowplay/bulk_preview.html", context, status=400 if errors else 200)
