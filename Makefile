@@ -55,8 +55,10 @@ test-fleet: $(STAMP)
 bench: migrate
 	$(BIN)/python manage.py bench $(BENCH_ARGS)
 
+## Ruff, and the import contracts between apps (pyproject.toml [tool.importlinter]).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf var .pytest_cache

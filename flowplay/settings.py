@@ -126,6 +126,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",  # Swagger UI and ReDoc as local static files (no CDN)
     "django_celery_results",
     "channels",
+    "tenancy",
     "flows",
     "plays",
     "triggers",
@@ -149,10 +150,10 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "flowplay.urls"
-AUTH_USER_MODEL = "flows.User"
+AUTH_USER_MODEL = "tenancy.User"
 # Roles are Django permissions everywhere (API, pages, admin); a user without any role is a
-# company member with the members' permissions (flows/permissions.py).
-AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend", "flows.permissions.MemberBackend"]
+# company member with the members' permissions (tenancy/permissions.py).
+AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend", "tenancy.permissions.MemberBackend"]
 # The pages' names are namespaced: the API router already uses "flow-list", "play-detail".
 LOGIN_URL = "pages:login"
 LOGIN_REDIRECT_URL = "pages:flows"
@@ -310,15 +311,15 @@ TRUSTED_PROXIES = env_count("FLOWPLAY_TRUSTED_PROXIES", 0)
 # --- REST framework -------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "flows.auth.ApiKeyAuthentication",
+        "tenancy.auth.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     # The user's role (Django permissions, as in the admin) and the API key's scopes:
-    # flows/permissions.py.
+    # tenancy/permissions.py.
     "DEFAULT_PERMISSION_CLASSES": [
         "rest_framework.permissions.IsAuthenticated",
-        "flows.permissions.ScopePermission",
-        "flows.permissions.RolePermission",
+        "tenancy.permissions.ScopePermission",
+        "tenancy.permissions.RolePermission",
     ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["flows.parsers.JSONParser"],
@@ -338,7 +339,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     # The spec: every endpoint but login and health needs authentication, the schema too.
-    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated", "flows.permissions.ScopePermission"],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated", "tenancy.permissions.ScopePermission"],
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "flows.api.add_error_responses"],
     "ENUM_NAME_OVERRIDES": {
         "PlayStateEnum": "plays.models.State",

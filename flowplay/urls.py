@@ -12,7 +12,7 @@ from plays import views as play_views
 from triggers import views as trigger_views
 
 router = SimpleRouter(trailing_slash=False)
-router.register("flows", flow_views.FlowViewSet, basename="flow")
+router.register("flows", play_views.FlowViewSet, basename="flow")
 router.register(r"flows/(?P<flow_id>[^/]+)/layers", flow_views.FlowletViewSet, basename="flowlet")
 router.register("plays", play_views.PlayViewSet, basename="play")
 router.register("auth/api-keys", flow_views.ApiKeyViewSet, basename="api-key")
@@ -26,7 +26,7 @@ api = [
     path("auth/login", flow_views.LoginView.as_view(), name="api-login"),
     path("auth/logout", flow_views.LogoutView.as_view(), name="api-logout"),
     path("auth/me", flow_views.MeView.as_view(), name="api-me"),
-    path("health", flow_views.HealthView.as_view(), name="health"),
+    path("health", play_health.HealthView.as_view(), name="health"),
     path("ready", play_health.ReadyView.as_view(), name="ready"),
     path("modules", module_views.ModuleListView.as_view(), name="module-list"),
     path("schema", flow_views.SchemaView.as_view(), name="schema"),

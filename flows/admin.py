@@ -1,8 +1,8 @@
-"""Companies, users, API keys and flows in the admin.
+"""Flows in the admin (companies, users and API keys: ``tenancy.admin``).
 
 Flows are validated like the API does (``FlowletSerializer`` for each step, then
 ``validate_steps`` for the whole flow) and saving bumps the version with a fresh snapshot.
-Staff who are not superusers see their own company's users, keys and flows only.
+Staff who are not superusers see their own company's flows only.
 """
 
 from __future__ import annotations
@@ -11,23 +11,14 @@ import json
 from typing import Any
 
 from django import forms
-from django.contrib import admin, messages
-from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from .models import ApiKey, Company, Flow, Flowlet, User
+from tenancy.admin import TenantMixin
+
+from .models import Flow, Flowlet
 from .serializers import FlowletSerializer, _ordered, validate_steps
-
-
-class TenantMixin:
-    company_field = "company_id"
-
-    def get_queryset(self, request: Any) -> Any:
-        qs = super().get_queryset(request)  # type: ignore[misc]
-        if request.user.is_superuser:
-            return qs
-        return qs.filter(**{self.company_field: request.user.company_id})
 
 
 class PrettyJSONField(forms.JSONField):
@@ -37,51 +28,6 @@ class PrettyJSONField(forms.JSONField):
         if isinstance(value, forms.fields.InvalidJSONInput):
             return value
         return json.dumps(value, indent=2, ensure_ascii=False)
-
-
-@admin.register(Company)
-class CompanyAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "created_at"]
-    search_fields = ["name", "slug"]
-    readonly_fields = ["id", "created_at"]
-
-    def get_queryset(self, request: Any) -> Any:
-        qs = super().get_queryset(request)
-        return qs if request.user.is_superuser else qs.filter(pk=request.user.company_id)
-
-
-@admin.register(User)
-class UserAdmin(TenantMixin, BaseUserAdmin):
-    list_display = ["username", "email", "company", "is_staff", "is_active"]
-    list_filter = ["is_staff", "is_superuser", "is_active", "groups"]
-    list_select_related = ["company"]
-    fieldsets = BaseUserAdmin.fieldsets + (("Company", {"fields": ["company"]}),)  # type: ignore[operator]
-    add_fieldsets = BaseUserAdmin.add_fieldsets + (("Company", {"fields": ["company"]}),)  # type: ignore[operator]
-
-
-@admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["name", "prefix", "user", "created_at", "last_used_at", "revoked_at"]
-    list_filter = ["revoked_at"]
-    search_fields = ["name", "prefix", "user__username"]
-    list_select_related = ["user"]
-    readonly_fields = ["id", "user", "name", "prefix", "token_hash", "scopes", "parent", "created_at", "last_used_at",
-                       "revoked_at"]
-    actions = ["revoke_keys"]
-
-    def get_queryset(self, request: Any) -> Any:
-        qs = super().get_queryset(request)
-        return qs if request.user.is_superuser else qs.filter(user__company_id=request.user.company_id)
-
-    def has_add_permission(self, request: Any) -> bool:
-        # Keys are issued through the API, which shows the token once.
-        return False
-
-    @admin.action(description="Revoke selected keys (and the keys they minted)", permissions=["change"])
-    def revoke_keys(self, request: Any, queryset: Any) -> None:
-        for key in queryset:
-            key.revoke()
-        self.message_user(request, f"Revoked {queryset.count()} key(s).", messages.SUCCESS)
 
 
 class FlowletForm(forms.ModelForm):
@@ -170,10 +116,6 @@ class FlowAdmin(TenantMixin, admin.ModelAdmin):
         if obj.filters is None:
             obj.filters = []
         super().save_model(request, obj, form, change)
-        from plays.workers import queue_warning
-
-        if warning := queue_warning(obj.queue or "default"):
-            messages.warning(request, warning["message"])
 
     def save_formset(self, request: Any, form: Any, formset: Any, change: bool) -> None:
         flowlets = formset.save(commit=False)

@@ -6,7 +6,6 @@ class FlowsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import audit_admin, credential_admin
+        from . import credential_admin
 
-        audit_admin.register()
         credential_admin.register()

@@ -22,10 +22,11 @@ from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status, viewsets
 from rest_framework.response import Response
 
+from tenancy.permissions import ANY_SCOPE
+
 from . import credentials
 from .api import ApiError, not_found, validation_error
 from .models import Credential, CredentialKind
-from .permissions import ANY_SCOPE
 
 
 class CredentialNameSerializer(serializers.ModelSerializer):
@@ -108,7 +109,7 @@ class CredentialViewSet(viewsets.GenericViewSet):
     pagination_class = None
     lookup_url_kwarg = "credential_id"
     lookup_value_regex = "[^/]+"
-    # API key scopes (flows.permissions.ScopePermission): the list of names and kinds is for
+    # API key scopes (tenancy.permissions.ScopePermission): the list of names and kinds is for
     # any key of the company; everything else needs "credentials" (and can_manage()).
     scope = "credentials"
     scopes = {"list": ANY_SCOPE}

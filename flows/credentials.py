@@ -419,7 +419,7 @@ def _good_description(value: Any) -> bool:
 
 @transaction.atomic
 def create(user: Any, name: Any, kind: Any, value: Any, description: Any = "", *, source: str = "api") -> Credential:
-    from .audit import record
+    from tenancy.audit import record
 
     errors: dict[str, list[str]] = {}
     if not isinstance(name, str) or not NAME.match(name):
@@ -453,7 +453,7 @@ def change(
     source: str = "api",
 ) -> Credential:
     """Rotate the value (with ``value``; ``kind`` may change with it) and/or the description."""
-    from .audit import record
+    from tenancy.audit import record
 
     errors: dict[str, list[str]] = {}
     kind = credential.kind if kind is None else kind
@@ -496,7 +496,7 @@ def change(
 
 
 def delete(user: Any, credential: Credential, *, source: str = "api") -> None:
-    from .audit import record
+    from tenancy.audit import record
 
     with transaction.atomic():
         record(user, "credential.deleted", credential, kind=credential.kind, source=source)

@@ -11,7 +11,7 @@ from typing import Any
 from rest_framework import exceptions
 from rest_framework.parsers import JSONParser as DRFJSONParser
 
-from .storable import MAX_JSON_DEPTH, input_problem, json_depth_exceeds
+from tenancy.storable import MAX_JSON_DEPTH, input_problem, json_depth_exceeds
 
 
 class JSONParser(DRFJSONParser):

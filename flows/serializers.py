@@ -10,13 +10,15 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from tenancy.models import ApiKey
+from tenancy.permissions import SCOPES
+
 from . import credentials, expr
 from .expr.filters import CASTS, MODES, OPERATORS
-from .models import ApiKey, Flow, Flowlet, OnError
+from .models import Flow, Flowlet, OnError
 from .modules import get_module
 from .modules.base import REGISTRY
 from .modules.iterator import loop_end
-from .permissions import SCOPES
 from .strict import NO_NUL, StrictJSONMixin
 
 # The play states (plays.models.State; flows does not import plays): the run answer's state.
@@ -185,11 +187,6 @@ def _check_loops(layers: list[dict[str, Any]], add: Any) -> None:
 
 def _check_subflows(layers: list[dict[str, Any]], company_id: str, flow_id: str | None, add: Any) -> None:
     """A subflow must name an existing flow, and flows must not call themselves back."""
-    alive = Flow.objects.alive().filter(company_id=company_id)
-
-    def resolve(key: str) -> Flow | None:
-        return alive.filter(pk=key).first() or alive.filter(permanent_id=key).first()
-
     def callees(flow: Flow) -> list[str]:
         return [str((f.args or {}).get("flowId")) for f in flow.flowlets.filter(app_id="subflow")
                 if isinstance((f.args or {}).get("flowId"), str) and not expr.is_expression(f.args["flowId"])]
@@ -201,7 +198,7 @@ def _check_subflows(layers: list[dict[str, Any]], company_id: str, flow_id: str 
         if not isinstance(key, str) or expr.is_expression(key):
             continue  # known at run time only: the depth limit guards it
         where = f"Flowlet {layer.get('ref', '')!r}"
-        target = resolve(key)
+        target = Flow.objects.resolve(company_id, key)
         if target is None:
             add(f"layers[{i}].args.flowId", f"{where}: no flow {key!r}")
             continue
@@ -216,7 +213,7 @@ def _check_subflows(layers: list[dict[str, Any]], company_id: str, flow_id: str 
                 add(f"layers[{i}].args.flowId", f"{where}: calling {key!r} makes a cycle ({chain})")
                 break
             for callee_key in callees(current):
-                callee = resolve(callee_key)
+                callee = Flow.objects.resolve(company_id, callee_key)
                 if callee is not None and callee.pk not in seen:
                     seen.add(callee.pk)
                     path[callee.pk] = path[current.pk] + [callee.name]

@@ -8,23 +8,23 @@ import django_filters
 from django import forms
 from django.contrib.auth import login, logout
 from django.db import transaction
-from django.db.models import Q
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import ensure_csrf_cookie
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
-from rest_framework import exceptions, mixins, permissions, serializers, status, viewsets
-from rest_framework.decorators import action
+from rest_framework import exceptions, mixins, permissions, status, viewsets
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
+from tenancy.audit import record
+from tenancy.auth import authenticate_by_login
+from tenancy.models import ApiKey, KeyScopeError
+from tenancy.permissions import ANY_SCOPE, VIEW_FLOW, request_key
+
 from .api import ApiError, ErrorSerializer, not_found, validation_error
-from .audit import record
-from .auth import authenticate_by_login
-from .models import ApiKey, Flow, Flowlet, KeyScopeError
-from .permissions import ANY_SCOPE, RUN_FLOW, VIEW_FLOW, request_key
+from .models import Flow, Flowlet
 from .serializers import (
     ApiKeyCreatedSerializer,
     ApiKeySerializer,
@@ -32,45 +32,16 @@ from .serializers import (
     FlowSerializer,
     LoginSerializer,
     MeSerializer,
-    RunResponseSerializer,
-    RunSerializer,
     UserSerializer,
     _ordered,
     validate_steps,
 )
 
 
-class QueueWarningSerializer(serializers.Serializer):
-    code = serializers.CharField(help_text="QUEUE_WITHOUT_WORKER")
-    message = serializers.CharField()
-    queue = serializers.CharField()
-
-
-class FlowSavedSerializer(FlowSerializer):
-    """A flow as saved, with what may keep its plays from running (additive to the flow)."""
-
-    warnings = QueueWarningSerializer(many=True, read_only=True)
-
-    class Meta(FlowSerializer.Meta):
-        fields = [*FlowSerializer.Meta.fields, "warnings"]
-
-
-def with_queue_warnings(response: Response) -> Response:
-    """Add ``warnings`` to a saved flow: its queue has no live worker (plays/workers.py)."""
-    if response.status_code in (200, 201) and isinstance(response.data, dict) and "execution" in response.data:
-        from plays.workers import queue_warning
-
-        warning = queue_warning((response.data.get("execution") or {}).get("queue") or "default")
-        response.data["warnings"] = [warning] if warning else []
-    return response
-
-
 def get_flow(request: Any, key: str, *, for_update: bool = False) -> Flow:
     """The caller's live flow by id or permanentId; another company's flow is a 404."""
-    qs = Flow.objects.alive().for_company(request.user.company_id)
-    if for_update:
-        qs = qs.select_for_update()
-    flow = qs.filter(Q(pk=key) | Q(permanent_id=key)).first()
+    flows = Flow.objects.select_for_update() if for_update else Flow.objects
+    flow = flows.resolve(request.user.company_id, key)
     if flow is None:
         raise not_found("flow", key)
     return flow
@@ -101,20 +72,21 @@ class FlowFilter(django_filters.FilterSet):
         fields = ["category", "enabled", "q"]
 
 
+# The flow definitions; ``plays.views.FlowViewSet`` serves them, with the run verb.
 class FlowViewSet(viewsets.ModelViewSet):
+
     queryset = Flow.objects.none()  # for the schema; get_queryset() scopes to the company
     serializer_class = FlowSerializer
     filterset_class = FlowFilter
     lookup_field = "pk"
     lookup_url_kwarg = "flow_id"
     lookup_value_regex = "[^/]+"
-    # API key scopes and roles (flows/permissions.py): reading needs "read", running "run",
-    # the rest "flows"; the role's Django permissions are the admin's.
+    # API key scopes and roles (tenancy/permissions.py): reading needs "read", the rest "flows";
+    # the role's Django permissions are the admin's.
     write_scope = "flows"
-    scopes = {"run": "run"}
     read_perm = VIEW_FLOW
     perms = {"create": "flows.add_flow", "update": "flows.change_flow", "partial_update": "flows.change_flow",
-             "destroy": "flows.delete_flow", "run": RUN_FLOW}
+             "destroy": "flows.delete_flow"}
 
     def get_queryset(self) -> Any:
         return (
@@ -127,18 +99,6 @@ class FlowViewSet(viewsets.ModelViewSet):
     def get_object(self) -> Flow:
         return get_flow(self.request, self.kwargs["flow_id"])
 
-    @extend_schema(responses={201: FlowSavedSerializer})
-    def create(self, request: Any, *args: Any, **kwargs: Any) -> Response:
-        return with_queue_warnings(super().create(request, *args, **kwargs))
-
-    @extend_schema(responses={200: FlowSavedSerializer})
-    def update(self, request: Any, *args: Any, **kwargs: Any) -> Response:
-        return with_queue_warnings(super().update(request, *args, **kwargs))
-
-    @extend_schema(responses={200: FlowSavedSerializer})
-    def partial_update(self, request: Any, *args: Any, **kwargs: Any) -> Response:
-        return super().partial_update(request, *args, **kwargs)  # → update()
-
     def perform_create(self, serializer: Any) -> None:
         super().perform_create(serializer)
         record(self.request.user, "flow.created", serializer.instance)
@@ -150,22 +110,6 @@ class FlowViewSet(viewsets.ModelViewSet):
     def perform_destroy(self, instance: Flow) -> None:
         instance.soft_delete()
         record(self.request.user, "flow.deleted", instance)
-
-    @extend_schema(
-        request=RunSerializer,
-        responses={
-            201: OpenApiResponse(RunResponseSerializer, description="A new play"),
-            200: OpenApiResponse(RunResponseSerializer, description="The existing play of this idempotencyKey "
-                                 "(the same key with the same args, while that play has not failed)"),
-        },
-        examples=[OpenApiExample("Run with a key", request_only=True,
-                                 value={"args": {"invoiceId": "INV-001"}, "idempotencyKey": "invoice-INV-001"})],
-    )
-    @action(detail=True, methods=["post"])
-    def run(self, request: Any, flow_id: str) -> Response:
-        from plays.views import trigger  # plays depends on flows, not the other way round
-
-        return trigger(request, get_flow(request, flow_id))
 
 
 class FlowletViewSet(
@@ -348,20 +292,6 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.CreateModelMixin, mixins.Destr
     def perform_destroy(self, instance: ApiKey) -> None:
         instance.revoke()
         record(self.request.user, "api_key.revoked", instance)
-
-
-class HealthView(APIView):
-    permission_classes = [permissions.AllowAny]
-    authentication_classes: list[Any] = []
-
-    @extend_schema(responses={200: inline_serializer("Health", {
-        "status": serializers.CharField(), "database": serializers.CharField(), "broker": serializers.CharField()})})
-    def get(self, request: Any) -> Response:
-        from plays.health import health
-
-        # Liveness: no broker connection per call (plays/health.py probes it in the background).
-        body, code = health()
-        return Response(body, status=code)
 
 
 class SchemaView(SpectacularAPIView):

@@ -21,11 +21,16 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from flows.audit import PLAY_VERBS, record
+from flows.admin import FlowAdmin as FlowDefinitionAdmin
+from flows.models import Flow
+from tenancy.admin import TenantMixin
+from tenancy.audit import record
 
+from .audit import PLAY_VERBS
 from .bulk import Action
 from .models import Approval, Decision, Event, InvalidState, Layer, Play
 from .redaction import redact
+from .workers import queue_warning
 
 OPERATE = "plays.operate_play"
 _current = threading.local()
@@ -59,18 +64,6 @@ def moment(value: datetime | None) -> str:
 
 def value_url(play_id: str, kind: str, obj_id: Any) -> str:
     return reverse("admin:plays_play_value", args=[play_id, kind, str(obj_id)])
-
-
-class TenantMixin:
-    """Staff see their own company's rows; superusers see all."""
-
-    company_field = "company_id"
-
-    def get_queryset(self, request: Any) -> Any:
-        qs = super().get_queryset(request)  # type: ignore[misc]
-        if request.user.is_superuser:
-            return qs
-        return qs.filter(**{self.company_field: request.user.company_id})
 
 
 # A play of a 10,000-item loop has some 30,000 layers and more events: the admin page shows
@@ -454,3 +447,14 @@ def _pager(request: Any, name: str, total: int) -> str:
     prev = format_html('<a href="{}">‹ previous {}</a>', url(page - 1), INLINE_ROWS) if page > 0 else ""
     nxt = format_html('<a href="{}">next {} ›</a>', url(page + 1), INLINE_ROWS) if page + 1 < pages else ""
     return format_html("{} {}–{} of {} below: {} {}", name.capitalize(), first, last, total, prev, nxt)
+admin.site.unregister(Flow)
+
+
+@admin.register(Flow)
+class FlowAdmin(FlowDefinitionAdmin):
+    """The flow admin of ``flows.admin``, warning when the flow's queue has no live worker."""
+
+    def save_model(self, request: Any, obj: Flow, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if warning := queue_warning(obj.queue or "default"):
+            messages.warning(request, warning["message"])

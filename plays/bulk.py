@@ -26,8 +26,8 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from flows.ids import new_id
-from flows.models import Company
+from tenancy.ids import new_id
+from tenancy.models import Company
 
 from .models import HOLDABLE, NON_TERMINAL, InvalidState, Play, State
 
@@ -273,7 +273,7 @@ def run_one(job: BulkJob, play_id: str) -> bool:
 
 def run(job_id: str) -> bool:
     """Work through a job. Return False if it was already finished (a duplicate delivery)."""
-    from flows.audit import record
+    from tenancy.audit import record
 
     now = timezone.now()
     claimed = BulkJob.objects.filter(pk=job_id, state__in=[JobState.PENDING, JobState.RUN]).update(

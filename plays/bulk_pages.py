@@ -15,7 +15,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from flows.permissions import VIEW_PLAY
+from tenancy.permissions import VIEW_PLAY
 
 from . import bulk
 from .bulk import Action, BulkJob, JobState

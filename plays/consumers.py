@@ -46,8 +46,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from flows.models import ApiKey, Flow
-from flows.permissions import VIEW_PLAY, key_allows
+from flows.models import Flow
+from tenancy.models import ApiKey
+from tenancy.permissions import VIEW_PLAY, key_allows
 
 from .fanout import company_group
 from .models import START, Event, Position, decode_cursor, encode_cursor

@@ -23,8 +23,8 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import permissions
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import permissions, serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -139,6 +139,20 @@ def ready() -> tuple[dict[str, Any], int]:
     return {"status": "ok" if ok else "down", **checks}, 200 if ok else 503
 
 
+# GET /api/health: liveness, without a broker connection per call (``broker_probe``). No
+# docstring: it would become the operation's description in the OpenAPI document.
+class HealthView(APIView):
+
+    permission_classes = [permissions.AllowAny]
+    authentication_classes: list[Any] = []
+
+    @extend_schema(responses={200: inline_serializer("Health", {
+        "status": serializers.CharField(), "database": serializers.CharField(), "broker": serializers.CharField()})})
+    def get(self, request: Any) -> Response:
+        body, code = health()
+        return Response(body, status=code)
+
+
 class ReadyView(APIView):
     """``GET /api/ready``: 200 when plays can run now, 503 with what is missing."""
 
@@ -156,4 +170,4 @@ class ReadyView(APIView):
         return Response(body, status=code)
 
 
-__all__ = ["ReadyView", "health", "ready", "check_broker", "check_database", "broker_probe"]
+__all__ = ["HealthView", "ReadyView", "health", "ready", "check_broker", "check_database", "broker_probe"]

@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from flows.api import ApiError, PagePagination
 from flows.models import Flow
-from flows.permissions import VIEW_PLAY
+from tenancy.permissions import VIEW_PLAY
 
 from .bulk import Action, not_retried
 from .models import Play, State, TriggerKind

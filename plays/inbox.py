@@ -19,8 +19,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.functional import SimpleLazyObject
 from django.views.decorators.http import require_POST
 
-from flows.audit import record
-from flows.permissions import VIEW_PLAY
+from tenancy.audit import record
+from tenancy.permissions import VIEW_PLAY
 
 from .models import Decision, InvalidState, Layer, LayerState, Play, State
 from .pages import _may_operate, summarize

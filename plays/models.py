@@ -25,9 +25,10 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from flows.ids import new_id
-from flows.models import Company, Flow, FlowVersion
-from flows.storable import StorableJSONField, storable
+from flows.models import Flow, FlowVersion
+from tenancy.ids import new_id
+from tenancy.models import Company
+from tenancy.storable import StorableJSONField, storable
 
 from .broker import send_on_commit
 

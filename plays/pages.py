@@ -27,12 +27,13 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from flows.audit import PLAY_VERBS, record
-from flows.auth import authenticate_by_login
 from flows.models import Flow
-from flows.permissions import OPERATE_PLAY, VIEW_FLOW, VIEW_PLAY
 from flows.views import LoginThrottle
+from tenancy.audit import record
+from tenancy.auth import authenticate_by_login
+from tenancy.permissions import OPERATE_PLAY, VIEW_FLOW, VIEW_PLAY
 
+from .audit import PLAY_VERBS
 from .models import (
     HOLDABLE,
     NON_TERMINAL,
@@ -84,7 +85,7 @@ class EmailAuthenticationForm(AuthenticationForm):
     }
 
     def clean(self) -> dict[str, Any]:
-        # The same login as POST /api/auth/login (flows.auth.authenticate_by_login).
+        # The same login as POST /api/auth/login (tenancy.auth.authenticate_by_login).
         login, password = self.cleaned_data.get("username"), self.cleaned_data.get("password")
         if login is not None and password:
             self.user_cache = authenticate_by_login(self.request, login, password)

@@ -49,7 +49,7 @@ from flows.expr import ExpressionError, FilterError, Scope, evaluate_filters, re
 from flows.modules import Park, RunContext, StepError, get_module
 from flows.modules.base import check_output_size, json_size, max_output_bytes
 from flows.modules.iterator import loop_end
-from flows.storable import UnstorableValue, storable
+from tenancy.storable import UnstorableValue, storable
 
 from . import killable, observe
 from .models import (

@@ -11,20 +11,23 @@ from django import forms
 from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from flows import views as flow_views
 from flows.api import ApiError, invalid_state, not_found
-from flows.audit import PLAY_VERBS, record
 from flows.models import Flow, FlowVersion
-from flows.permissions import OPERATE_PLAY, VIEW_PLAY
-from flows.serializers import RunSerializer
+from flows.serializers import FlowSerializer, RunResponseSerializer, RunSerializer
 from flows.strict import NO_NUL
 from flows.views import get_flow
+from tenancy.audit import record
+from tenancy.permissions import OPERATE_PLAY, RUN_FLOW, VIEW_PLAY
 
+from . import workers
+from .audit import PLAY_VERBS
 from .models import (
     START,
     Event,
@@ -89,6 +92,63 @@ def trigger(request: Any, flow: Flow, version: FlowVersion | None = None) -> Res
         "runAt": iso(play.run_at),
     }
     return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class QueueWarningSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="QUEUE_WITHOUT_WORKER")
+    message = serializers.CharField()
+    queue = serializers.CharField()
+
+
+class FlowSavedSerializer(FlowSerializer):
+    """A flow as saved, with what may keep its plays from running (additive to the flow)."""
+
+    warnings = QueueWarningSerializer(many=True, read_only=True)
+
+    class Meta(FlowSerializer.Meta):
+        fields = [*FlowSerializer.Meta.fields, "warnings"]
+
+
+def with_queue_warnings(response: Response) -> Response:
+    """Add ``warnings`` to a saved flow: its queue has no live worker (plays/workers.py)."""
+    if response.status_code in (200, 201) and isinstance(response.data, dict) and "execution" in response.data:
+        warning = workers.queue_warning((response.data.get("execution") or {}).get("queue") or "default")
+        response.data["warnings"] = [warning] if warning else []
+    return response
+
+
+# ``/api/flows`` as served: the flow definitions, their run verb, and queue warnings on save.
+# (No docstring: it would become every operation's description in the OpenAPI document.)
+class FlowViewSet(flow_views.FlowViewSet):
+
+    scopes = {"run": "run"}
+    perms = {**flow_views.FlowViewSet.perms, "run": RUN_FLOW}
+
+    @extend_schema(responses={201: FlowSavedSerializer})
+    def create(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        return with_queue_warnings(super().create(request, *args, **kwargs))
+
+    @extend_schema(responses={200: FlowSavedSerializer})
+    def update(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        return with_queue_warnings(super().update(request, *args, **kwargs))
+
+    @extend_schema(responses={200: FlowSavedSerializer})
+    def partial_update(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)  # → update()
+
+    @extend_schema(
+        request=RunSerializer,
+        responses={
+            201: OpenApiResponse(RunResponseSerializer, description="A new play"),
+            200: OpenApiResponse(RunResponseSerializer, description="The existing play of this idempotencyKey "
+                                 "(the same key with the same args, while that play has not failed)"),
+        },
+        examples=[OpenApiExample("Run with a key", request_only=True,
+                                 value={"args": {"invoiceId": "INV-001"}, "idempotencyKey": "invoice-INV-001"})],
+    )
+    @action(detail=True, methods=["post"])
+    def run(self, request: Any, flow_id: str) -> Response:
+        return trigger(request, get_flow(request, flow_id))
 
 
 # --- History --------------------------------------------------------------------------
@@ -233,7 +293,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     filterset_class = PlayFilter
     lookup_url_kwarg = "play_id"
     # Reading needs the "read" scope and plays.view_play; every verb "operate" and
-    # plays.operate_play, as the admin's actions (flows/permissions.py).
+    # plays.operate_play, as the admin's actions (tenancy/permissions.py).
     write_scope = "operate"
     read_perm = VIEW_PLAY
     write_perm = OPERATE_PLAY
@@ -355,7 +415,7 @@ class PlayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 class EventsView(APIView):
     """GET /api/events: the company's events in cursor order, a page at a time."""
 
-    read_perm = VIEW_PLAY  # as GET /api/plays/{id}/events (flows/permissions.py)
+    read_perm = VIEW_PLAY  # as GET /api/plays/{id}/events (tenancy/permissions.py)
 
     @extend_schema(
         parameters=[

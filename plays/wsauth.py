@@ -21,7 +21,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 
-from flows.models import ApiKey
+from tenancy.models import ApiKey
 
 # Scope keys this module adds (ASGI allows extension keys).
 API_KEY_ID = "flowplay.api_key_id"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from flows.models import Company, User
+from tenancy.models import Company, User
 
 PASSWORD = "correct horse battery staple"
 
@@ -116,10 +116,3 @@ def drain(no_enqueue: list[str], monkeypatch: Any) -> Any:
     run_all.iterations = iterations  # type: ignore[attr-defined]
 
     return run_all
-
-
-def make_flow(client: APIClient, layers: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-    body = {"name": fields.pop("name", "Test flow"), "layers": layers, **fields}
-    response = client.post("/api/flows", body, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()

@@ -31,10 +31,11 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.test import APIClient
 
 from flows import credentials, modules
-from flows.models import AuditEntry, User
 from plays.models import Play
+from tenancy.models import AuditEntry, User
 
-from .conftest import PASSWORD, client_for, make_flow
+from .conftest import PASSWORD, client_for
+from .factories import make_flow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,7 +248,7 @@ def test_charlie_sees_no_event_of_alice_on_the_websocket(transactional_db: Any, 
     from channels.testing import WebsocketCommunicator
 
     from flowplay.asgi import application
-    from flows.models import ApiKey
+    from tenancy.models import ApiKey
 
     _, token = ApiKey.issue(charlie, "charlie's socket")
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}])
@@ -463,12 +464,12 @@ def test_the_audit_log_is_read_only_and_for_staff_in_the_admin(db: Any, api: API
     bob.is_staff = True
     bob.save()
     staff.force_login(bob)
-    listing = staff.get("/admin/flows/auditentry/")
+    listing = staff.get("/admin/tenancy/auditentry/")
     assert listing.status_code == 200 and b"flow.created" in listing.content
-    assert staff.get(f"/admin/flows/auditentry/{entry.pk}/change/").status_code == 200
-    assert staff.get("/admin/flows/auditentry/add/").status_code == 403
-    assert staff.post(f"/admin/flows/auditentry/{entry.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert staff.get(f"/admin/tenancy/auditentry/{entry.pk}/change/").status_code == 200
+    assert staff.get("/admin/tenancy/auditentry/add/").status_code == 403
+    assert staff.post(f"/admin/tenancy/auditentry/{entry.pk}/delete/", {"post": "yes"}).status_code == 403
     assert AuditEntry.objects.filter(pk=entry.pk).exists()
     outsider = Client()
     outsider.force_login(alice)  # not staff
-    assert outsider.get("/admin/flows/auditentry/").status_code == 302
+    assert outsider.get("/admin/tenancy/auditentry/").status_code == 302

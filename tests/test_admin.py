@@ -12,10 +12,12 @@ from django.contrib.auth.models import Group
 from django.core.management import call_command
 from django.test import Client
 
-from flows.models import ApiKey, Company, Flow, User
+from flows.models import Flow
 from plays.models import Layer, Play
+from tenancy.models import ApiKey, Company, User
 
-from .conftest import PASSWORD, make_flow
+from .conftest import PASSWORD
+from .factories import make_flow
 from .test_operators import ALL, make_in_state, state
 
 ACTIONS = {"hold_plays": "hold", "resume_plays": "resume", "cancel_plays": "cancel", "retry_plays": "retry",
@@ -97,7 +99,7 @@ def test_approve_action_continues_the_play(api: Any, drain: Any, operator: User)
 def test_non_operator_staff_cannot_act_or_see(api: Any, drain: Any, acme: Company) -> None:
     pid = make_in_state(api, drain, "NEW")
     # A staff user whose role (a group) has no permission on plays. (A user with no role at all
-    # is a company member, who operates plays in the admin as through the API: flows/permissions.py.)
+    # is a company member, who operates plays in the admin as through the API: tenancy/permissions.py.)
     sam = staff(acme, "sam")
     sam.groups.add(Group.objects.create(name="Auditors"))
     plain = login(sam)
@@ -195,9 +197,9 @@ def test_flow_edit_validates_like_the_api_and_bumps_the_version(api: Any, acme: 
 def test_api_key_revoke_action_and_hash_read_only(alice: User, acme: Company) -> None:
     key, token = ApiKey.issue(alice, "ci")
     root = login(staff(acme, "root", superuser=True))
-    page = root.get(f"/admin/flows/apikey/{key.pk}/change/").content.decode()
+    page = root.get(f"/admin/tenancy/apikey/{key.pk}/change/").content.decode()
     assert key.token_hash in page and token not in page and 'name="token_hash"' not in page
-    root.post("/admin/flows/apikey/", {"action": "revoke_keys", "_selected_action": [key.pk]})
+    root.post("/admin/tenancy/apikey/", {"action": "revoke_keys", "_selected_action": [key.pk]})
     assert ApiKey.lookup(token) is None
 
 

@@ -5,7 +5,7 @@ from typing import Any
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from flows.models import ApiKey, User
+from tenancy.models import ApiKey, User
 
 from .conftest import PASSWORD
 

@@ -4,7 +4,7 @@ from typing import Any
 
 from flows.models import Flow, FlowVersion
 
-from .conftest import make_flow
+from .factories import make_flow
 
 TWO_STEPS = [
     {"ref": "first", "appId": "var", "args": {"values": {"n": "{{ $prev.args.n }}"}}},

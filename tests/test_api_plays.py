@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from plays.models import Play
 
-from .conftest import make_flow
+from .factories import make_flow
 
 ONE_STEP = [{"ref": "a", "appId": "var", "args": {"values": {"id": "{{ $prev.args.id }}"}}}]
 

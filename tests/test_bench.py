@@ -12,10 +12,10 @@ from typing import Any
 
 from django.core.management import call_command
 
-from flows.models import Company
 from flows.modules import base
 from plays.management.commands.bench import pct, table
 from plays.models import Play
+from tenancy.models import Company
 
 
 def test_history_scenario_writes_results_and_cleans_up(db: Any, tmp_path: Path) -> None:

@@ -20,11 +20,12 @@ from asgiref.sync import async_to_sync, sync_to_async
 from rest_framework.test import APIClient
 
 from plays.models import Play, State
-from tests.conftest import make_flow
 from triggers import waiting
 from triggers.channels import hooks_app, response_of
 from triggers.models import Channel, ChannelRequest, Route, SeenSignature
 from triggers.tasks import prune_requests_once
+
+from .factories import make_flow
 
 
 class NoHub:

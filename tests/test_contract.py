@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from flows.models import ApiKey, User
 from plays.models import Play
+from tenancy.models import ApiKey, User
 
-from .conftest import make_flow
+from .factories import make_flow
 from .test_schema import SCHEMA
 
 ONE_STEP = [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}]

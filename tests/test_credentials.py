@@ -30,14 +30,16 @@ from rest_framework.test import APIClient
 
 from flows import credentials, vault
 from flows.expr import ExpressionError
-from flows.models import KV, ApiKey, AuditEntry, Company, Credential, User
+from flows.models import KV, Credential
 from flows.modules import base as module_base
 from flows.modules import get_module
 from flows.modules.base import Module, RunContext, StepError, _obj
 from plays.management.commands.ensure_roles import ensure_company_admins, ensure_operators
 from plays.models import Event, Layer, Play
+from tenancy.models import ApiKey, AuditEntry, Company, User
 
-from .conftest import PASSWORD, client_for, make_flow
+from .conftest import PASSWORD, client_for
+from .factories import make_flow, run
 from .test_modules_more import _in_thread, concurrent_db  # noqa: F401 - a fixture
 
 TOKEN = "sk_live_4eC39HqLyjWDarjtT1zdp7dc"
@@ -153,13 +155,6 @@ def create(api: APIClient, name: str = "stripe", kind: str = "token", value: Any
     r = api.post("/api/credentials", {"name": name, "kind": kind, "value": value, **extra}, format="json")
     assert r.status_code == 201, r.content
     return r.json()
-
-
-def run(api: APIClient, flow: dict, drain: Any, args: dict | None = None) -> str:
-    r = api.post(f"/api/flows/{flow['id']}/run", {"args": args or {}}, format="json")
-    assert r.status_code == 201, r.content
-    drain()
-    return r.json()["playId"]
 
 
 # --- Encryption at rest ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ from django.contrib.auth.hashers import get_hasher
 from django.core.cache import cache
 from django.test import Client
 
-from flows.models import User
+from tenancy.models import User
 
 from .conftest import PASSWORD
 

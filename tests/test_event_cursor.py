@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from flows.models import Flow
 from plays.models import START, Event, EventType, Play, decode_cursor, emit, encode_cursor
 
-from .conftest import make_flow
+from .factories import flow_row
 
 postgres_only = pytest.mark.skipif(connection.vendor != "postgresql", reason="concurrent writers need PostgreSQL")
 # A writer that had to wait for another transaction's lock would wait this long and fail.
@@ -35,7 +35,7 @@ def event(ref: str) -> tuple[str, dict[str, Any]]:
 
 @pytest.fixture
 def flow(api: Any) -> Flow:
-    return Flow.objects.get(pk=make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}])["id"])
+    return flow_row(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}])
 
 
 def new_play(flow: Flow) -> Play:

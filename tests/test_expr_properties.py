@@ -182,7 +182,7 @@ FAILING = [{"leftValue": "{{ $prev.args.n / 0 }}", "operator": "eq", "rightValue
 def test_a_step_filter_that_fails_at_run_time_fails_the_step_not_the_runner(api: Any, drain: Any) -> None:
     from plays.models import Play
 
-    from .conftest import make_flow
+    from .factories import make_flow
 
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}, "filters": FAILING}])
     play_id = api.post(f"/api/flows/{flow['id']}/run", {"args": {"n": 1}}, format="json").json()["playId"]
@@ -195,7 +195,7 @@ def test_a_step_filter_that_fails_at_run_time_fails_the_step_not_the_runner(api:
 
 
 def test_a_flow_filter_that_fails_at_run_time_fails_the_play_not_the_request(api: Any, drain: Any) -> None:
-    from .conftest import make_flow
+    from .factories import make_flow
 
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": 1}}}], filters=FAILING)
     r = api.post(f"/api/flows/{flow['id']}/run", {"args": {"n": 1}}, format="json")

@@ -11,7 +11,7 @@ from rest_framework.test import APIClient
 
 from plays import health, workers
 
-from .conftest import make_flow
+from .factories import make_flow
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from flows.modules import Module, RunContext
 from plays.models import Play
 from plays.redaction import RedactingFilter
 
-from .conftest import make_flow
+from .factories import make_flow
 
 ROOT = Path(__file__).resolve().parents[1]
 step_log = logging.getLogger("flows.modules.test_chatty")

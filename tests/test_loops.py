@@ -13,8 +13,8 @@ import pytest
 from flows.models import Flow
 from plays.models import Event, Iteration, Layer, Play
 
-from .conftest import make_flow
-from .test_runner import Flaky, layers_of, run, test_modules  # noqa: F401  (fixture)
+from .factories import make_flow, run, trigger
+from .test_runner import Flaky, layers_of, test_modules  # noqa: F401  (fixture)
 
 
 def loop_flow(api: Any, items: Any = "{{ $prev.args.items }}", body: list[dict] | None = None, **iterator_args: Any) -> dict:
@@ -30,7 +30,7 @@ def loop_flow(api: Any, items: Any = "{{ $prev.args.items }}", body: list[dict] 
 
 def test_a_loop_runs_its_body_once_per_item_and_aggregates_in_item_order(api: Any, drain: Any) -> None:
     flow = loop_flow(api, concurrency=2)
-    play = run(api, flow, {"items": [1, 2, 3, 4, 5]})
+    play = trigger(api, flow, {"items": [1, 2, 3, 4, 5]})
     drain()
     detail = api.get(f"/api/plays/{play['playId']}").json()
     assert detail["state"] == "DONE", detail
@@ -49,7 +49,7 @@ def test_a_loop_runs_its_body_once_per_item_and_aggregates_in_item_order(api: An
 
 def test_at_most_concurrency_iterations_are_launched_at_once(api: Any, no_enqueue: list[str], drain: Any) -> None:
     flow = loop_flow(api, concurrency=3)
-    play = run(api, flow, {"items": list(range(10))})
+    play = trigger(api, flow, {"items": list(range(10))})
     # Run only the play's runner: it launches the first iterations and gives the play up.
     from plays import runner
 
@@ -65,7 +65,7 @@ def test_at_most_concurrency_iterations_are_launched_at_once(api: Any, no_enqueu
 
 def test_an_empty_list_runs_no_iteration_and_aggregates_nothing(api: Any, drain: Any) -> None:
     flow = loop_flow(api)
-    play = run(api, flow, {"items": []})
+    play = trigger(api, flow, {"items": []})
     drain()
     layers = layers_of(api, play["playId"])
     assert [layer["ref"] for layer in layers] == ["each", "gather", "after"]
@@ -80,14 +80,14 @@ def test_items_from_an_enumeration_and_a_field_to_gather(api: Any, drain: Any) -
         {"ref": "sq", "appId": "var", "args": {"values": {"v": "{{ $prev.each.item * $prev.each.item }}"}}},
         {"ref": "gather", "appId": "aggregator", "args": {"sourceRef": "sq", "field": "v"}},
     ])
-    play = run(api, flow)
+    play = trigger(api, flow)
     drain()
     assert layers_of(api, play["playId"])[-1]["out"] == {"items": [1, 4, 9, 16], "count": 4}
 
 
 def test_a_failing_iteration_fails_the_play_by_default(api: Any, drain: Any) -> None:
     flow = loop_flow(api, body=[{"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.each.item }}"}}])
-    play = run(api, flow, {"items": ['{"a": 1}', "{broken", '{"b": 2}']})
+    play = trigger(api, flow, {"items": ['{"a": 1}', "{broken", '{"b": 2}']})
     drain()
     detail = api.get(f"/api/plays/{play['playId']}").json()
     assert detail["state"] == "FAIL"
@@ -102,7 +102,7 @@ def test_a_failing_iteration_fails_the_play_by_default(api: Any, drain: Any) -> 
 def test_a_failing_iteration_with_continue_or_skip_goes_on(api: Any, drain: Any, on_error: str, state: str) -> None:
     flow = loop_flow(api, body=[{"ref": "parse", "appId": "json-parse", "onError": on_error,
                                  "args": {"input": "{{ $prev.each.item }}"}}])
-    play = run(api, flow, {"items": ['{"a": 1}', "{broken", '{"b": 2}']})
+    play = trigger(api, flow, {"items": ['{"a": 1}', "{broken", '{"b": 2}']})
     drain()
     assert api.get(f"/api/plays/{play['playId']}").json()["state"] == "DONE"
     layers = layers_of(api, play["playId"])
@@ -119,7 +119,7 @@ def test_router_inside_a_loop_filters_the_branch_not_taken(api: Any, drain: Any)
         {"ref": "large", "appId": "var", "args": {"values": {"id": "{{ $prev.each.item }}"}},
          "filters": [{"leftValue": "{{ $prev.route.route }}", "operator": "eq", "rightValue": "large"}]},
     ])
-    play = run(api, flow, {"items": [5, 500, 50, 5000]})
+    play = trigger(api, flow, {"items": [5, 500, 50, 5000]})
     drain()
     layers = layers_of(api, play["playId"])
     assert [layer["state"] for layer in layers if layer["ref"] == "large"] == ["FILTERED", "DONE", "FILTERED", "DONE"]
@@ -128,12 +128,12 @@ def test_router_inside_a_loop_filters_the_branch_not_taken(api: Any, drain: Any)
 
 def test_items_must_be_a_list_and_within_the_limit(api: Any, drain: Any, settings: Any) -> None:
     flow = loop_flow(api)
-    play = run(api, flow, {"items": "not a list"})
+    play = trigger(api, flow, {"items": "not a list"})
     drain()
     detail = api.get(f"/api/plays/{play['playId']}").json()
     assert detail["state"] == "FAIL" and detail["error"]["ref"] == "each"
     settings.FLOWPLAY = {**settings.FLOWPLAY, "MAX_ITERATOR_ITEMS": 3}
-    play = run(api, flow, {"items": [1, 2, 3, 4]})
+    play = trigger(api, flow, {"items": [1, 2, 3, 4]})
     drain()
     layer = layers_of(api, play["playId"])[0]
     assert layer["state"] == "FAIL" and layer["error"]["code"] == "TOO_MANY_ITEMS"
@@ -143,7 +143,7 @@ def test_holding_a_play_mid_loop_stops_new_iterations_and_resume_finishes_it(api
     from plays import runner
 
     flow = loop_flow(api, concurrency=2)
-    play_id = run(api, flow, {"items": [1, 2, 3, 4]})["playId"]
+    play_id = trigger(api, flow, {"items": [1, 2, 3, 4]})["playId"]
     runner.run(no_enqueue.pop(0))
     assert api.post(f"/api/plays/{play_id}/hold").status_code == 200
     drain()  # the two launched iterations see the hold and give up
@@ -161,7 +161,7 @@ def test_a_dead_iteration_is_reaped_and_counts_the_interrupted_attempt(api: Any,
     from plays import runner, tasks
 
     flow = loop_flow(api, concurrency=1)
-    play_id = run(api, flow, {"items": [1, 2]})["playId"]
+    play_id = trigger(api, flow, {"items": [1, 2]})["playId"]
     runner.run(no_enqueue.pop(0))
     first = drain.iterations.pop(0)
     # A worker took the iteration and the step, then died: lease taken, layer RUN.
@@ -182,8 +182,7 @@ def test_a_dead_iteration_is_reaped_and_counts_the_interrupted_attempt(api: Any,
 def test_retry_of_a_play_that_failed_inside_a_loop_runs_the_loop_again(api: Any, drain: Any) -> None:
     Flaky.calls = {}
     flow = loop_flow(api, body=[{"ref": "flaky", "appId": "test-flaky", "args": {"failures": 1, "retryable": False}}])
-    play_id = run(api, flow, {"items": [1]})["playId"]
-    drain()
+    play_id = run(api, flow, drain, {"items": [1]})
     assert Play.objects.get(pk=play_id).state == "FAIL"
     retried = api.post(f"/api/plays/{play_id}/retry").json()
     drain()
@@ -228,7 +227,7 @@ def test_a_synchronous_subflow_parks_the_parent_until_the_child_ends(api: Any, n
         {"ref": "call", "appId": "subflow", "args": {"flowId": child["id"], "args": {"name": "{{ $prev.args.who }}"}}},
         {"ref": "after", "appId": "var", "args": {"values": {"got": "{{ $prev.call.out.hello }}"}}},
     ])
-    play_id = run(api, parent, {"who": "Ada"})["playId"]
+    play_id = trigger(api, parent, {"who": "Ada"})["playId"]
     runner.run(no_enqueue.pop(0))  # the parent starts the child and parks
     assert Play.objects.get(pk=play_id).state == "DEFERRED"
     kid = Play.objects.get(parent_id=play_id)
@@ -247,8 +246,7 @@ def test_a_synchronous_subflow_parks_the_parent_until_the_child_ends(api: Any, n
 def test_an_async_subflow_returns_the_child_id_at_once(api: Any, drain: Any) -> None:
     child = child_flow(api)
     parent = make_flow(api, [{"ref": "call", "appId": "subflow", "args": {"flowId": child["permanentId"], "async": True}}])
-    play_id = run(api, parent)["playId"]
-    drain()
+    play_id = run(api, parent, drain)
     out = layers_of(api, play_id)[0]["out"]
     assert api.get(f"/api/plays/{play_id}").json()["state"] == "DONE"
     assert Play.objects.get(pk=out["playId"]).parent_id == play_id
@@ -259,8 +257,7 @@ def test_a_failing_child_fails_the_subflow_step(api: Any, drain: Any) -> None:
 
     child = make_flow(api, [{"ref": "bad", "appId": "json-parse", "args": {"input": "{{ $prev.args.doc }}"}}], name="bad child")
     parent = make_flow(api, [{"ref": "call", "appId": "subflow", "args": {"flowId": child["id"], "args": {"doc": "{broken"}}}])
-    play_id = run(api, parent)["playId"]
-    drain()
+    play_id = run(api, parent, drain)
     tasks.release_due_one()
     drain()
     detail = api.get(f"/api/plays/{play_id}").json()
@@ -273,7 +270,7 @@ def test_cancelling_or_holding_the_parent_reaches_the_child(api: Any, no_enqueue
 
     slow = make_flow(api, [{"ref": "nap", "appId": "sleep", "args": {"ms": 60000}}], name="slow child")
     parent = make_flow(api, [{"ref": "call", "appId": "subflow", "args": {"flowId": slow["id"]}}])
-    play_id = run(api, parent)["playId"]
+    play_id = trigger(api, parent)["playId"]
     runner.run(no_enqueue.pop(0))
     kid = Play.objects.get(parent_id=play_id)
     assert api.post(f"/api/plays/{play_id}/hold").status_code == 200
@@ -305,7 +302,7 @@ def test_a_runtime_cycle_is_stopped_by_the_depth_limit(api: Any, drain: Any, set
 
     settings.FLOWPLAY = {**settings.FLOWPLAY, "MAX_SUBFLOW_DEPTH": 3}
     loop = make_flow(api, [{"ref": "call", "appId": "subflow", "args": {"flowId": "{{ $flowId }}"}}], name="self")
-    play_id = run(api, loop)["playId"]
+    play_id = trigger(api, loop)["playId"]
     for _ in range(10):
         drain()
         tasks.release_due_one()

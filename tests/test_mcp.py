@@ -15,12 +15,13 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from rest_framework.test import APIClient
 
-from flows.models import ApiKey, User
 from plays.models import Play
-from tests.conftest import make_flow
+from tenancy.models import ApiKey, User
 from triggers import mcp as mcp_module
 from triggers import waiting
 from triggers.mcp import may_use_mcp, mcp_app
+
+from .factories import make_flow
 
 SCHEMA = {"type": "object", "properties": {"orderId": {"type": "string"}}, "required": ["orderId"]}
 

@@ -19,7 +19,7 @@ from flows.modules import Module, RunContext, StepError
 from plays import metrics
 from plays.models import Play, State
 
-from .conftest import make_flow
+from .factories import make_flow, trigger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,12 +45,6 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(
         v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items())
     )
-
-
-def run(api: Any, flow: dict[str, Any], **body: Any) -> str:
-    r = api.post(f"/api/flows/{flow['id']}/run", body, format="json")
-    assert r.status_code == 201, r.content
-    return r.json()["playId"]
 
 
 class Counted(Module):
@@ -113,11 +107,11 @@ def test_a_known_workload_is_counted_exactly(api: Any, drain: Any, no_enqueue: l
         execution={"queue": "gpu"},
     )
 
-    plays = [run(api, ok, args={"n": i}) for i in range(3)] + [run(api, bad, args={"doc": "{no"}) for _ in range(2)]
-    plays.append(run(api, skipped, args={"go": False}))
-    plays.append(run(api, approval))
-    plays.append(run(api, ok, args={"n": 9}, runAt=(timezone.now() + timedelta(hours=1)).isoformat()))
-    waiting = run(api, gpu)
+    plays = [trigger(api, ok, args={"n": i})["playId"] for i in range(3)] + [trigger(api, bad, args={"doc": "{no"})["playId"] for _ in range(2)]
+    plays.append(trigger(api, skipped, args={"go": False})["playId"])
+    plays.append(trigger(api, approval)["playId"])
+    plays.append(trigger(api, ok, args={"n": 9}, runAt=(timezone.now() + timedelta(hours=1)).isoformat())["playId"])
+    waiting = trigger(api, gpu)["playId"]
     no_enqueue.remove(waiting)  # sent to the "gpu" queue, which no worker consumes
     plays.append(waiting)
     drain()
@@ -176,7 +170,7 @@ def test_a_known_workload_is_counted_exactly(api: Any, drain: Any, no_enqueue: l
 
 def test_an_old_due_deferred_play_shows_release_lag(api: Any, no_enqueue: list[str]) -> None:
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}}])
-    play_id = run(api, flow, runAt=(timezone.now() + timedelta(hours=1)).isoformat())
+    play_id = trigger(api, flow, runAt=(timezone.now() + timedelta(hours=1)).isoformat())["playId"]
     Play.objects.filter(pk=play_id).update(run_at=timezone.now() - timedelta(seconds=90))
     samples = scrape()
     assert Play.objects.get(pk=play_id).state == State.DEFERRED
@@ -201,8 +195,8 @@ def test_reaper_requeues_are_counted_by_reason(api: Any, no_enqueue: list[str]) 
 
     before = scrape()
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}}])
-    lost = run(api, flow)
-    dead = run(api, flow)
+    lost = trigger(api, flow)["playId"]
+    dead = trigger(api, flow)["playId"]
     old = timezone.now() - timedelta(minutes=5)
     Play.objects.filter(pk=lost).update(updated_at=old)
     Play.objects.filter(pk=dead).update(runner="gone:1:x", lease_until=old, updated_at=old)
@@ -346,19 +340,19 @@ def test_plays_are_counted_by_what_triggered_them(api: Any, drain: Any) -> None:
     # folder, other test processes included.
     from flows.models import Flow
 
-    def counted(trigger: str) -> float:
-        return metrics.PLAYS_TRIGGERED.labels(trigger=trigger)._value.get()
+    def counted(kind: str) -> float:
+        return metrics.PLAYS_TRIGGERED.labels(trigger=kind)._value.get()
 
-    before = {trigger: counted(trigger) for trigger in ("api", "schedule", "channel")}
+    before = {kind: counted(kind) for kind in ("api", "schedule", "channel")}
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}}])
-    run(api, flow)
+    trigger(api, flow)
     model = Flow.objects.get(pk=flow["id"])
     Play.trigger(model, {}, source={"kind": "schedule", "scheduleId": "s1"})
     Play.trigger(model, {}, source={"kind": "channel", "route": "/hooks/x"})
     Play.trigger(model, {}, source={"kind": "channel", "route": "/hooks/x"})
-    for trigger, n in (("api", 1), ("schedule", 1), ("channel", 2)):
-        got = counted(trigger) - before[trigger]
-        assert got == n, trigger
+    for kind, n in (("api", 1), ("schedule", 1), ("channel", 2)):
+        got = counted(kind) - before[kind]
+        assert got == n, kind
 
 
 def test_hooks_and_mcp_requests_get_a_request_id_and_the_latency_metric(settings: Any, db: Any) -> None:

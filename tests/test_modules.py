@@ -28,27 +28,13 @@ from flows.modules import Module, Park, RunContext, StepError, describe, get_mod
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(app_id: str, args: Any, ctx: RunContext | None = None) -> Any:
-    """Run a module and hold its out to the module's own out_schema."""
-    module = get_module(app_id)
-    assert module is not None
-    out = module.run(args, ctx or RunContext())
-    Draft202012Validator(module.out_schema).validate(out)
-    return out
-
-
-def check(app_id: str, args: Any) -> dict[str, list[str]]:
-    module = get_module(app_id)
-    assert module is not None
-    return module.check(args)
-
-
 def step_error(app_id: str, args: Any, ctx: RunContext | None = None) -> StepError:
     with pytest.raises(StepError) as info:
         get_module(app_id).run(args, ctx or RunContext())
     return info.value
 
 
+from .factories import check_module, run_module  # noqa: E402
 from .helpers import make_pdf  # noqa: E402
 
 INVOICE_PDF = make_pdf("Invoice #INV-001")
@@ -279,7 +265,7 @@ VALID_ARGS = [
 
 @pytest.mark.parametrize(("app_id", "args"), VALID_ARGS)
 def test_check_accepts_good_args(app_id: str, args: dict) -> None:
-    assert check(app_id, args) == {}
+    assert check_module(app_id, args) == {}
 
 
 EXPRESSION_ARGS = [
@@ -319,7 +305,7 @@ EXPRESSION_ARGS = [
 
 @pytest.mark.parametrize(("app_id", "args"), EXPRESSION_ARGS)
 def test_check_accepts_expression_strings_wherever_a_value_goes(app_id: str, args: Any) -> None:
-    assert check(app_id, args) == {}
+    assert check_module(app_id, args) == {}
 
 
 BAD_ARGS = [
@@ -375,31 +361,31 @@ BAD_ARGS = [
 
 @pytest.mark.parametrize(("app_id", "args", "path"), BAD_ARGS)
 def test_check_reports_bad_args_at_their_path(app_id: str, args: Any, path: str) -> None:
-    problems = check(app_id, args)
+    problems = check_module(app_id, args)
     assert path in problems, problems
     assert all(isinstance(m, str) and m for m in problems[path])
 
 
 def test_check_messages_are_readable() -> None:
-    assert check("curl", {}) == {"url": ["is required"]}
-    assert check("curl", {"url": "http://x", "metod": "GET"}) == {"metod": ["is not an allowed property"]}
-    assert check("curl", {"url": "http://x", "followRedirects": "no"}) == {
+    assert check_module("curl", {}) == {"url": ["is required"]}
+    assert check_module("curl", {"url": "http://x", "metod": "GET"}) == {"metod": ["is not an allowed property"]}
+    assert check_module("curl", {"url": "http://x", "followRedirects": "no"}) == {
         "followRedirects": ["must be of type boolean"]
     }
-    problems = check("regex", {"input": "x", "pattern": "(", "flags": "z"})
+    problems = check_module("regex", {"input": "x", "pattern": "(", "flags": "z"})
     assert problems["pattern"][0].startswith("is not a valid regular expression")
     assert "flags" in problems
 
 
 def test_check_reports_every_problem_at_once() -> None:
-    problems = check("curl", {"url": 5, "method": "FETCH", "headers": {"A": 1, "B": 2}})
+    problems = check_module("curl", {"url": 5, "method": "FETCH", "headers": {"A": 1, "B": 2}})
     assert set(problems) == {"url", "method", "headers.A", "headers.B"}
 
 
 def test_check_vets_literals_that_sit_next_to_expressions() -> None:
     # An expression elsewhere does not switch checks off for literal neighbours.
-    assert "pattern" in check("regex", {"input": "{{ x }}", "pattern": "[", "replacement": "{{ r }}"})
-    assert "url" in check("curl", {"url": "ftp://x", "headers": "{{ h }}"})
+    assert "pattern" in check_module("regex", {"input": "{{ x }}", "pattern": "[", "replacement": "{{ r }}"})
+    assert "url" in check_module("curl", {"url": "ftp://x", "headers": "{{ h }}"})
 
 
 JSON = st.recursive(
@@ -412,7 +398,7 @@ JSON = st.recursive(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(app_id=st.sampled_from(ALL_APP_IDS), args=JSON)
 def test_check_never_fails_internally_on_any_json(app_id: str, args: Any) -> None:
-    problems = check(app_id, args)
+    problems = check_module(app_id, args)
     assert isinstance(problems, dict)
     for path, messages in problems.items():
         assert isinstance(path, str)
@@ -434,16 +420,13 @@ def test_run_rejects_invalid_rendered_args_as_non_retryable() -> None:
 
 def test_var_returns_its_values() -> None:
     values = {"a": 1, "nested": {"list": [1, "two", None]}}
-    assert run("var", {"values": values}) == values
+    assert run_module("var", {"values": values}) == values
 
 
 def test_template_renders_with_flows_expr() -> None:
-    expr = pytest.importorskip("flows.expr")
-    if not hasattr(expr, "render_template"):
-        pytest.skip("flows.expr is not written yet")
-    out = run("template", {"template": "Hello {{ name }}, you owe {{ amount }}", "data": {"name": "Ann", "amount": 5}})
+    out = run_module("template", {"template": "Hello {{ name }}, you owe {{ amount }}", "data": {"name": "Ann", "amount": 5}})
     assert out == {"result": "Hello Ann, you owe 5"}
-    assert run("template", {"template": "no placeholders"}) == {"result": "no placeholders"}
+    assert run_module("template", {"template": "no placeholders"}) == {"result": "no placeholders"}
     err = step_error("template", {"template": "{{ 1 + }}"})
     assert (err.code, err.retryable) == ("EXPRESSION_ERROR", False)
     assert (
@@ -468,9 +451,9 @@ def test_template_turns_expression_errors_into_step_errors(monkeypatch: pytest.M
     fake.ExpressionError, fake.render_template = ExpressionError, render_template
     monkeypatch.setitem(sys.modules, "flows.expr", fake)
 
-    assert run("template", {"template": "Hi {{ name }}", "data": {"name": "Bo"}}) == {"result": "Hi Bo"}
+    assert run_module("template", {"template": "Hi {{ name }}", "data": {"name": "Bo"}}) == {"result": "Hi Bo"}
     assert seen == {"text": "Hi {{ name }}", "data": {"name": "Bo"}}
-    run("template", {"template": "x"})
+    run_module("template", {"template": "x"})
     assert seen["data"] == {}  # default data
     err = step_error("template", {"template": "{{ boom }}"})
     assert (err.code, err.retryable) == ("EXPRESSION_ERROR", False)
@@ -481,7 +464,7 @@ def test_template_turns_expression_errors_into_step_errors(monkeypatch: pytest.M
 
 
 def test_curl_get_json(server: str) -> None:
-    out = run("curl", {"url": f"{server}/json"})
+    out = run_module("curl", {"url": f"{server}/json"})
     assert out["statusCode"] == 200
     assert out["body"] == {"hello": "world", "n": 1}
     assert out["headers"]["content-type"] == "application/json; charset=utf-8"
@@ -490,31 +473,31 @@ def test_curl_get_json(server: str) -> None:
 
 
 def test_curl_text_and_charset(server: str) -> None:
-    assert run("curl", {"url": f"{server}/text"})["body"] == "plain text é"
-    assert run("curl", {"url": f"{server}/latin1"})["body"] == "café"
+    assert run_module("curl", {"url": f"{server}/text"})["body"] == "plain text é"
+    assert run_module("curl", {"url": f"{server}/latin1"})["body"] == "café"
     # Explicit text keeps JSON as a string.
-    assert run("curl", {"url": f"{server}/json", "responseType": "text"})["body"] == '{"hello": "world", "n": 1}'
+    assert run_module("curl", {"url": f"{server}/json", "responseType": "text"})["body"] == '{"hello": "world", "n": 1}'
 
 
 def test_curl_binary_is_base64(server: str) -> None:
-    out = run("curl", {"url": f"{server}/binary", "responseType": "binary"})
+    out = run_module("curl", {"url": f"{server}/binary", "responseType": "binary"})
     assert base64.b64decode(out["body"]) == BINARY
 
 
 def test_curl_non_2xx_is_a_result_not_a_failure(server: str) -> None:
-    out = run("curl", {"url": f"{server}/missing"})
+    out = run_module("curl", {"url": f"{server}/missing"})
     assert out["statusCode"] == 404
     assert out["body"] == {"error": "not found"}
 
 
 def test_curl_json_content_type_that_does_not_parse(server: str) -> None:
-    assert run("curl", {"url": f"{server}/notjson"})["body"] == "<html>oops</html>"
+    assert run_module("curl", {"url": f"{server}/notjson"})["body"] == "<html>oops</html>"
     err = step_error("curl", {"url": f"{server}/notjson", "responseType": "json"})
     assert err.code == "INVALID_RESPONSE"
 
 
 def test_curl_sends_method_headers_query_and_json_body(server: str) -> None:
-    out = run(
+    out = run_module(
         "curl",
         {
             "method": "PUT",
@@ -534,13 +517,13 @@ def test_curl_sends_method_headers_query_and_json_body(server: str) -> None:
 
 
 def test_curl_sends_form_body(server: str) -> None:
-    echo = run("curl", {"method": "POST", "url": f"{server}/echo", "bodyForm": {"a": "1 2", "b": ["x", "y"]}})["body"]
+    echo = run_module("curl", {"method": "POST", "url": f"{server}/echo", "bodyForm": {"a": "1 2", "b": ["x", "y"]}})["body"]
     assert echo["headers"]["content-type"] == "application/x-www-form-urlencoded"
     assert parse_qs(echo["body"]) == {"a": ["1 2"], "b": ["x", "y"]}
 
 
 def test_curl_sends_raw_string_body(server: str) -> None:
-    echo = run(
+    echo = run_module(
         "curl",
         {"method": "POST", "url": f"{server}/echo", "body": "<xml/>", "headers": {"Content-Type": "text/xml"}},
     )["body"]
@@ -550,21 +533,21 @@ def test_curl_sends_raw_string_body(server: str) -> None:
 
 
 def test_curl_basic_auth_and_bearer_token(server: str) -> None:
-    echo = run("curl", {"url": f"{server}/echo", "basicAuth": {"username": "ann", "password": "s3cret"}})["body"]
+    echo = run_module("curl", {"url": f"{server}/echo", "basicAuth": {"username": "ann", "password": "s3cret"}})["body"]
     assert echo["headers"]["authorization"] == "Basic " + base64.b64encode(b"ann:s3cret").decode()
-    echo = run("curl", {"url": f"{server}/echo", "bearerToken": "tok", "headers": {"authorization": "old"}})["body"]
+    echo = run_module("curl", {"url": f"{server}/echo", "bearerToken": "tok", "headers": {"authorization": "old"}})["body"]
     assert echo["headers"]["authorization"] == "Bearer tok"
 
 
 def test_curl_head_and_coerced_rendered_scalars(server: str) -> None:
-    out = run("curl", {"method": "HEAD", "url": f"{server}/text", "timeout": "5", "followRedirects": "false"})
+    out = run_module("curl", {"method": "HEAD", "url": f"{server}/text", "timeout": "5", "followRedirects": "false"})
     assert out["statusCode"] == 200 and out["body"] == ""
 
 
 def test_curl_follows_redirects_by_default(server: str) -> None:
-    out = run("curl", {"url": f"{server}/redirect"})
+    out = run_module("curl", {"url": f"{server}/redirect"})
     assert out["statusCode"] == 200 and out["body"]["hello"] == "world"
-    out = run("curl", {"url": f"{server}/redirect", "followRedirects": False})
+    out = run_module("curl", {"url": f"{server}/redirect", "followRedirects": False})
     assert out["statusCode"] == 302
     assert out["headers"]["location"] == "/json"
 
@@ -608,9 +591,9 @@ def test_curl_response_size_cap(server: str, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(modules.curl, "MAX_RESPONSE_BYTES", 1000)
     err = step_error("curl", {"url": f"{server}/big"})
     assert (err.code, err.retryable) == ("RESPONSE_TOO_LARGE", False)
-    assert run("curl", {"url": f"{server}/json"})["statusCode"] == 200
+    assert run_module("curl", {"url": f"{server}/json"})["statusCode"] == 200
     # HEAD announces the size of a body it does not send.
-    assert run("curl", {"method": "HEAD", "url": f"{server}/big"})["headers"]["content-length"] == "5000"
+    assert run_module("curl", {"method": "HEAD", "url": f"{server}/big"})["headers"]["content-length"] == "5000"
 
 
 def test_curl_refuses_metadata_address_without_connecting(no_connect: list) -> None:
@@ -633,11 +616,11 @@ def test_curl_deny_and_allow_lists_come_from_settings(server: str, monkeypatch: 
     assert step_error("curl", {"url": f"{server}/json"}).code == "HOST_DENIED"
 
     flowplay_settings(monkeypatch, CURL_DENY=["127.0.0.0/8", "::1/128"], CURL_ALLOW=["127.0.0.1/32"])
-    assert run("curl", {"url": f"{server}/json"})["statusCode"] == 200
+    assert run_module("curl", {"url": f"{server}/json"})["statusCode"] == 200
 
     # Allowed by name; "localhost" may resolve to ::1 first, where nothing listens.
     flowplay_settings(monkeypatch, CURL_DENY=["127.0.0.0/8", "::1/128"], CURL_ALLOW=["LOCALHOST"])
-    assert run("curl", {"url": f"http://localhost:{port}/json"})["statusCode"] == 200
+    assert run_module("curl", {"url": f"http://localhost:{port}/json"})["statusCode"] == 200
 
     # An empty deny list opens even the metadata range.
     flowplay_settings(monkeypatch, CURL_DENY=[])
@@ -663,27 +646,27 @@ def test_outbound_policy_defaults_and_mapped_addresses(monkeypatch: pytest.Monke
 
 
 def test_pdf_extract_from_base64() -> None:
-    out = run("pdf-extract", {"content": base64.b64encode(INVOICE_PDF).decode()})
+    out = run_module("pdf-extract", {"content": base64.b64encode(INVOICE_PDF).decode()})
     assert out["pages"] == 1
     assert "Invoice #INV-001" in out["text"]
 
 
 def test_pdf_extract_from_a_curl_binary_download(server: str) -> None:
-    download = run("curl", {"url": f"{server}/invoice.pdf", "responseType": "binary"})
-    out = run("pdf-extract", {"content": download})
+    download = run_module("curl", {"url": f"{server}/invoice.pdf", "responseType": "binary"})
+    out = run_module("pdf-extract", {"content": download})
     assert "Invoice #INV-001" in out["text"]
     assert out["pages"] == 1
 
 
 def test_pdf_extract_from_data_url_and_unpadded_urlsafe_base64() -> None:
     url = "data:application/pdf;base64," + base64.b64encode(INVOICE_PDF).decode()
-    assert "Invoice #INV-001" in run("pdf-extract", {"content": url})["text"]
+    assert "Invoice #INV-001" in run_module("pdf-extract", {"content": url})["text"]
     urlsafe = base64.urlsafe_b64encode(INVOICE_PDF).decode().rstrip("=")
-    assert "Invoice #INV-001" in run("pdf-extract", {"content": urlsafe})["text"]
+    assert "Invoice #INV-001" in run_module("pdf-extract", {"content": urlsafe})["text"]
 
 
 def test_pdf_extract_joins_pages_with_newlines() -> None:
-    out = run("pdf-extract", {"content": base64.b64encode(make_pdf("First page", "Second page")).decode()})
+    out = run_module("pdf-extract", {"content": base64.b64encode(make_pdf("First page", "Second page")).decode()})
     assert out["pages"] == 2
     first, second = out["text"].split("\n")
     assert "First page" in first and "Second page" in second
@@ -706,7 +689,7 @@ def test_pdf_extract_bad_input_is_pdf_error(content: Any) -> None:
 
 
 def test_pdf_extract_hints_at_binary_for_a_text_download(server: str) -> None:
-    download = run("curl", {"url": f"{server}/text"})
+    download = run_module("curl", {"url": f"{server}/text"})
     err = step_error("pdf-extract", {"content": {**download, "body": base64.b64encode(b"hello").decode()}})
     assert "responseType" in err.message
 
@@ -715,20 +698,20 @@ def test_pdf_extract_hints_at_binary_for_a_text_download(server: str) -> None:
 
 
 def test_regex_match() -> None:
-    out = run("regex", {"input": "Order 42 from Ann", "pattern": r"(\d+) from (?P<who>\w+)"})
+    out = run_module("regex", {"input": "Order 42 from Ann", "pattern": r"(\d+) from (?P<who>\w+)"})
     assert out == {"matched": True, "groups": ["42", "Ann"], "named": {"who": "Ann"}}
-    assert run("regex", {"input": "abc", "pattern": r"\d"}) == {"matched": False, "groups": [], "named": {}}
+    assert run_module("regex", {"input": "abc", "pattern": r"\d"}) == {"matched": False, "groups": [], "named": {}}
 
 
 def test_regex_find() -> None:
-    out = run("regex", {"input": "a1 b22", "pattern": r"[a-z](?P<n>\d\d)", "operation": "find"})
+    out = run_module("regex", {"input": "a1 b22", "pattern": r"[a-z](?P<n>\d\d)", "operation": "find"})
     assert out == {"found": True, "match": "b22", "index": 3, "groups": ["22"], "named": {"n": "22"}}
-    out = run("regex", {"input": "abc", "pattern": "z", "operation": "find"})
+    out = run_module("regex", {"input": "abc", "pattern": "z", "operation": "find"})
     assert out == {"found": False, "match": None, "index": None, "groups": [], "named": {}}
 
 
 def test_regex_find_all() -> None:
-    out = run(
+    out = run_module(
         "regex", {"input": "INV-1, inv-22, INV-333", "pattern": r"inv-(\d+)", "flags": "i", "operation": "findAll"}
     )
     assert out["count"] == 3
@@ -737,22 +720,22 @@ def test_regex_find_all() -> None:
 
 
 def test_regex_replace_and_split() -> None:
-    out = run("regex", {"input": "a-b-c", "pattern": r"-", "operation": "replace", "replacement": "+"})
+    out = run_module("regex", {"input": "a-b-c", "pattern": r"-", "operation": "replace", "replacement": "+"})
     assert out == {"result": "a+b+c", "count": 2}
-    out = run(
+    out = run_module(
         "regex",
         {"input": "2024-05-01", "pattern": r"(\d+)-(\d+)-(\d+)", "operation": "replace", "replacement": r"\3/\2/\1"},
     )
     assert out == {"result": "01/05/2024", "count": 1}
-    assert run("regex", {"input": "a1b", "pattern": r"\d", "operation": "replace"}) == {"result": "ab", "count": 1}
-    assert run("regex", {"input": "a, b,c", "pattern": r",\s*", "operation": "split"}) == {"parts": ["a", "b", "c"]}
+    assert run_module("regex", {"input": "a1b", "pattern": r"\d", "operation": "replace"}) == {"result": "ab", "count": 1}
+    assert run_module("regex", {"input": "a, b,c", "pattern": r",\s*", "operation": "split"}) == {"parts": ["a", "b", "c"]}
 
 
 def test_regex_flags_multiline_dotall_verbose() -> None:
-    assert run("regex", {"input": "x\nfoo", "pattern": "^foo$", "flags": "m"})["matched"] is True
-    assert run("regex", {"input": "x\nfoo", "pattern": "^foo$"})["matched"] is False
-    assert run("regex", {"input": "a\nb", "pattern": "a.b", "flags": "s"})["matched"] is True
-    assert run("regex", {"input": "ab", "pattern": "a  b  # spaced", "flags": "x"})["matched"] is True
+    assert run_module("regex", {"input": "x\nfoo", "pattern": "^foo$", "flags": "m"})["matched"] is True
+    assert run_module("regex", {"input": "x\nfoo", "pattern": "^foo$"})["matched"] is False
+    assert run_module("regex", {"input": "a\nb", "pattern": "a.b", "flags": "s"})["matched"] is True
+    assert run_module("regex", {"input": "ab", "pattern": "a  b  # spaced", "flags": "x"})["matched"] is True
 
 
 def test_regex_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -767,15 +750,15 @@ def test_regex_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_base64_round_trip() -> None:
-    assert run("base64-encode", {"input": "héllo?"}) == {"result": "aMOpbGxvPw=="}
-    assert run("base64-encode", {"input": "héllo?", "urlSafe": True}) == {"result": "aMOpbGxvPw=="}
-    assert run("base64-encode", {"input": "\xff\xfe", "urlSafe": True}) == {"result": "w7_Dvg=="}
-    assert run("base64-decode", {"input": "aMOpbGxvPw=="}) == {"result": "héllo?"}
+    assert run_module("base64-encode", {"input": "héllo?"}) == {"result": "aMOpbGxvPw=="}
+    assert run_module("base64-encode", {"input": "héllo?", "urlSafe": True}) == {"result": "aMOpbGxvPw=="}
+    assert run_module("base64-encode", {"input": "\xff\xfe", "urlSafe": True}) == {"result": "w7_Dvg=="}
+    assert run_module("base64-decode", {"input": "aMOpbGxvPw=="}) == {"result": "héllo?"}
 
 
 def test_base64_decode_accepts_urlsafe_missing_padding_and_whitespace() -> None:
-    assert run("base64-decode", {"input": "w7_Dvg"}) == {"result": "\xff\xfe"}
-    assert run("base64-decode", {"input": "aMOp\nbGxv Pw"}) == {"result": "héllo?"}
+    assert run_module("base64-decode", {"input": "w7_Dvg"}) == {"result": "\xff\xfe"}
+    assert run_module("base64-decode", {"input": "aMOp\nbGxv Pw"}) == {"result": "héllo?"}
 
 
 def test_base64_decode_errors() -> None:
@@ -787,21 +770,21 @@ def test_base64_decode_errors() -> None:
 
 
 def test_url_encode_and_decode() -> None:
-    assert run("url-encode", {"input": "a b&c/é"}) == {"result": "a%20b%26c%2F%C3%A9"}
-    out = run("url-encode", {"input": {"q": "a b", "n": 1, "flag": True, "tags": ["x", "y"], "none": None}})
+    assert run_module("url-encode", {"input": "a b&c/é"}) == {"result": "a%20b%26c%2F%C3%A9"}
+    out = run_module("url-encode", {"input": {"q": "a b", "n": 1, "flag": True, "tags": ["x", "y"], "none": None}})
     assert out == {"result": "q=a%20b&n=1&flag=true&tags=x&tags=y&none="}
-    assert run("url-decode", {"input": "a%20b+c%2F%C3%A9"}) == {"result": "a b c/é"}
+    assert run_module("url-decode", {"input": "a%20b+c%2F%C3%A9"}) == {"result": "a b c/é"}
 
 
 def test_json_parse_and_stringify() -> None:
-    assert run("json-parse", {"input": '{"a": [1, 2.5, null, "é"]}'}) == {"result": {"a": [1, 2.5, None, "é"]}}
-    assert run("json-parse", {"input": "3"}) == {"result": 3}
+    assert run_module("json-parse", {"input": '{"a": [1, 2.5, null, "é"]}'}) == {"result": {"a": [1, 2.5, None, "é"]}}
+    assert run_module("json-parse", {"input": "3"}) == {"result": 3}
     err = step_error("json-parse", {"input": "{oops"})
     assert (err.code, err.retryable) == ("INVALID_INPUT", False)
     assert step_error("json-parse", {"input": "[NaN]"}).code == "INVALID_INPUT"
-    assert run("json-stringify", {"input": {"a": [1, "é"]}}) == {"result": '{"a":[1,"é"]}'}
-    assert run("json-stringify", {"input": {"a": 1}, "pretty": True}) == {"result": '{\n  "a": 1\n}'}
-    assert run("json-stringify", {"input": None}) == {"result": "null"}
+    assert run_module("json-stringify", {"input": {"a": [1, "é"]}}) == {"result": '{"a":[1,"é"]}'}
+    assert run_module("json-stringify", {"input": {"a": 1}, "pretty": True}) == {"result": '{\n  "a": 1\n}'}
+    assert run_module("json-stringify", {"input": None}) == {"result": "null"}
 
 
 # --- router, sleep, enumeration -------------------------------------------------------
@@ -815,23 +798,23 @@ def routes(*conditions: Any) -> dict:
     "falsy", [False, None, 0, 0.0, "", "false", "False", " FALSE ", "0", "0.0", "null", "None", [], {}]
 )
 def test_router_false_conditions_are_skipped(falsy: Any) -> None:
-    assert run("router", routes(falsy, "true")) == {"route": "r1"}
+    assert run_module("router", routes(falsy, "true")) == {"route": "r1"}
 
 
 @pytest.mark.parametrize("truthy", [True, 1, -2, "true", "True", "yes", "1", "x", [0], {"a": 1}])
 def test_router_truthy_conditions_win(truthy: Any) -> None:
-    assert run("router", routes(truthy, "true")) == {"route": "r0"}
+    assert run_module("router", routes(truthy, "true")) == {"route": "r0"}
 
 
 def test_router_first_match_wins_and_none_when_nothing_matches() -> None:
-    assert run("router", routes("false", True, True)) == {"route": "r1"}
-    assert run("router", routes("false", None, 0)) == {"route": None}
+    assert run_module("router", routes("false", True, True)) == {"route": "r1"}
+    assert run_module("router", routes("false", None, 0)) == {"route": None}
 
 
 def test_sleep_parks_until_later() -> None:
     before = datetime.now(UTC)
     with pytest.raises(Park) as info:
-        run("sleep", {"ms": 1500})
+        run_module("sleep", {"ms": 1500})
     park = info.value
     assert park.out == {"sleptMs": 1500}
     assert park.until.tzinfo is not None
@@ -839,14 +822,14 @@ def test_sleep_parks_until_later() -> None:
 
 
 def test_sleep_zero_or_past_returns_at_once() -> None:
-    assert run("sleep", {"ms": 0}) == {"sleptMs": 0}
+    assert run_module("sleep", {"ms": 0}) == {"sleptMs": 0}
     # A computed "time until" that already passed.
-    assert run("sleep", {"ms": -5000}) == {"sleptMs": 0}
+    assert run_module("sleep", {"ms": -5000}) == {"sleptMs": 0}
 
 
 def test_sleep_accepts_rendered_numbers_and_bounds_them() -> None:
     with pytest.raises(Park) as info:
-        run("sleep", {"ms": "2000"})
+        run_module("sleep", {"ms": "2000"})
     assert info.value.out == {"sleptMs": 2000}
     err = step_error("sleep", {"ms": modules.MAX_SLEEP_MS + 1})
     assert (err.code, err.retryable) == ("INVALID_INPUT", False)
@@ -854,24 +837,24 @@ def test_sleep_accepts_rendered_numbers_and_bounds_them() -> None:
 
 
 def test_enumeration() -> None:
-    assert run("enumeration", {"from": 1, "to": 5}) == {"items": [1, 2, 3, 4, 5]}
-    assert run("enumeration", {"from": 0, "to": 10, "step": 3}) == {"items": [0, 3, 6, 9]}
-    assert run("enumeration", {"from": 5, "to": 1}) == {"items": [5, 4, 3, 2, 1]}
-    assert run("enumeration", {"from": 5, "to": 1, "step": -2}) == {"items": [5, 3, 1]}
-    assert run("enumeration", {"from": 1, "to": 5, "step": -1}) == {"items": []}
-    assert run("enumeration", {"from": 3, "to": 3}) == {"items": [3]}
-    assert run("enumeration", {"from": 0, "to": 1, "step": 0.25}) == {"items": [0, 0.25, 0.5, 0.75, 1.0]}
-    assert run("enumeration", {"from": 0, "to": 0.3, "step": 0.1}) == {"items": [0, 0.1, 0.2, 0.3]}
-    assert run("enumeration", {"from": "1", "to": "3"}) == {"items": [1, 2, 3]}
+    assert run_module("enumeration", {"from": 1, "to": 5}) == {"items": [1, 2, 3, 4, 5]}
+    assert run_module("enumeration", {"from": 0, "to": 10, "step": 3}) == {"items": [0, 3, 6, 9]}
+    assert run_module("enumeration", {"from": 5, "to": 1}) == {"items": [5, 4, 3, 2, 1]}
+    assert run_module("enumeration", {"from": 5, "to": 1, "step": -2}) == {"items": [5, 3, 1]}
+    assert run_module("enumeration", {"from": 1, "to": 5, "step": -1}) == {"items": []}
+    assert run_module("enumeration", {"from": 3, "to": 3}) == {"items": [3]}
+    assert run_module("enumeration", {"from": 0, "to": 1, "step": 0.25}) == {"items": [0, 0.25, 0.5, 0.75, 1.0]}
+    assert run_module("enumeration", {"from": 0, "to": 0.3, "step": 0.1}) == {"items": [0, 0.1, 0.2, 0.3]}
+    assert run_module("enumeration", {"from": "1", "to": "3"}) == {"items": [1, 2, 3]}
 
 
 def test_enumeration_errors() -> None:
     err = step_error("enumeration", {"from": 0, "to": modules.MAX_ENUM_ITEMS})
     assert (err.code, err.retryable) == ("INVALID_INPUT", False)
-    assert len(run("enumeration", {"from": 1, "to": modules.MAX_ENUM_ITEMS})["items"]) == modules.MAX_ENUM_ITEMS
+    assert len(run_module("enumeration", {"from": 1, "to": modules.MAX_ENUM_ITEMS})["items"]) == modules.MAX_ENUM_ITEMS
     assert step_error("enumeration", {"from": 0, "to": 5, "step": 0}).code == "INVALID_INPUT"
     assert step_error("enumeration", {"from": -1e308, "to": 1e308, "step": 1e-300}).code == "INVALID_INPUT"
-    assert check("enumeration", {"from": 0.5, "to": 1e300}) == {
+    assert check_module("enumeration", {"from": 0.5, "to": 1e300}) == {
         "": [f"would produce more than {modules.MAX_ENUM_ITEMS} items"]
     }
 
@@ -881,7 +864,7 @@ def test_enumeration_errors() -> None:
 
 def test_csv_parse_with_header() -> None:
     text = '\ufeffname,amount,note\nAnn,5,"says ""hi"", twice"\n\nBo,7,"multi\nline"\n'
-    out = run("csv-parse", {"input": text})
+    out = run_module("csv-parse", {"input": text})
     assert out == {
         "rows": [
             {"name": "Ann", "amount": "5", "note": 'says "hi", twice'},
@@ -892,20 +875,20 @@ def test_csv_parse_with_header() -> None:
 
 
 def test_csv_parse_without_header_and_other_delimiter() -> None:
-    out = run("csv-parse", {"input": "a;b\r\n1;2\r\n", "delimiter": ";", "header": False})
+    out = run_module("csv-parse", {"input": "a;b\r\n1;2\r\n", "delimiter": ";", "header": False})
     assert out == {"rows": [["a", "b"], ["1", "2"]], "count": 2}
-    out = run("csv-parse", {"input": "a\tb\n1\t2", "delimiter": "\t", "header": "false"})
+    out = run_module("csv-parse", {"input": "a\tb\n1\t2", "delimiter": "\t", "header": "false"})
     assert out["rows"] == [["a", "b"], ["1", "2"]]
 
 
 def test_csv_parse_ragged_rows_and_odd_headers() -> None:
-    out = run("csv-parse", {"input": "id,id,\n1,2,3,4\n5\n"})
+    out = run_module("csv-parse", {"input": "id,id,\n1,2,3,4\n5\n"})
     assert out["rows"] == [
         {"id": "1", "id_2": "2", "column3": "3", "column4": "4"},
         {"id": "5", "id_2": "", "column3": "", "column4": ""},
     ]
-    assert run("csv-parse", {"input": ""}) == {"rows": [], "count": 0}
-    assert run("csv-parse", {"input": "only,header\n"}) == {"rows": [], "count": 0}
+    assert run_module("csv-parse", {"input": ""}) == {"rows": [], "count": 0}
+    assert run_module("csv-parse", {"input": "only,header\n"}) == {"rows": [], "count": 0}
 
 
 def test_csv_parse_errors(monkeypatch: pytest.MonkeyPatch) -> None:

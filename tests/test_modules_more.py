@@ -11,33 +11,20 @@ from django.core import mail
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection, connections
-from jsonschema import Draft202012Validator
 
 from flows import modules
-from flows.models import KV, Company, Flow, User
-from flows.modules import RunContext, StepError, get_module
+from flows.models import KV, Flow
+from flows.modules import RunContext, StepError
 from plays.models import Play
+from tenancy.models import Company, User
 
-from .conftest import client_for, make_flow
-
-
-def run(app_id: str, args: Any, ctx: RunContext | None = None) -> Any:
-    module = get_module(app_id)
-    assert module is not None
-    out = module.run(args, ctx or RunContext())
-    Draft202012Validator(module.out_schema).validate(out)
-    return out
-
-
-def check(app_id: str, args: Any) -> dict[str, list[str]]:
-    module = get_module(app_id)
-    assert module is not None
-    return module.check(args)
+from .conftest import client_for
+from .factories import check_module, make_flow, run_module
 
 
 def fails(app_id: str, args: Any, ctx: RunContext | None = None) -> StepError:
     with pytest.raises(StepError) as info:
-        run(app_id, args, ctx)
+        run_module(app_id, args, ctx)
     return info.value
 
 
@@ -61,32 +48,32 @@ def test_every_module_lives_in_the_file_named_after_its_app_id() -> None:
 
 
 def test_array_filter_keeps_items_whose_condition_is_true() -> None:
-    out = run("array-filter", {"items": INVOICES, "condition": "{{ $prev.item.amount >= 900 }}"})
+    out = run_module("array-filter", {"items": INVOICES, "condition": "{{ $prev.item.amount >= 900 }}"})
     assert out == {"items": [INVOICES[1], INVOICES[2]], "count": 2}
 
 
 def test_array_filter_reads_the_item_under_its_own_ref_and_data() -> None:
     args = {"items": INVOICES, "condition": "{{ $prev.big.item.amount > $prev.data.limit }}", "data": {"limit": 1000}}
-    assert run("array-filter", args, RunContext(ref="big"))["items"] == [INVOICES[1]]
-    assert run("array-filter", {"items": [1, 2, 3, 4], "condition": "{{ $prev.index % 2 == 0 }}"})["items"] == [1, 3]
+    assert run_module("array-filter", args, RunContext(ref="big"))["items"] == [INVOICES[1]]
+    assert run_module("array-filter", {"items": [1, 2, 3, 4], "condition": "{{ $prev.index % 2 == 0 }}"})["items"] == [1, 3]
 
 
 def test_array_map_evaluates_the_expression_per_item_keeping_json_types() -> None:
-    out = run("array-map", {"items": INVOICES, "expression": "{{ $prev.item.amount * 2 }}"})
+    out = run_module("array-map", {"items": INVOICES, "expression": "{{ $prev.item.amount * 2 }}"})
     assert out == {"items": [100, 3000, 1800], "count": 3}
-    shaped = run(
+    shaped = run_module(
         "array-map",
         {"items": INVOICES, "expression": {"ref": "{{ $prev.item.id | upper }}", "n": "{{ $prev.index + 1 }}/{{ $prev.total }}"}},
     )
     assert shaped["items"][0] == {"ref": "A", "n": "1/3"}
-    assert run("array-map", {"items": [], "expression": "{{ $prev.item }}"}) == {"items": [], "count": 0}
+    assert run_module("array-map", {"items": [], "expression": "{{ $prev.item }}"}) == {"items": [], "count": 0}
 
 
 def test_array_modules_report_bad_args_and_runtime_errors() -> None:
-    assert "condition" in check("array-filter", {"items": [], "condition": "{{ $prev.item. }}"})
-    assert "items" in check("array-map", {"items": 3, "expression": "x"})
-    assert "expression" in check("array-map", {"items": []})
-    assert check("array-map", {"items": "{{ $prev.fetch.body }}", "expression": "{{ $prev.item.id }}"}) == {}
+    assert "condition" in check_module("array-filter", {"items": [], "condition": "{{ $prev.item. }}"})
+    assert "items" in check_module("array-map", {"items": 3, "expression": "x"})
+    assert "expression" in check_module("array-map", {"items": []})
+    assert check_module("array-map", {"items": "{{ $prev.fetch.body }}", "expression": "{{ $prev.item.id }}"}) == {}
     error = fails("array-map", {"items": [1, 0], "expression": "{{ 1 / $prev.item }}"})
     assert error.code == "EXPRESSION_ERROR" and "item 1" in error.message and not error.retryable
     assert fails("array-filter", {"items": "nope", "condition": "true"}).code == "INVALID_INPUT"
@@ -113,9 +100,9 @@ def test_array_map_in_a_flow_reads_earlier_steps_through_data(api: Any, drain: A
 
 def test_router_picks_the_first_true_route_and_true_is_a_catch_all() -> None:
     routes = [{"condition": "false", "label": "small"}, {"condition": True, "label": "big"}, {"condition": "true", "label": "x"}]
-    assert run("router", {"routes": routes}) == {"route": "big"}
-    assert run("router", {"routes": [{"condition": "0", "label": "a"}, {"condition": "true", "label": "other"}]}) == {"route": "other"}
-    assert "routes" in check("router", {"routes": []})
+    assert run_module("router", {"routes": routes}) == {"route": "big"}
+    assert run_module("router", {"routes": [{"condition": "0", "label": "a"}, {"condition": "true", "label": "other"}]}) == {"route": "other"}
+    assert "routes" in check_module("router", {"routes": []})
 
 
 def test_router_branches_not_taken_end_filtered(api: Any, drain: Any) -> None:
@@ -144,7 +131,7 @@ PDF_B64 = base64.b64encode(b"%PDF-1.4 fake").decode()
 
 
 def test_send_mail_sends_text_html_cc_and_attachments_through_the_backend() -> None:
-    out = run("send-mail", {
+    out = run_module("send-mail", {
         "to": ["ann@example.com", "Bob <bob@example.com>"],
         "cc": "carol@example.com",
         "subject": "Invoices",
@@ -173,24 +160,24 @@ def test_send_mail_sends_text_html_cc_and_attachments_through_the_backend() -> N
 
 
 def test_send_mail_splits_an_address_list_as_a_header_would() -> None:
-    out = run("send-mail", {"to": '"Doe, Jane" <jane@x.test>, bob@x.test', "subject": "s", "body": "b"})
+    out = run_module("send-mail", {"to": '"Doe, Jane" <jane@x.test>, bob@x.test', "subject": "s", "body": "b"})
     assert mail.outbox[0].to == ['"Doe, Jane" <jane@x.test>', "bob@x.test"] and out["recipients"] == 2
-    assert check("send-mail", {"to": "x\nBcc: y@z.test", "subject": "s", "body": "b"}) == {
+    assert check_module("send-mail", {"to": "x\nBcc: y@z.test", "subject": "s", "body": "b"}) == {
         "to": ["must not contain line breaks"]
     }
     assert fails("send-mail", {"to": "a@x.test\r\nBcc: y@z.test", "subject": "s", "body": "b"}).code == "INVALID_INPUT"
 
 
 def test_send_mail_with_only_html_gets_a_text_part() -> None:
-    run("send-mail", {"to": "a@example.com", "subject": "s", "body": {"html": "<h1>Hi</h1>"}})
+    run_module("send-mail", {"to": "a@example.com", "subject": "s", "body": {"html": "<h1>Hi</h1>"}})
     assert mail.outbox[0].body == "Hi"
 
 
 def test_send_mail_validation() -> None:
-    assert "to" in check("send-mail", {"to": "not an address", "subject": "s", "body": "b"})
-    assert "subject" in check("send-mail", {"to": "a@b.example", "subject": "a\nBcc: x@y.example", "body": "b"})
-    assert "body" in check("send-mail", {"to": "a@b.example", "subject": "s"})
-    assert check("send-mail", {"to": "{{ $prev.args.email }}", "subject": "s", "body": "{{ $prev.t.result }}"}) == {}
+    assert "to" in check_module("send-mail", {"to": "not an address", "subject": "s", "body": "b"})
+    assert "subject" in check_module("send-mail", {"to": "a@b.example", "subject": "a\nBcc: x@y.example", "body": "b"})
+    assert "body" in check_module("send-mail", {"to": "a@b.example", "subject": "s"})
+    assert check_module("send-mail", {"to": "{{ $prev.args.email }}", "subject": "s", "body": "{{ $prev.t.result }}"}) == {}
     assert fails("send-mail", {"to": [], "subject": "s", "body": "b"}).code == "INVALID_INPUT"
     bad = {"to": "a@b.example", "subject": "s", "body": "b", "attachments": [{"filename": "x", "content": "***"}]}
     assert fails("send-mail", bad).code == "INVALID_INPUT"
@@ -214,46 +201,46 @@ def ctx(acme: Company) -> RunContext:
 
 
 def test_kv_set_then_get_and_missing_keys(ctx: RunContext) -> None:
-    assert run("kv-get", {"key": "k"}, ctx) == {"value": None, "found": False}
-    assert run("kv-get", {"key": "k", "default": 7}, ctx) == {"value": 7, "found": False}
-    assert run("kv-set", {"key": "k", "value": {"a": [1]}}, ctx) == {"value": {"a": [1]}, "found": False}
-    assert run("kv-set", {"key": "k", "value": "v2"}, ctx) == {"value": "v2", "found": True}
-    assert run("kv-get", {"key": "k"}, ctx) == {"value": "v2", "found": True}
+    assert run_module("kv-get", {"key": "k"}, ctx) == {"value": None, "found": False}
+    assert run_module("kv-get", {"key": "k", "default": 7}, ctx) == {"value": 7, "found": False}
+    assert run_module("kv-set", {"key": "k", "value": {"a": [1]}}, ctx) == {"value": {"a": [1]}, "found": False}
+    assert run_module("kv-set", {"key": "k", "value": "v2"}, ctx) == {"value": "v2", "found": True}
+    assert run_module("kv-get", {"key": "k"}, ctx) == {"value": "v2", "found": True}
     assert KV.objects.get(key="k").flow_id is None
 
 
 def test_kv_scopes_are_separate_per_flow_and_per_company(ctx: RunContext, globex: Company) -> None:
-    run("kv-set", {"key": "k", "value": "company"}, ctx)
-    run("kv-set", {"key": "k", "value": "flow", "scope": "flow"}, ctx)
+    run_module("kv-set", {"key": "k", "value": "company"}, ctx)
+    run_module("kv-set", {"key": "k", "value": "flow", "scope": "flow"}, ctx)
     other_flow = Flow.objects.create(company_id=ctx.company_id, name="g", permanent_id="g")
     other = RunContext(company_id=ctx.company_id, flow_id=other_flow.id)
-    assert run("kv-get", {"key": "k"}, ctx)["value"] == "company"
-    assert run("kv-get", {"key": "k", "scope": "flow"}, ctx)["value"] == "flow"
-    assert run("kv-get", {"key": "k", "scope": "flow"}, other)["found"] is False
-    assert run("kv-get", {"key": "k"}, other)["value"] == "company"
+    assert run_module("kv-get", {"key": "k"}, ctx)["value"] == "company"
+    assert run_module("kv-get", {"key": "k", "scope": "flow"}, ctx)["value"] == "flow"
+    assert run_module("kv-get", {"key": "k", "scope": "flow"}, other)["found"] is False
+    assert run_module("kv-get", {"key": "k"}, other)["value"] == "company"
     stranger = RunContext(company_id=globex.id, flow_id="")
-    assert run("kv-get", {"key": "k"}, stranger)["found"] is False
+    assert run_module("kv-get", {"key": "k"}, stranger)["found"] is False
 
 
 def test_kv_increment_and_append(ctx: RunContext) -> None:
-    assert run("kv-set", {"key": "n", "increment": 1}, ctx) == {"value": 1, "found": False}
-    assert run("kv-set", {"key": "n", "increment": "2.5"}, ctx) == {"value": 3.5, "found": True}
-    assert run("kv-append", {"key": "l", "value": {"id": 1}}, ctx) == {"value": [{"id": 1}], "found": False, "count": 1}
-    run("kv-append", {"key": "l", "value": 2}, ctx)
-    assert run("kv-append", {"key": "l", "value": 3, "maxItems": 2}, ctx) == {"value": [2, 3], "found": True, "count": 2}
-    run("kv-set", {"key": "s", "value": "text"}, ctx)
+    assert run_module("kv-set", {"key": "n", "increment": 1}, ctx) == {"value": 1, "found": False}
+    assert run_module("kv-set", {"key": "n", "increment": "2.5"}, ctx) == {"value": 3.5, "found": True}
+    assert run_module("kv-append", {"key": "l", "value": {"id": 1}}, ctx) == {"value": [{"id": 1}], "found": False, "count": 1}
+    run_module("kv-append", {"key": "l", "value": 2}, ctx)
+    assert run_module("kv-append", {"key": "l", "value": 3, "maxItems": 2}, ctx) == {"value": [2, 3], "found": True, "count": 2}
+    run_module("kv-set", {"key": "s", "value": "text"}, ctx)
     assert fails("kv-set", {"key": "s", "increment": 1}, ctx).code == "INVALID_INPUT"
     assert fails("kv-append", {"key": "s", "value": 1}, ctx).code == "INVALID_INPUT"
-    assert run("kv-get", {"key": "s"}, ctx)["value"] == "text"  # the failed writes changed nothing
+    assert run_module("kv-get", {"key": "s"}, ctx)["value"] == "text"  # the failed writes changed nothing
 
 
 def test_kv_validation() -> None:
-    assert "increment" in check("kv-set", {"key": "k", "value": 1, "increment": 1})
-    assert "value" in check("kv-set", {"key": "k"})
-    assert "key" in check("kv-get", {"key": ""})
-    assert "scope" in check("kv-get", {"key": "k", "scope": "play"})
-    assert "value" in check("kv-append", {"key": "k"})
-    assert check("kv-set", {"key": "{{ $prev.args.k }}", "increment": "{{ $prev.args.n }}", "scope": "flow"}) == {}
+    assert "increment" in check_module("kv-set", {"key": "k", "value": 1, "increment": 1})
+    assert "value" in check_module("kv-set", {"key": "k"})
+    assert "key" in check_module("kv-get", {"key": ""})
+    assert "scope" in check_module("kv-get", {"key": "k", "scope": "play"})
+    assert "value" in check_module("kv-append", {"key": "k"})
+    assert check_module("kv-set", {"key": "{{ $prev.args.k }}", "increment": "{{ $prev.args.n }}", "scope": "flow"}) == {}
 
 
 def _in_thread(func: Any) -> Any:

@@ -11,19 +11,13 @@ import pytest
 
 from plays.models import Layer, Play
 
-from .conftest import make_flow
+from .factories import make_flow, run, trigger
 
 APPROVAL = [
     {"ref": "a", "appId": "var", "args": {"values": {"n": 1}}},
     {"ref": "gate", "appId": "var", "args": {"values": {"ok": True}}, "needsApproval": True},
     {"ref": "c", "appId": "var", "args": {"values": {"after": True}}},
 ]
-
-
-def run(api: Any, flow: dict[str, Any], **body: Any) -> dict[str, Any]:
-    r = api.post(f"/api/flows/{flow['id']}/run", {"args": {}, **body}, format="json")
-    assert r.status_code in (200, 201), r.content
-    return r.json()
 
 
 def state(play_id: str) -> str:
@@ -42,25 +36,23 @@ def assert_409(response: Any) -> None:
 def make_in_state(api: Any, drain: Any, target: str) -> str:
     """A play of a fresh flow brought to ``target`` through the API."""
     if target == "NEW":
-        return run(api, make_flow(api, APPROVAL), start=False)["playId"]
+        return trigger(api, make_flow(api, APPROVAL), start=False)["playId"]
     if target == "DEFERRED":
-        return run(api, make_flow(api, APPROVAL), delayMs=3_600_000)["playId"]
+        return trigger(api, make_flow(api, APPROVAL), delayMs=3_600_000)["playId"]
     if target == "RUN":
-        return run(api, make_flow(api, APPROVAL))["playId"]  # queued, not drained
+        return trigger(api, make_flow(api, APPROVAL))["playId"]  # queued, not drained
     if target == "WAIT":
-        pid = run(api, make_flow(api, APPROVAL))["playId"]
-        drain()
+        pid = run(api, make_flow(api, APPROVAL), drain)
         return pid
     if target == "ON_HOLD":
-        pid = run(api, make_flow(api, APPROVAL), start=False)["playId"]
+        pid = trigger(api, make_flow(api, APPROVAL), start=False)["playId"]
         assert post(api, pid, "hold").status_code == 200
         return pid
     if target == "DONE":
-        pid = run(api, make_flow(api, APPROVAL[:1]))["playId"]
-        drain()
+        pid = run(api, make_flow(api, APPROVAL[:1]), drain)
         return pid
     if target == "FAIL":
-        pid = run(api, make_flow(api, APPROVAL), start=False)["playId"]
+        pid = trigger(api, make_flow(api, APPROVAL), start=False)["playId"]
         assert post(api, pid, "cancel").status_code == 200
         return pid
     if target == "SKIP":
@@ -69,8 +61,7 @@ def make_in_state(api: Any, drain: Any, target: str) -> str:
         assert post(api, pid, "approve", {"layerId": layer.id, "decision": "declined"}).status_code == 200
         return pid
     if target == "FILTERED":
-        pid = run(api, make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}, "filters": [{"leftValue": "1", "operator": "eq", "rightValue": "2"}]}]))["playId"]
-        drain()
+        pid = run(api, make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}, "filters": [{"leftValue": "1", "operator": "eq", "rightValue": "2"}]}]), drain)
         return pid
     raise AssertionError(target)
 
@@ -170,8 +161,7 @@ def test_retry_copies_done_layers_and_resumes_at_the_failed_step(api: Any, drain
         {"ref": "a", "appId": "var", "args": {"values": {"n": 1}}},
         {"ref": "b", "appId": "var", "args": {"values": {"x": "{{ 1 / $prev.args.zero }}"}}},
     ])
-    pid = run(api, flow, args={"zero": 0})["playId"]
-    drain()
+    pid = run(api, flow, drain, args={"zero": 0})
     assert state(pid) == "FAIL"
     r = post(api, pid, "retry")
     assert r.status_code == 201
@@ -183,20 +173,19 @@ def test_retry_copies_done_layers_and_resumes_at_the_failed_step(api: Any, drain
 
 
 def test_delay_defers_and_sleep_parks(api: Any, drain: Any) -> None:
-    deferred = run(api, make_flow(api, APPROVAL[:1]), delayMs=60_000)
+    deferred = trigger(api, make_flow(api, APPROVAL[:1]), delayMs=60_000)
     assert deferred["state"] == "DEFERRED" and deferred["runAt"]
     pid = run(api, make_flow(api, [{"ref": "s", "appId": "sleep", "args": {"ms": 60_000}},
-                                   {"ref": "b", "appId": "var", "args": {"values": {}}}]))["playId"]
-    drain()
+                                   {"ref": "b", "appId": "var", "args": {"values": {}}}]), drain)
     play = Play.objects.get(pk=pid)
     assert play.state == "DEFERRED" and play.run_at is not None
 
 
 def test_max_concurrency_releases_oldest_first(api: Any, drain: Any, no_enqueue: list[str]) -> None:
     flow = make_flow(api, APPROVAL, execution={"maxConcurrency": 1})
-    first = run(api, flow)["playId"]
-    second = run(api, flow)["playId"]
-    third = run(api, flow)["playId"]
+    first = trigger(api, flow)["playId"]
+    second = trigger(api, flow)["playId"]
+    third = trigger(api, flow)["playId"]
     assert [state(first), state(second), state(third)] == ["RUN", "DEFERRED", "DEFERRED"]
     drain()
     assert state(first) == "WAIT"  # a waiting play keeps its slot

@@ -15,10 +15,12 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from flows.models import AuditEntry, Flow, User
+from flows.models import Flow
 from plays.models import Event, Layer, Play, State, encode_cursor
+from tenancy.models import AuditEntry, User
 
-from .conftest import PASSWORD, make_flow
+from .conftest import PASSWORD
+from .factories import flow_row, make_flow, make_play
 
 ONE_STEP = [{"ref": "a", "appId": "var", "args": {"values": {"id": "{{ $prev.args.id }}"}}}]
 
@@ -46,18 +48,11 @@ def page(alice: User) -> Client:
 
 @pytest.fixture
 def flow(api: Any) -> Flow:
-    return Flow.objects.get(pk=make_flow(api, ONE_STEP, name="Invoice processing", category="Finance")["id"])
-
-
-def run(flow: Flow, user: User, **args: Any) -> Play:
-    """A play left RUN: nothing drains the queue, so no step runs."""
-    play, created = Play.trigger(flow, args, user=user)
-    assert created and play.state == State.RUN
-    return play
+    return flow_row(api, ONE_STEP, name="Invoice processing", category="Finance")
 
 
 def seed_history(flow: Flow, n: int = 30) -> list[Play]:
-    template = Play.objects.filter(flow=flow).first() or run(flow, flow.company.users.first())
+    template = Play.objects.filter(flow=flow).first() or make_play(flow, flow.company.users.first())
     now = timezone.now()
     rows = [
         Play(company_id=flow.company_id, flow=flow, flow_version_id=template.flow_version_id,
@@ -81,7 +76,7 @@ def buttons(html: str) -> set[str]:
 
 
 def test_anonymous_visitors_are_sent_to_the_login_page(flow: Flow, alice: User) -> None:
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     anon = Client()
     for url in ["/flows/", f"/flows/{flow.pk}/plays/", "/plays/", f"/plays/{play.pk}/"]:
         response = anon.get(url)
@@ -130,7 +125,7 @@ def test_staff_see_a_link_to_the_admin(alice: User, bob: User) -> None:
 
 
 def test_another_companys_flows_and_plays_are_404(flow: Flow, alice: User, charlie: User) -> None:
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     outsider = browser(charlie)
     assert outsider.get(f"/flows/{flow.pk}/plays/").status_code == 404
     assert outsider.get(f"/flows/{flow.permanent_id}/plays/").status_code == 404
@@ -145,7 +140,7 @@ def test_another_companys_flows_and_plays_are_404(flow: Flow, alice: User, charl
 
 
 def test_teammates_see_each_others_plays(flow: Flow, alice: User, bob: User) -> None:
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     assert browser(bob).get(f"/plays/{play.pk}/").status_code == 200
 
 
@@ -153,10 +148,10 @@ def test_teammates_see_each_others_plays(flow: Flow, alice: User, bob: User) -> 
 
 
 def test_flows_page_shows_last_play_and_last_day_counts(api: Any, flow: Flow, alice: User) -> None:
-    quiet = Flow.objects.get(pk=make_flow(api, ONE_STEP, name="Never run", enabled=False)["id"])
-    run(flow, alice)
+    quiet = flow_row(api, ONE_STEP, name="Never run", enabled=False)
+    make_play(flow, alice)
     seed_history(flow, 6)  # DONE, FAIL, SKIP, … one a day: only the DONE one is within 24 hours
-    latest = run(flow, alice)
+    latest = make_play(flow, alice)
     response = browser(alice).get("/flows/")
     html = response.content.decode()
     assert response.status_code == 200
@@ -176,13 +171,13 @@ def test_flows_page_queries_do_not_grow_with_the_flows(api: Any, alice: User) ->
             assert browser(alice).get("/flows/").status_code == 200
         return len(queries)
 
-    first = Flow.objects.get(pk=make_flow(api, ONE_STEP, name="One")["id"])
-    run(first, alice)
+    first = flow_row(api, ONE_STEP, name="One")
+    make_play(first, alice)
     few = count()
     for n in range(4):
-        more = Flow.objects.get(pk=make_flow(api, ONE_STEP, name=f"More {n}")["id"])
-        run(more, alice)
-        run(more, alice)
+        more = flow_row(api, ONE_STEP, name=f"More {n}")
+        make_play(more, alice)
+        make_play(more, alice)
     assert count() == few
 
 
@@ -196,7 +191,7 @@ def test_deleted_flows_leave_the_flows_page(api: Any, flow: Flow, alice: User) -
 
 
 def test_history_matches_the_api_for_the_same_query(api: Any, flow: Flow, alice: User) -> None:
-    run(flow, alice)
+    make_play(flow, alice)
     seed_history(flow)
     client = browser(alice)
     for query in ["state=FAIL&page=0&size=4", "state=FAIL,SKIP&page=1&size=5", "page=2&size=10",
@@ -210,7 +205,7 @@ def test_history_matches_the_api_for_the_same_query(api: Any, flow: Flow, alice:
 
 
 def test_history_is_newest_first_with_state_badges_and_pages(flow: Flow, alice: User) -> None:
-    newest = run(flow, alice, invoiceId="INV-001")
+    newest = make_play(flow, alice, {"invoiceId": "INV-001"})
     seed_history(flow)
     html = browser(alice).get(f"/flows/{flow.permanent_id}/plays/?state=FAIL&page=0&size=4").content.decode()
     ids = row_ids(html)
@@ -228,9 +223,9 @@ def test_history_is_newest_first_with_state_badges_and_pages(flow: Flow, alice: 
 
 
 def test_history_queries_do_not_grow_with_the_rows(api: Any, flow: Flow, alice: User) -> None:
-    other = Flow.objects.get(pk=make_flow(api, ONE_STEP, name="Payroll")["id"])
-    run(flow, alice)
-    run(other, alice)
+    other = flow_row(api, ONE_STEP, name="Payroll")
+    make_play(flow, alice)
+    make_play(other, alice)
 
     def count(url: str) -> int:
         with CaptureQueriesContext(connection) as queries:
@@ -246,7 +241,7 @@ def test_history_queries_do_not_grow_with_the_rows(api: Any, flow: Flow, alice: 
 
 
 def test_history_filters_by_dates_and_key(flow: Flow, alice: User) -> None:
-    run(flow, alice)
+    make_play(flow, alice)
     seed_history(flow)
     client = browser(alice)
     day = (timezone.now() - timedelta(days=5, minutes=1)).date().isoformat()
@@ -279,9 +274,9 @@ def test_bad_filters_are_shown_not_crashed_on(flow: Flow, alice: User) -> None:
 
 
 def test_all_plays_page_names_the_flow_and_filters_by_it(api: Any, flow: Flow, alice: User) -> None:
-    other = Flow.objects.get(pk=make_flow(api, ONE_STEP, name="Payroll")["id"])
-    mine = run(flow, alice)
-    theirs = run(other, alice)
+    other = flow_row(api, ONE_STEP, name="Payroll")
+    mine = make_play(flow, alice)
+    theirs = make_play(other, alice)
     html = browser(alice).get("/plays/").content.decode()
     assert set(row_ids(html)) == {mine.pk, theirs.pk}
     assert ">Payroll</a>" in html and ">Invoice processing</a>" in html
@@ -319,7 +314,7 @@ def test_a_long_loop_shows_its_first_layers(flow: Flow, alice: User, monkeypatch
     from plays import pages
 
     monkeypatch.setattr(pages, "MAX_LAYERS", 3)
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     Layer.objects.bulk_create(
         Layer(play=play, ref="a", app_id="var", index=0, iteration=i, state="DONE", started_at=timezone.now())
         for i in range(5)
@@ -381,7 +376,7 @@ def test_a_waiting_play_offers_approve_and_decline(api: Any, alice: User, drain:
 
 
 def test_detail_links_retries_and_parents(flow: Flow, alice: User) -> None:
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     play.cancel(alice)
     retry = play.retry(alice)
     child = Play.objects.create(company_id=flow.company_id, flow=flow, flow_version=play.flow_version,
@@ -398,7 +393,7 @@ def test_detail_links_retries_and_parents(flow: Flow, alice: User) -> None:
 
 
 def test_hold_and_resume_buttons_call_the_model_verbs(flow: Flow, alice: User) -> None:
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     client = browser(alice)
     held = client.post(f"/plays/{play.pk}/hold/", follow=True)
     assert held.redirect_chain == [(f"/plays/{play.pk}/", 302)]
@@ -423,7 +418,7 @@ def test_start_begins_a_play_created_without_starting(flow: Flow, alice: User) -
 
 
 def test_an_illegal_verb_shows_a_message_and_changes_nothing(flow: Flow, alice: User) -> None:
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     response = browser(alice).post(f"/plays/{play.pk}/resume/", follow=True)
     assert response.status_code == 200
     assert f"Play {play.pk} is RUN, not ON_HOLD" in response.content.decode()
@@ -435,7 +430,7 @@ def test_an_illegal_verb_shows_a_message_and_changes_nothing(flow: Flow, alice: 
 
 
 def test_cancel_then_retry_lands_on_the_new_play(flow: Flow, alice: User) -> None:
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     client = browser(alice)
     client.post(f"/plays/{play.pk}/cancel/")
     play.refresh_from_db()
@@ -446,14 +441,14 @@ def test_cancel_then_retry_lands_on_the_new_play(flow: Flow, alice: User) -> Non
 
 
 def test_verbs_take_only_post(flow: Flow, alice: User) -> None:
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     assert browser(alice).get(f"/plays/{play.pk}/hold/").status_code == 405
     assert browser(alice).post(f"/plays/{play.pk}/explode/").status_code == 404
     assert Play.objects.get(pk=play.pk).state == State.RUN
 
 
 def test_verb_forms_are_csrf_protected(flow: Flow, alice: User) -> None:
-    play = run(flow, alice)
+    play = make_play(flow, alice)
     client = browser(alice, enforce_csrf_checks=True)
     assert client.post(f"/plays/{play.pk}/hold/").status_code == 403
     assert Play.objects.get(pk=play.pk).state == State.RUN

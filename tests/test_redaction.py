@@ -18,7 +18,7 @@ from plays.models import Event, Layer
 from plays.redaction import MASK, RedactingFilter, redact, secrets_of
 from plays.runner import _call
 
-from .conftest import make_flow
+from .factories import make_flow
 
 TOKEN = "tok_live_9f8e7d6c5b4a3210"
 PASSWORD = "s3cr3t-pa55word"

@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from flows.models import User
 from flows.modules import RunContext, get_module
 from plays.models import Play
 from plays.redaction import MASK, RedactingFilter, redact, secrets_of
 from plays.runner import _call
+from tenancy.models import User
 
 from .conftest import PASSWORD as LOGIN_PASSWORD
-from .conftest import make_flow
+from .factories import make_flow
 
 SECRET = "PASS-9f8e7d6c5b"
 TOKEN = "glpat-Zx81mQ2vT7pL0kR4"

@@ -18,7 +18,7 @@ from flows.models import Flow
 from plays import retention
 from plays.models import Event, Layer, Play, State
 
-from .conftest import make_flow
+from .factories import make_flow
 
 
 def finished(api: Any, flow: dict[str, Any], n: int, drain: Any, args: dict[str, Any] | None = None) -> list[str]:

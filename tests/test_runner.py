@@ -13,7 +13,7 @@ from flows import modules
 from flows.modules import Module, RunContext, StepError
 from plays.models import Event, Layer, Play
 
-from .conftest import make_flow
+from .factories import make_flow, run, trigger
 
 
 class Flaky(Module):
@@ -53,12 +53,6 @@ def test_modules() -> Any:
     modules.REGISTRY.pop("test-slow", None)
 
 
-def run(api: Any, flow: dict[str, Any], args: dict[str, Any] | None = None, **body: Any) -> dict[str, Any]:
-    r = api.post(f"/api/flows/{flow['id']}/run", {"args": args or {}, **body}, format="json")
-    assert r.status_code in (200, 201), r.content
-    return r.json()
-
-
 def layers_of(api: Any, play_id: str) -> list[dict[str, Any]]:
     return api.get(f"/api/plays/{play_id}/layers").json()
 
@@ -73,7 +67,7 @@ def test_three_steps_run_in_order_and_pass_outputs(api: Any, drain: Any) -> None
         {"ref": "b", "appId": "var", "args": {"values": {"double": "{{ $prev.a.n * 2 }}"}}},
         {"ref": "c", "appId": "template", "args": {"template": "total={{ t }}", "data": {"t": "{{ $prev.b.double + 1 }}"}}},
     ])
-    started = run(api, flow, {"n": 20})
+    started = trigger(api, flow, {"n": 20})
     assert started["state"] == "RUN" and started["startedAt"]
     drain()
     play = api.get(f"/api/plays/{started['playId']}").json()
@@ -98,8 +92,7 @@ def test_a_failing_step_fails_the_play_and_later_steps_never_run(api: Any, drain
         {"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.args.doc }}"}},
         {"ref": "never", "appId": "var", "args": {"values": {}}},
     ])
-    play_id = run(api, flow, {"doc": "{not json"})["playId"]
-    drain()
+    play_id = run(api, flow, drain, {"doc": "{not json"})
     play = api.get(f"/api/plays/{play_id}").json()
     assert play["state"] == "FAIL"
     assert play["error"]["code"] == "STEP_FAILED" and play["error"]["ref"] == "parse"
@@ -117,8 +110,7 @@ def test_on_error_continue_and_skip_go_on_with_a_null_output(api: Any, drain: An
         {"ref": "bad", "appId": "json-parse", "args": {"input": "{{ $prev.args.doc }}"}, "onError": on_error},
         {"ref": "after", "appId": "var", "args": {"values": {"was": "{{ $prev.bad }}", "d": "{{ $prev.bad.result | default('none') }}"}}},
     ])
-    play_id = run(api, flow, {"doc": "{"})["playId"]
-    drain()
+    play_id = run(api, flow, drain, {"doc": "{"})
     assert api.get(f"/api/plays/{play_id}").json()["state"] == "DONE"
     layers = layers_of(api, play_id)
     assert layers[0]["state"] == layer_state
@@ -128,39 +120,34 @@ def test_on_error_continue_and_skip_go_on_with_a_null_output(api: Any, drain: An
 def test_retries_with_backoff_count_attempts(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 2},
                             "retry": {"count": 2, "delayMs": 10, "backoffMultiplier": 2, "jitter": True}}])
-    play_id = run(api, flow)["playId"]
-    drain()
+    play_id = run(api, flow, drain)
     layer = layers_of(api, play_id)[0]
     assert (layer["state"], layer["attempts"], layer["out"]) == ("DONE", 3, {"ok": True, "attempt": 3})
 
 
 def test_retries_exhausted_fail_the_step(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 5}, "retry": {"count": 1, "delayMs": 1}}])
-    play_id = run(api, flow)["playId"]
-    drain()
+    play_id = run(api, flow, drain)
     layer = layers_of(api, play_id)[0]
     assert (layer["state"], layer["attempts"], layer["error"]["code"]) == ("FAIL", 2, "FLAKY")
 
 
 def test_a_non_retryable_error_is_not_retried(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 5, "retryable": False}, "retry": {"count": 3, "delayMs": 1}}])
-    play_id = run(api, flow)["playId"]
-    drain()
+    play_id = run(api, flow, drain)
     assert layers_of(api, play_id)[0]["attempts"] == 1
 
 
 def test_an_attempt_over_its_timeout_fails(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "s", "appId": "test-slow", "args": {"seconds": 3}, "timeout": 1}])
-    play_id = run(api, flow)["playId"]
-    drain()
+    play_id = run(api, flow, drain)
     layer = layers_of(api, play_id)[0]
     assert layer["state"] == "FAIL" and layer["error"]["code"] == "TIMEOUT"
 
 
 def test_a_play_over_its_timeout_fails_with_play_timeout(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "s", "appId": "test-slow", "args": {"seconds": 3}}], execution={"timeout": 1})
-    play_id = run(api, flow)["playId"]
-    drain()
+    play_id = run(api, flow, drain)
     play = api.get(f"/api/plays/{play_id}").json()
     assert play["state"] == "FAIL" and play["error"]["code"] == "PLAY_TIMEOUT"
 
@@ -171,22 +158,20 @@ def test_filtered_steps_and_all_filtered_play(api: Any, drain: Any) -> None:
         {"ref": "a", "appId": "var", "args": {"values": {}}, "filters": never},
         {"ref": "b", "appId": "var", "args": {"values": {}}, "filters": never},
     ])
-    play_id = run(api, flow, {"go": "no"})["playId"]
-    drain()
+    play_id = run(api, flow, drain, {"go": "no"})
     assert api.get(f"/api/plays/{play_id}").json()["state"] == "FILTERED"
     assert [x["state"] for x in layers_of(api, play_id)] == ["FILTERED", "FILTERED"]
-    play_id = run(api, flow, {"go": "yes"})["playId"]
-    drain()
+    play_id = run(api, flow, drain, {"go": "yes"})
     assert api.get(f"/api/plays/{play_id}").json()["state"] == "DONE"
 
 
 def test_flow_filters_skip_the_play_at_once(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}}],
                      filters=[{"leftValue": "{{ $prev.args.amount }}", "operator": "gte", "rightValue": "1000", "cast": "number"}])
-    small = run(api, flow, {"amount": 5})
+    small = trigger(api, flow, {"amount": 5})
     assert small["state"] == "SKIP"
     assert layers_of(api, small["playId"]) == []
-    big = run(api, flow, {"amount": 5000})
+    big = trigger(api, flow, {"amount": 5000})
     assert big["state"] == "RUN"
     drain()
     assert api.get(f"/api/plays/{big['playId']}").json()["state"] == "DONE"
@@ -195,16 +180,14 @@ def test_flow_filters_skip_the_play_at_once(api: Any, drain: Any) -> None:
 def test_a_filter_that_cannot_cast_fails_the_layer(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}},
                             "filters": [{"leftValue": "{{ $prev.args.x }}", "operator": "gt", "rightValue": "1", "cast": "number"}]}])
-    play_id = run(api, flow, {"x": "abc"})["playId"]
-    drain()
+    play_id = run(api, flow, drain, {"x": "abc"})
     layer = layers_of(api, play_id)[0]
     assert layer["state"] == "FAIL" and layer["error"]["code"] == "FILTER_ERROR"
 
 
 def test_an_expression_runtime_error_fails_the_layer(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"x": "{{ 1 / $prev.args.zero }}"}}}])
-    play_id = run(api, flow, {"zero": 0})["playId"]
-    drain()
+    play_id = run(api, flow, drain, {"zero": 0})
     layer = layers_of(api, play_id)[0]
     assert layer["error"]["code"] == "EXPRESSION_ERROR"
     assert layer["error"]["message"]
@@ -212,7 +195,7 @@ def test_an_expression_runtime_error_fails_the_layer(api: Any, drain: Any) -> No
 
 def test_plays_run_the_version_they_were_created_with(api: Any, no_enqueue: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {"v": 1}}}])
-    play_id = run(api, flow)["playId"]
+    play_id = trigger(api, flow)["playId"]
     api.put(f"/api/flows/{flow['id']}", {"name": flow["name"], "layers": [
         {"ref": "a", "appId": "var", "args": {"values": {"v": 2}}}]}, format="json")
     drain()
@@ -223,7 +206,7 @@ def test_plays_run_the_version_they_were_created_with(api: Any, no_enqueue: Any,
 
 def test_a_duplicate_delivery_does_not_run_a_finished_step_again(api: Any, no_enqueue: list[str], drain: Any) -> None:
     flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {}}])
-    play_id = run(api, flow)["playId"]
+    play_id = trigger(api, flow)["playId"]
     no_enqueue.append(play_id)  # the broker delivers the task twice
     drain()
     assert Flaky.calls == {"f": 1}
@@ -241,7 +224,7 @@ def test_a_runner_that_died_mid_step_is_resumed_and_counts_the_attempt(api: Any,
         {"ref": "a", "appId": "var", "args": {"values": {"x": 1}}},
         {"ref": "b", "appId": "test-flaky", "args": {}},
     ])
-    play_id = run(api, flow)["playId"]
+    play_id = trigger(api, flow)["playId"]
     no_enqueue.clear()
     play = Play.objects.get(pk=play_id)
     # Simulate a worker that finished step a, opened step b and was killed.
@@ -275,7 +258,7 @@ def test_each_step_is_one_transaction_that_also_starts_the_next_one(api: Any, dr
 
     monkeypatch.setattr(play_models, "_store", counting)
     flow = make_flow(api, [{"ref": f"s{i}", "appId": "var", "args": {"values": {"i": i}}} for i in range(6)])
-    play_id = run(api, flow)["playId"]
+    play_id = trigger(api, flow)["playId"]
     with CaptureQueriesContext(connection) as queries:
         drain()
     assert Play.objects.get(pk=play_id).state == "DONE"
@@ -308,8 +291,7 @@ def test_a_hold_that_lands_during_a_step_records_it_and_starts_nothing_more(api:
     monkeypatch.setitem(modules.REGISTRY, "test-holds", HoldsItsPlay())
     flow = make_flow(api, [{"ref": "a", "appId": "test-holds", "args": {}},
                            {"ref": "b", "appId": "var", "args": {"values": {"x": 1}}}])
-    play_id = run(api, flow)["playId"]
-    drain()
+    play_id = run(api, flow, drain)
     play = Play.objects.get(pk=play_id)
     assert play.state == "ON_HOLD" and play.next_index == 1
     assert [(x["ref"], x["state"]) for x in layers_of(api, play_id)] == [("a", "DONE")]
@@ -354,7 +336,7 @@ def test_a_long_retry_delay_parks_the_play_instead_of_holding_the_worker(api: An
     settings.FLOWPLAY = {**settings.FLOWPLAY, "RETRY_PARK_SECONDS": 5.0}
     flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 2},
                             "retry": {"count": 2, "delayMs": 60000, "backoffMultiplier": 2}}])
-    play_id = run(api, flow)["playId"]
+    play_id = trigger(api, flow)["playId"]
     before = timezone.now()
     drain()  # the first attempt fails: the play waits a minute without a worker
     play = Play.objects.get(pk=play_id)
@@ -381,8 +363,7 @@ def test_a_long_retry_delay_parks_the_play_instead_of_holding_the_worker(api: An
 
 def test_short_retry_delays_stay_in_the_worker(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "f", "appId": "test-flaky", "args": {"failures": 1}, "retry": {"count": 1, "delayMs": 20}}])
-    play_id = run(api, flow)["playId"]
-    drain()
+    play_id = run(api, flow, drain)
     assert Play.objects.get(pk=play_id).state == "DONE"
     assert not Event.objects.filter(play_id=play_id, type="play:state").exists()
 
@@ -393,7 +374,7 @@ def leased_play_with_a_running_first_step(api: Any) -> tuple[Play, list[dict[str
 
     flow = make_flow(api, [{"ref": "a", "appId": "var", "args": {"values": {}}},
                            {"ref": "b", "appId": "var", "args": {"values": {}}}])
-    play = Play.take_lease(run(api, flow)["playId"], "r1", 30)
+    play = Play.take_lease(trigger(api, flow)["playId"], "r1", 30)
     steps = play.flow_version.definition["layers"]
     return play, steps, Layer.open(play, steps[0], LayerState.RUN)
 

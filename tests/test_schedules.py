@@ -16,7 +16,8 @@ from triggers import cron
 from triggers.models import Schedule, fire_due_one, start_queued_one
 from triggers.tasks import fire_schedules
 
-from .conftest import client_for, make_flow
+from .conftest import client_for
+from .factories import flow_row
 
 ONE_STEP = [{"ref": "a", "appId": "var", "args": {"values": {"at": "{{ $prev.args.at }}"}}}]
 
@@ -102,7 +103,7 @@ def test_catchup_all_keeps_to_its_window_and_to_100_fires() -> None:
 
 @pytest.fixture
 def flow(api: Any) -> Flow:
-    return Flow.objects.get(pk=make_flow(api, ONE_STEP, name="Nightly")["id"])
+    return flow_row(api, ONE_STEP, name="Nightly")
 
 
 def schedule_of(flow: Flow, **fields: Any) -> Schedule:
@@ -147,7 +148,7 @@ def test_a_stale_scheduler_cannot_fire_the_same_time_again_even_after_the_play_f
 
 @pytest.mark.django_db(transaction=True)
 def test_two_schedulers_racing_start_one_play_per_fire(alice: Any, no_enqueue: list[str]) -> None:
-    flow = Flow.objects.get(pk=make_flow(client_for(alice), ONE_STEP, name="Race")["id"])
+    flow = flow_row(client_for(alice), ONE_STEP, name="Race")
     schedules = [schedule_of(flow, overlap="allow") for _ in range(3)]
     now = max(s.next_fire_at for s in schedules) + timedelta(seconds=1)
     stale = now - timedelta(minutes=1)  # a fire time that every scheduler fires directly, unlocked

@@ -22,9 +22,9 @@ from drf_spectacular.renderers import OpenApiJsonRenderer
 from hypothesis import HealthCheck, settings
 from rest_framework.test import APIClient
 
-from flows.models import ApiKey, User
+from tenancy.models import ApiKey, User
 
-from .conftest import make_flow
+from .factories import make_flow
 
 
 def openapi() -> dict[str, Any]:

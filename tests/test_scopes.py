@@ -1,4 +1,4 @@
-"""API key scopes and roles (flows/permissions.py), as found in issue 13: scopes were stored
+"""API key scopes and roles (tenancy/permissions.py), as found in issue 13: scopes were stored
 and never enforced, a key could mint keys, a child key outlived its revoked parent, and
 Operators could not edit flows in the admin but could through the API.
 """
@@ -17,11 +17,13 @@ from django.core.management import call_command
 from django.test import Client
 from rest_framework.test import APIClient
 
-from flows.models import ApiKey, Flow, User
-from flows.permissions import ANY_SCOPE, SCOPES
+from flows.models import Flow
 from plays.models import Play
+from tenancy.models import ApiKey, User
+from tenancy.permissions import ANY_SCOPE, SCOPES
 
-from .conftest import PASSWORD, client_for, make_flow
+from .conftest import PASSWORD, client_for
+from .factories import make_flow
 from .test_access import all_patterns
 
 ONE_STEP = [{"ref": "a", "appId": "var", "args": {"values": {"n": 1}}}]
@@ -362,7 +364,7 @@ def test_a_member_without_a_role_has_the_same_rights_in_the_admin_as_in_the_api(
     admin.force_login(alice)
     assert admin.get(f"/admin/flows/flow/{flow['id']}/change/").status_code == 200
     assert alice.has_perm("flows.change_flow") and alice.has_perm("plays.operate_play")
-    assert not alice.has_perm("flows.change_user") and not alice.has_perm("flows.change_company")
+    assert not alice.has_perm("tenancy.change_user") and not alice.has_perm("tenancy.change_company")
 
 
 def test_the_pages_follow_the_role_too(api: APIClient, alice: User, no_enqueue: list[str]) -> None:

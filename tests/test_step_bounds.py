@@ -21,7 +21,7 @@ from flows.modules import Module, RunContext, StepError
 from plays import killable
 from plays.models import Play
 
-from .conftest import make_flow
+from .factories import make_flow, run
 from .helpers import make_pdf, make_pdf_bomb
 
 
@@ -48,12 +48,6 @@ def spin_module() -> Any:
     modules.REGISTRY.pop("test-spin", None)
 
 
-def run(api: Any, flow: dict[str, Any], args: dict[str, Any] | None = None) -> str:
-    r = api.post(f"/api/flows/{flow['id']}/run", {"args": args or {}}, format="json")
-    assert r.status_code in (200, 201), r.content
-    return r.json()["playId"]
-
-
 def layer(api: Any, play_id: str, index: int = 0) -> dict[str, Any]:
     return api.get(f"/api/plays/{play_id}/layers").json()[index]
 
@@ -77,8 +71,7 @@ def cpu_ticks(pid: int, tid: int | None = None) -> int | None:
 def test_a_timed_out_cpu_bound_step_leaves_nothing_running(api: Any, drain: Any, tmp_path: Path) -> None:
     pidfile = tmp_path / "spin.pid"
     flow = make_flow(api, [{"ref": "spin", "appId": "test-spin", "args": {"pidfile": str(pidfile)}, "timeout": 1}])
-    play_id = run(api, flow)
-    drain()
+    play_id = run(api, flow, drain)
     got = layer(api, play_id)
     assert (got["state"], got["error"]["code"]) == ("FAIL", "TIMEOUT")
     pid, tid = (int(x) for x in pidfile.read_text().split())
@@ -104,8 +97,7 @@ def test_a_quadratic_regex_is_stopped_at_its_timeout(api: Any, drain: Any) -> No
     # time: minutes for 200,000 characters. In a thread, it went on after the timeout.
     args = {"input": "a" * 200_000, "pattern": "a(?:.*z)?", "operation": "replace", "replacement": "b"}
     flow = make_flow(api, [{"ref": "r", "appId": "regex", "args": args, "timeout": 1}])
-    play_id = run(api, flow)
-    drain()
+    play_id = run(api, flow, drain)
     got = layer(api, play_id)
     assert (got["state"], got["error"]["code"]) == ("FAIL", "TIMEOUT")
     assert busiest_thread_share() < 0.5
@@ -156,8 +148,7 @@ def test_cpu_bound_modules_are_marked() -> None:
 def test_a_catastrophic_regex_finishes_at_once(api: Any, drain: Any) -> None:
     # Python's re needs about 2^40 steps here (hours, holding the GIL).
     flow = make_flow(api, [{"ref": "r", "appId": "regex", "args": {"input": "a" * 40 + "!", "pattern": "(a+)+$"}}])
-    play_id = run(api, flow)
-    drain()
+    play_id = run(api, flow, drain)
     got = layer(api, play_id)
     assert got["state"] == "DONE" and got["out"] == {"matched": False, "groups": [], "named": {}}
 
@@ -166,8 +157,7 @@ def test_a_catastrophic_regex_finishes_at_once(api: Any, drain: Any) -> None:
 def test_the_regex_filter_operator_runs_in_linear_time(api: Any, drain: Any) -> None:
     nested = [{"leftValue": "{{ $prev.args.s }}", "operator": "regex", "rightValue": "^(a|aa)+$"}]
     flow = make_flow(api, [{"ref": "v", "appId": "var", "args": {"values": {"ok": True}}, "filters": nested}])
-    play_id = run(api, flow, {"s": "a" * 60 + "!"})
-    drain()
+    play_id = run(api, flow, drain, {"s": "a" * 60 + "!"})
     assert layer(api, play_id)["state"] == "FILTERED"
 
 
@@ -205,8 +195,7 @@ def test_patterns_re2_cannot_run_are_refused_at_save_time(api: Any, pattern: str
 
 def test_a_pattern_known_only_at_run_time_fails_with_invalid_input(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "r", "appId": "regex", "args": {"input": "aa", "pattern": "{{ $prev.args.p }}"}}])
-    play_id = run(api, flow, {"p": r"(a)\1"})
-    drain()
+    play_id = run(api, flow, drain, {"p": r"(a)\1"})
     got = layer(api, play_id)
     assert (got["state"], got["error"]["code"]) == ("FAIL", "INVALID_INPUT")
     assert "backreference" in got["error"]["message"]
@@ -262,8 +251,7 @@ def test_a_pdf_whose_pages_share_a_huge_stream_is_refused() -> None:
 def test_a_huge_regex_replacement_fails_before_it_is_built(api: Any, drain: Any) -> None:
     args = {"input": "x" * 1000, "pattern": "x", "operation": "replace", "replacement": "y" * 100_000}
     flow = make_flow(api, [{"ref": "r", "appId": "regex", "args": args, "retry": {"count": 2, "delayMs": 1}}])
-    play_id = run(api, flow)
-    drain()
+    play_id = run(api, flow, drain)
     got = layer(api, play_id)
     assert (got["state"], got["error"]["code"], got["attempts"]) == ("FAIL", "OUTPUT_TOO_LARGE", 1)
     assert "100,000,000" in got["error"]["message"]
@@ -278,8 +266,7 @@ def test_every_module_output_is_capped_by_the_setting(api: Any, drain: Any, sett
             {"ref": "big", "appId": "var", "args": {"values": {"s": "{{ $prev.args.s * 20 }}"}}},
         ],
     )
-    play_id = run(api, flow, {"s": "z" * 90})
-    drain()
+    play_id = run(api, flow, drain, {"s": "z" * 90})
     assert layer(api, play_id, 0)["state"] == "DONE"
     big = layer(api, play_id, 1)
     assert (big["state"], big["error"]["code"]) == ("FAIL", "OUTPUT_TOO_LARGE")
@@ -312,8 +299,7 @@ def test_a_self_calling_async_subflow_stops_at_the_descendant_budget(api: Any, d
         "args": {"flowId": "{{ $prev.args.f }}", "args": {"f": "{{ $prev.args.f }}"}, "async": True},
     }
     flow = make_flow(api, [{"ref": "one", **call}, {"ref": "two", **call}], name="Fork bomb", permanentId="fork-bomb")
-    root = run(api, flow, {"f": "fork-bomb"})
-    drain()
+    root = run(api, flow, drain, {"f": "fork-bomb"})
     # Without the budget: 2 + 4 + … + 128 = 254 descendants (the depth limit of 8 only).
     assert Play.objects.filter(root_id=root).count() == 20
     assert Play.objects.count() == 21

@@ -16,10 +16,10 @@ from django.test import Client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.models import User
 from plays.models import TERMINAL, Play
+from tenancy.models import User
 
-from .conftest import make_flow
+from .factories import make_flow
 
 odd_text = st.text(
     alphabet=st.one_of(st.characters(), st.sampled_from(["\x00", "\ud800", "\udc00", "\udbff", "\ud83d"])),

@@ -22,12 +22,12 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from flows import modules
 from flows.modules import Module, RunContext
-from flows.storable import MAX_DEPTH, UnstorableValue, storable
 from plays import tasks
 from plays.broker import BROKER_UNAVAILABLE
 from plays.models import Layer, Play
+from tenancy.storable import MAX_DEPTH, UnstorableValue, storable
 
-from .conftest import make_flow
+from .factories import make_flow, run, trigger
 
 on_postgres = pytest.mark.skipif(connection.vendor != "postgresql", reason="needs PostgreSQL (DATABASE_URL)")
 
@@ -35,12 +35,6 @@ on_postgres = pytest.mark.skipif(connection.vendor != "postgresql", reason="need
 def post_raw(api: Any, url: str, text: str) -> Any:
     """POST JSON text as is (the test client's renderer cannot encode a lone surrogate)."""
     return api.post(url, data=text.encode(), content_type="application/json")
-
-
-def run(api: Any, flow: dict[str, Any], args: dict[str, Any] | None = None) -> str:
-    r = api.post(f"/api/flows/{flow['id']}/run", {"args": args or {}}, format="json")
-    assert r.status_code == 201, r.content
-    return r.json()["playId"]
 
 
 # --- storable() -------------------------------------------------------------------------
@@ -112,8 +106,7 @@ def test_curl_side_effect_behind_a_nul_returning_server_is_called_once(api: Any,
         {"ref": "post", "appId": "curl", "args": {"url": nul_server + "/charge", "method": "POST"}},
         {"ref": "after", "appId": "var", "args": {"values": {"note": "{{ $prev.post.body.note }}"}}},
     ])
-    play_id = run(api, flow)
-    drain()
+    play_id = run(api, flow, drain)
     play = api.get(f"/api/plays/{play_id}").json()
     assert play["state"] == "DONE", play
     assert NulHandler.hits == {"/charge": 1}
@@ -129,8 +122,7 @@ def test_curl_side_effect_behind_a_nul_returning_server_is_called_once(api: Any,
 
 def test_json_parse_of_a_lone_surrogate_is_stored_repaired(api: Any, drain: Any) -> None:
     flow = make_flow(api, [{"ref": "p", "appId": "json-parse", "args": {"input": '"\\ud800"'}}])
-    play_id = run(api, flow)
-    drain()
+    play_id = run(api, flow, drain)
     assert api.get(f"/api/plays/{play_id}").json()["state"] == "DONE"
     assert Layer.objects.get(play_id=play_id, ref="p").out == {"result": "\ufffd"}
 
@@ -208,8 +200,7 @@ def test_an_unstorable_outcome_fails_the_step_once_with_storage_error(api: Any, 
         {"ref": "deep", "appId": "test-deep", "args": {}, "onError": on_error},
         {"ref": "next", "appId": "var", "args": {"values": {"x": 1}}},
     ])
-    play_id = run(api, flow)
-    drain()
+    play_id = run(api, flow, drain)
     play = Play.objects.get(pk=play_id)
     layer = Layer.objects.get(play_id=play_id, ref="deep")
     assert Deep.calls == 1 and layer.attempts == 1
@@ -234,8 +225,7 @@ def test_a_database_error_while_recording_fails_the_step_once(api: Any, drain: A
         {"ref": "effect", "appId": "test-once", "args": {}},
         {"ref": "next", "appId": "var", "args": {"values": {"x": 1}}},
     ])
-    play_id = run(api, flow)
-    drain()
+    play_id = run(api, flow, drain)
     for _ in range(3):  # the reaper finds nothing to run again
         assert not tasks.reap_stuck_one(0)
         drain()
@@ -289,7 +279,7 @@ def test_a_dropped_connection_while_recording_is_retried_not_rerun(api: Any, dra
         {"ref": "effect", "appId": "test-once", "args": {}},
         {"ref": "next", "appId": "var", "args": {"values": {"x": "{{ $prev.effect.done }}"}}},
     ])
-    play_id = run(api, flow)
+    play_id = trigger(api, flow)["playId"]
     drain()  # also runs the task the reaper sent: it finds the play taken back, or done
     play = Play.objects.get(pk=play_id)
     assert drops["n"] == 3 and reaped == [True]
@@ -323,8 +313,7 @@ def test_postgres_connections_cut_while_a_step_runs_do_not_run_it_again(api: Any
         {"ref": "effect", "appId": "test-once", "args": {"kill_connections": True}},
         {"ref": "next", "appId": "var", "args": {"values": {"x": "{{ $prev.effect.done }}"}}},
     ])
-    play_id = run(api, flow)
-    drain()
+    play_id = run(api, flow, drain)
     assert Once.calls == 1
     assert Play.objects.get(pk=play_id).state == "DONE"
     assert Layer.objects.get(play_id=play_id, ref="effect").attempts == 1
@@ -411,7 +400,7 @@ def test_a_loops_iterations_unsent_while_the_broker_is_down_are_reaped_and_finis
     from .test_loops import loop_flow
 
     flow = loop_flow(api, concurrency=2)
-    play_id = run(api, flow, {"items": [1, 2, 3]})
+    play_id = trigger(api, flow, {"items": [1, 2, 3]})["playId"]
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise BrokerError("Connection refused.")

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from flowplay import telemetry
 from plays.models import Play
 
-from .conftest import make_flow
+from .factories import make_flow
 
 exporter = InMemorySpanExporter()
 

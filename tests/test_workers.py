@@ -17,7 +17,8 @@ from plays import workers
 from plays.models import Play, State
 from plays.workers import Worker
 
-from .conftest import PASSWORD, make_flow
+from .conftest import PASSWORD
+from .factories import make_flow
 
 
 class FakeConsumer:

@@ -11,13 +11,14 @@ from channels.db import database_sync_to_async as sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
-from flows.models import ApiKey, Flow, User
+from flows.models import Flow
 from plays import consumers
 from plays.fanout import company_group
 from plays.models import Event, EventType, Play, decode_cursor, emit, encode_cursor
 from plays.wsauth import SEND_BACKLOG
+from tenancy.models import ApiKey, User
 
-from .conftest import make_flow
+from .factories import make_flow
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -16,9 +16,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from flows.audit import record
-from plays.admin import TenantMixin, pretty_json
+from plays.admin import pretty_json
 from plays.models import iso
+from tenancy.admin import TenantMixin
+from tenancy.audit import record
 
 from . import cron
 from .models import Channel, ChannelRequest, Route, Schedule

@@ -28,11 +28,11 @@ from urllib.parse import parse_qs
 from django.conf import settings
 
 from flows import expr
-from flows.ids import new_id
-from flows.models import hash_token
-from flows.storable import MAX_JSON_DEPTH, UnstorableValue, json_depth_exceeds, storable
 from plays.models import IdempotencyConflict, Play, State, TriggerKind
 from plays.redaction import MASK, redact
+from tenancy.ids import new_id
+from tenancy.models import hash_token
+from tenancy.storable import MAX_JSON_DEPTH, UnstorableValue, json_depth_exceeds, storable
 
 from .models import AuthMode, Channel, ChannelRequest, HmacFormat, ResponseMode, Route
 from .waiting import db, error_body, last_output, wait_for_end

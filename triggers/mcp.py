@@ -28,9 +28,10 @@ from django.conf import settings
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
-from flows.audit import record
-from flows.models import ApiKey, Flow
+from flows.models import Flow
 from plays.models import IdempotencyConflict, Play, State, TriggerKind
+from tenancy.audit import record
+from tenancy.models import ApiKey
 
 from .waiting import db, error_body, last_output, wait_for_end
 

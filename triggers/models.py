@@ -20,10 +20,11 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from flows.ids import new_id
-from flows.models import Company, Flow, hash_token
-from flows.storable import StorableJSONField
+from flows.models import Flow
 from plays.models import NON_TERMINAL, IdempotencyConflict, Play, State, TriggerKind, iso
+from tenancy.ids import new_id
+from tenancy.models import Company, hash_token
+from tenancy.storable import StorableJSONField
 
 from . import cron
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from django.db.models import Q
 from django.utils import timezone
 from django.utils.text import slugify
 from rest_framework import serializers
@@ -325,7 +324,7 @@ class RouteSerializer(serializers.ModelSerializer):
         company_id = self.context["company_id"]
         ids, missing = [], []
         for key in value:
-            flow = Flow.objects.alive().filter(company_id=company_id).filter(Q(pk=key) | Q(permanent_id=key)).first()
+            flow = Flow.objects.resolve(company_id, key)
             if flow is None:
                 missing.append(key)
             elif flow.pk not in ids:

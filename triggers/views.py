@@ -13,10 +13,10 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from flows.api import not_found
-from flows.audit import record
-from flows.permissions import RUN_FLOW, VIEW_FLOW
 from flows.views import get_flow
 from plays.serializers import PlaySerializer
+from tenancy.audit import record
+from tenancy.permissions import RUN_FLOW, VIEW_FLOW
 
 from .models import AuthMode, Channel, ChannelRequest, Route, Schedule
 from .serializers import (
@@ -41,7 +41,7 @@ class ScheduleViewSet(
     queryset = Schedule.objects.none()  # for the schema; get_queryset() scopes to the company
     serializer_class = ScheduleSerializer
     lookup_url_kwarg = "schedule_id"
-    # API key scopes and roles (flows/permissions.py): a schedule is part of a flow's set-up
+    # API key scopes and roles (tenancy/permissions.py): a schedule is part of a flow's set-up
     # ("flows", flows.change_flow); firing one now is running the flow ("run", plays.add_play).
     write_scope = "flows"
     scopes = {"trigger": "run"}
@@ -161,7 +161,7 @@ class ChannelViewSet(viewsets.ModelViewSet):
 
     queryset = Channel.objects.none()  # for the schema
     serializer_class = ChannelSerializer
-    # Like schedules: a channel is part of the flows' set-up (flows/permissions.py).
+    # Like schedules: a channel is part of the flows' set-up (tenancy/permissions.py).
     write_scope = "flows"
     read_perm = VIEW_FLOW
     write_perm = "flows.change_flow"

@@ -5,12 +5,13 @@ import django.contrib.auth.validators
 import django.db.models.deletion
 import django.db.models.functions.text
 import django.utils.timezone
-from django.conf import settings
 from django.db import migrations, models
 
 import flows.ids
 
 
+# The user model was flows.User then: references to it name it, not settings.AUTH_USER_MODEL, which
+# now names tenancy.User (tenancy/migrations/0001_initial.py).
 class Migration(migrations.Migration):
 
     initial = True
@@ -66,7 +67,7 @@ class Migration(migrations.Migration):
                 ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
                 ('last_used_at', models.DateTimeField(blank=True, editable=False, null=True)),
                 ('revoked_at', models.DateTimeField(blank=True, null=True)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='api_keys', to=settings.AUTH_USER_MODEL)),
+                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='api_keys', to="flows.user")),
             ],
             options={
                 'verbose_name': 'API key',

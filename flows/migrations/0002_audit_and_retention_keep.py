@@ -2,10 +2,11 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-from django.conf import settings
 from django.db import migrations, models
 
 
+# The user model was flows.User then: references to it name it, not settings.AUTH_USER_MODEL, which
+# now names tenancy.User (tenancy/migrations/0001_initial.py).
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -29,7 +30,7 @@ class Migration(migrations.Migration):
                 ('object_repr', models.CharField(blank=True, default='', max_length=200)),
                 ('details', models.JSONField(blank=True, default=dict)),
                 ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('actor', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ('actor', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to="flows.user")),
                 ('company', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='flows.company')),
             ],
             options={

@@ -2,7 +2,6 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-from django.conf import settings
 from django.db import migrations, models
 
 import flows.ids
@@ -27,6 +26,8 @@ def unseal_kv_values(apps, schema_editor):
             KV.objects.filter(pk=entry.pk).update(value=vault.unseal(entry.value))
 
 
+# The user model was flows.User then: references to it name it, not settings.AUTH_USER_MODEL, which
+# now names tenancy.User (tenancy/migrations/0001_initial.py).
 class Migration(migrations.Migration):
     dependencies = [
         ("flows", "0002_audit_and_retention_keep"),
@@ -80,7 +81,7 @@ class Migration(migrations.Migration):
                         null=True,
                         on_delete=django.db.models.deletion.SET_NULL,
                         related_name="+",
-                        to=settings.AUTH_USER_MODEL,
+                        to="flows.user",
                     ),
                 ),
             ],

@@ -2,19 +2,19 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-from django.conf import settings
 from django.db import migrations, models
 
 import flows.ids
 
 
+# The user model was flows.User then: references to it name it, not settings.AUTH_USER_MODEL, which
+# now names tenancy.User (tenancy/migrations/0001_initial.py).
 class Migration(migrations.Migration):
 
     initial = True
 
     dependencies = [
         ('flows', '0001_initial'),
-        migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
@@ -64,7 +64,7 @@ class Migration(migrations.Migration):
                 ('parent', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='children', to='plays.play')),
                 ('parent_layer', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='plays.layer')),
                 ('retry_of', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='retries', to='plays.play')),
-                ('triggered_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ('triggered_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to="flows.user")),
             ],
         ),
         migrations.AddField(
@@ -92,7 +92,7 @@ class Migration(migrations.Migration):
                 ('decision', models.CharField(choices=[('approved', 'Approved'), ('declined', 'Declined')], max_length=10)),
                 ('note', models.TextField(blank=True, default='')),
                 ('decided_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('decided_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ('decided_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to="flows.user")),
                 ('layer', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='approval', to='plays.layer')),
                 ('play', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='approvals', to='plays.play')),
             ],

@@ -305,7 +305,7 @@ class Fleet:
             "shell",
             "-c",
             (
-                "from flows.models import Company, User\n"
+                "from tenancy.models import Company, User\n"
                 "acme, _ = Company.objects.get_or_create(slug='acme', defaults={'name': 'Acme'})\n"
                 f"User.objects.create_user('alice', 'alice@fleet.test', {PASSWORD!r}, company=acme)\n"
             ),

@@ -396,7 +396,7 @@ class Cluster:
     def migrate_and_seed(self) -> None:
         self.manage("migrate", "--noinput")
         script = (
-            "from flows.models import Company, User\n"
+            "from tenancy.models import Company, User\n"
             "acme, _ = Company.objects.get_or_create(slug='acme', defaults={'name': 'Acme'})\n"
             "globex, _ = Company.objects.get_or_create(slug='globex', defaults={'name': 'Globex'})\n"
             f"for name, company in (('alice', acme), ('bob', acme), ('charlie', globex)):\n"

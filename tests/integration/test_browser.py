@@ -14,13 +14,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from ..polling import wait_until
 from .conftest import ROOT, Server, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -30,17 +31,6 @@ SHOTS = ROOT / "tests/artifacts/screenshots"
 DOCS_SHOTS = ROOT / "docs/screenshots"
 # Generous: the machine is shared, and nothing here should depend on its speed.
 TIMEOUT_MS = 60_000
-
-
-def poll(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +165,7 @@ def test_watch_filter_hold_and_resume_in_the_browser(server: Server, alice: http
 
     # 3. Hold and resume a sleeping play with the buttons.
     sleeping_id = alice.post(f"/api/flows/{sleepy['id']}/run", json={}).json()["playId"]
-    poll(lambda: alice.get(f"/api/plays/{sleeping_id}").json()["state"] == "DEFERRED", "the sleep step to park the play")
+    wait_until(lambda: alice.get(f"/api/plays/{sleeping_id}").json()["state"] == "DEFERRED", what="the sleep step to park the play")
     page.goto(f"{server.url}/plays/{sleeping_id}/")
     assert badge(page, "#play-state") == "DEFERRED"
     assert page.get_by_role("button", name="Resume").count() == 0
@@ -202,7 +192,7 @@ def test_watch_filter_hold_and_resume_in_the_browser(server: Server, alice: http
 def test_the_history_page_updates_states_live(server: Server, alice: httpx.Client, page: Any) -> None:
     flow = make_flow(alice, "Live history", [{"ref": "nap", "appId": "sleep", "args": {"ms": 600_000}}])
     play_id = alice.post(f"/api/flows/{flow['id']}/run", json={}).json()["playId"]
-    poll(lambda: alice.get(f"/api/plays/{play_id}").json()["state"] == "DEFERRED", "the play to park")
+    wait_until(lambda: alice.get(f"/api/plays/{play_id}").json()["state"] == "DEFERRED", what="the play to park")
     log_in(page, server)
     page.goto(f"{server.url}/flows/{flow['permanentId']}/plays/")
     page.wait_for_selector("#live-status[data-state='on']")
@@ -211,7 +201,7 @@ def test_the_history_page_updates_states_live(server: Server, alice: httpx.Clien
     assert alice.post(f"/api/plays/{play_id}/cancel").status_code == 200
     row.locator(".badge[data-state='FAIL']").wait_for()
     # The list shows the duration of an ended play (the Started/Completed columns became Created + Duration).
-    poll(lambda: row.locator(".js-duration").inner_text().strip() not in ("", "—"), "the play's duration")
+    wait_until(lambda: row.locator(".js-duration").inner_text().strip() not in ("", "—"), what="the play's duration")
     # A play started after the page was rendered is announced, not silently missed.
     other = alice.post(f"/api/flows/{flow['id']}/run", json={}).json()["playId"]
     page.locator("#live-notice").get_by_text("1 new play since this page was loaded.").wait_for()

@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from ..polling import wait_until
 from .conftest import Server, wait_for
-from .test_browser import TIMEOUT_MS, chromium, log_in, make_flow, poll, shot
+from .test_browser import TIMEOUT_MS, chromium, log_in, make_flow, shot
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 # A browser away from UTC: the lists show its local time, and its own "yesterday".
@@ -108,7 +109,7 @@ def test_bulk_retry_of_a_filtered_set_with_its_result_page(server: Server, alice
         assert play["retryOf"] in failed
     # The list now says where each failed play went; "not yet retried" is empty.
     page.goto(f"{server.url}/flows/{flow['permanentId']}/plays/?state=FAIL")
-    poll(lambda: page.locator(".js-retried").count() >= len(failed), "the retried links")
+    wait_until(lambda: page.locator(".js-retried").count() >= len(failed), what="the retried links")
     retried_to = page.locator(".js-retried code").all_inner_texts()
     assert set(new_ids) <= set(retried_to)
     # The same bad documents fail again: "not yet retried" now lists exactly the retries.

@@ -53,7 +53,7 @@ def test_schemathesis_finds_no_contract_violation(server: Server, tmp_path: Path
             "shell",
             "-c",
             (
-                "from flows.models import ApiKey, Company, User; "
+                "from tenancy.models import ApiKey, Company, User; "
                 f"c = Company.objects.create(name='Fuzz {slug}', slug='{slug}'); "
                 f"u = User.objects.create_user('{slug}', '{slug}@fuzz.test', 'integration-pass-123', company=c); "
                 "print(ApiKey.issue(u, 'schemathesis')[1])"
@@ -314,7 +314,7 @@ def test_websocket_refusals_close_with_documented_codes(server: Server, alice: h
             "shell",
             "-c",
             (
-                "from flows.models import ApiKey, Company, User; "
+                "from tenancy.models import ApiKey, Company, User; "
                 f"c = Company.objects.create(name='Initech {tag}', slug='initech-{tag}'); "
                 f"u = User.objects.create_user('dave-{tag}', 'dave-{tag}@initech.test', 'integration-pass-123', company=c); "
                 "print(ApiKey.issue(u, 'ws')[1])"

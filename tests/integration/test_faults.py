@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ..polling import stays
 from .processes import (
     PG_ONLY_REASON,
     Cluster,
@@ -158,8 +159,9 @@ def test_long_step_and_long_deferral_run_exactly_once(cluster: Cluster, counter:
     assert alice.get(f"/api/plays/{deferred_id}").json()["state"] == "DEFERRED"
     plays = wait_terminal(alice, [long_id, deferred_id], timeout=90)
     assert {p["state"] for p in plays.values()} == {"DONE"}
-    # Give a would-be redelivery its chance before counting.
-    time.sleep(VISIBILITY + 1)
+    # Give a would-be redelivery its chance (the visibility timeout) before counting.
+    stays(lambda: counter.count("/long/step") == 1 and counter.count("/long/deferred") == 1, VISIBILITY + 1,
+          what="each step ran once")
     assert counter.count("/long/step") == 1
     assert counter.count("/long/deferred") == 1
     assert layers_of(alice, long_id)["long"]["attempts"] == 1
@@ -347,7 +349,8 @@ def test_100_concurrent_hold_resume_cancel_calls_leave_one_consistent_story(clus
     assert chain.count("ON_HOLD") == holds
     assert resumes in (holds, holds - 1)  # the cancel may have come while held
     # A cancelled play stays cancelled: nothing runs after it.
-    time.sleep(4)
+    stays(lambda: alice.get(f"/api/plays/{play_id}").json()["state"] == "FAIL" and counter.count("/hammer/end") == 0,
+          4, what="cancelled and nothing ran after")
     assert alice.get(f"/api/plays/{play_id}").json()["state"] == "FAIL"
     assert counter.count("/hammer/end") == 0
     assert all(e["seq"] < f["seq"] for e, f in zip(events, events[1:], strict=False))

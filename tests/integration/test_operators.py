@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+from ..factories import make_flow, trigger
+from ..polling import stays, wait_until
 from .conftest import Server, clone, wait_for
 from .processes import CountingServer
 
@@ -63,29 +65,6 @@ class SwitchServer:
         self.httpd.shutdown()
 
 
-def make_flow(client: httpx.Client, layers: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-    r = client.post("/api/flows", json={"name": "Operators", "layers": layers, **fields})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def run(client: httpx.Client, flow: dict[str, Any], **body: Any) -> dict[str, Any]:
-    r = client.post(f"/api/flows/{flow['id']}/run", json={"args": {}, **body})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def until(check: Any, timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached after {timeout} s")
-        time.sleep(0.1)
-
-
 def layers(client: httpx.Client, play_id: str) -> list[dict[str, Any]]:
     return client.get(f"/api/plays/{play_id}/layers").json()
 
@@ -113,11 +92,19 @@ def test_hold_during_steps_lets_no_further_step_start(server: Server, alice: htt
                                                       counter: CountingServer) -> None:
     flow = make_flow(alice, [{"ref": f"s{i}", "appId": "curl", "args": {"url": f"{counter.url}/slow/s{i}?s=0.4"}}
                              for i in range(8)])
-    pid = run(alice, flow)["playId"]
-    until(lambda: len(layers(alice, pid)) >= 2, what="two steps started")
+    pid = trigger(alice, flow)["playId"]
+    wait_until(lambda: len(layers(alice, pid)) >= 2, what="two steps started")
     r = alice.post(f"/api/plays/{pid}/hold")
     assert r.status_code == 200, r.text
-    time.sleep(2)  # time for several more steps, were the runner to ignore the hold
+
+    def held_and_still() -> bool:
+        story = events(alice, pid)
+        held = next(e["seq"] for e in story if e["type"] == "play:state" and e["state"] == "ON_HOLD")
+        late = [e for e in story if e["type"] == "play:layer:started" and e["seq"] > held]
+        return alice.get(f"/api/plays/{pid}").json()["state"] == "ON_HOLD" and not late
+
+    # 2 s: time for several more steps, were the runner to ignore the hold.
+    stays(held_and_still, 2, what="held, no step started after the hold")
     assert alice.get(f"/api/plays/{pid}").json()["state"] == "ON_HOLD"
     story = events(alice, pid)
     held = next(e["seq"] for e in story if e["type"] == "play:state" and e["state"] == "ON_HOLD")
@@ -132,9 +119,9 @@ def test_hold_during_steps_lets_no_further_step_start(server: Server, alice: htt
 
 def test_two_approvals_at_once_exactly_one_wins(server: Server, alice: httpx.Client) -> None:
     flow = make_flow(alice, [{"ref": "gate", "appId": "var", "args": {"values": {"ok": 1}}, "needsApproval": True}])
-    pid = run(alice, flow)["playId"]
+    pid = trigger(alice, flow)["playId"]
     wait_for(alice, pid, ("WAIT",))
-    layer = until(lambda: [lay for lay in layers(alice, pid) if lay["state"] == "WAIT"], what="waiting layer")[0]
+    layer = wait_until(lambda: [lay for lay in layers(alice, pid) if lay["state"] == "WAIT"], what="waiting layer")[0]
     other = clone(alice)
     codes = both([
         lambda: alice.post(f"/api/plays/{pid}/approve", json={"layerId": layer["id"], "decision": "approved"}),
@@ -148,22 +135,23 @@ def test_two_approvals_at_once_exactly_one_wins(server: Server, alice: httpx.Cli
 def test_cancel_during_a_long_step(server: Server, alice: httpx.Client, counter: CountingServer) -> None:
     flow = make_flow(alice, [{"ref": "long", "appId": "curl", "args": {"url": f"{counter.url}/slow/long?s=4"}},
                              {"ref": "after", "appId": "var", "args": {"values": {}}}])
-    pid = run(alice, flow)["playId"]
-    until(lambda: counter.count("/slow/long") == 1, what="the long step in flight")
+    pid = trigger(alice, flow)["playId"]
+    wait_until(lambda: counter.count("/slow/long") == 1, what="the long step in flight")
     r = alice.post(f"/api/plays/{pid}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "FAIL", r.text
     assert r.json()["error"]["code"] == "CANCELLED"
-    ended = until(lambda: [lay for lay in layers(alice, pid) if lay["state"] != "RUN"], timeout=60, what="layer ended")
+    ended = wait_until(lambda: [lay for lay in layers(alice, pid) if lay["state"] != "RUN"], timeout=60, what="layer ended")
     assert ended[0]["ref"] == "long" and ended[0]["state"] == "FAIL"
     assert ended[0]["error"]["code"] == "CANCELLED"
-    time.sleep(1)
+    # 1 s: time for a next step to start, were the cancel not final.
+    stays(lambda: [lay["ref"] for lay in layers(alice, pid)] == ["long"], 1, what="no step after the cancel")
     assert [lay["ref"] for lay in layers(alice, pid)] == ["long"]
     assert alice.get(f"/api/plays/{pid}").json()["state"] == "FAIL"
 
 
 def test_resume_twice_at_once(server: Server, alice: httpx.Client) -> None:
     flow = make_flow(alice, [{"ref": "a", "appId": "var", "args": {"values": {}}}])
-    pid = run(alice, flow, delayMs=3_600_000)["playId"]
+    pid = trigger(alice, flow, delayMs=3_600_000)["playId"]
     assert alice.post(f"/api/plays/{pid}/hold").status_code == 200
     other = clone(alice)
     codes = both([lambda: alice.post(f"/api/plays/{pid}/resume"), lambda: other.post(f"/api/plays/{pid}/resume")])
@@ -173,7 +161,7 @@ def test_resume_twice_at_once(server: Server, alice: httpx.Client) -> None:
 
 def test_deferred_release_lag(server: Server, alice: httpx.Client) -> None:
     flow = make_flow(alice, [{"ref": "a", "appId": "var", "args": {"values": {}}}])
-    started = run(alice, flow, delayMs=1500)
+    started = trigger(alice, flow, delayMs=1500)
     assert started["state"] == "DEFERRED"
     run_at = when(started["runAt"])
     done = wait_for(alice, started["playId"], timeout=60)
@@ -189,7 +177,7 @@ def test_retry_reuses_the_done_step(server: Server, alice: httpx.Client) -> None
             {"ref": "count", "appId": "curl", "args": {"url": f"{srv.url}/count"}},
             {"ref": "switch", "appId": "curl", "args": {"url": f"{srv.url}/switch", "timeout": 1}},
         ])
-        pid = run(alice, flow)["playId"]
+        pid = trigger(alice, flow)["playId"]
         failed = wait_for(alice, pid)
         assert failed["state"] == "FAIL" and failed["error"]["ref"] == "switch", failed
         srv.fast.set()

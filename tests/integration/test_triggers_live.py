@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.factories import make_flow
 from tests.integration.conftest import PASSWORD, ROOT, free_port, stop
 
 pytestmark = pytest.mark.integration
@@ -133,12 +134,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def flow(live: Live, name: str, layers: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-    r = live.api.post("/api/flows", json={"name": name, "layers": layers, **fields})
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
 def channel_with_route(live: Live, slug: str, route: dict[str, Any], **channel: Any) -> dict[str, Any]:
     r = live.api.post("/api/channels", json={"name": slug, "slug": slug, **channel})
     assert r.status_code == 201, r.text
@@ -162,9 +157,8 @@ def wait_state(live: Live, play_id: str, states: tuple[str, ...] = ("DONE", "FAI
 
 
 def test_a_github_signed_webhook_is_answered_with_the_flows_output(live: Live) -> None:
-    made = flow(
-        live,
-        "GitHub push",
+    made = make_flow(
+        live.api,
         [
             {
                 "ref": "reply",
@@ -178,6 +172,7 @@ def test_a_github_signed_webhook_is_answered_with_the_flows_output(live: Live) -
                 },
             }
         ],
+        name="GitHub push",
     )
     channel = channel_with_route(
         live,
@@ -213,15 +208,15 @@ def test_a_github_signed_webhook_is_answered_with_the_flows_output(live: Live) -
 
 
 def test_sync_waits_hold_neither_the_worker_nor_a_thread(live: Live) -> None:
-    slow = flow(
-        live,
-        "Slow",
+    slow = make_flow(
+        live.api,
         [
             {"ref": "nap", "appId": "sleep", "args": {"ms": 3000}},
             {"ref": "done", "appId": "var", "args": {"values": {"n": "{{ $prev.args.body.n }}"}}},
         ],
+        name="Slow",
     )
-    quick = flow(live, "Quick", [{"ref": "one", "appId": "var", "args": {"values": {"x": 1}}}])
+    quick = make_flow(live.api, [{"ref": "one", "appId": "var", "args": {"values": {"x": 1}}}], name="Quick")
     channel_with_route(
         live, "slow", {"path": "/run", "flowIds": [slow["id"]], "responseMode": "sync", "timeoutMs": 60_000}
     )
@@ -262,7 +257,7 @@ def test_sync_waits_hold_neither_the_worker_nor_a_thread(live: Live) -> None:
 
 
 def test_sync_past_the_timeout_answers_202_and_the_play_goes_on(live: Live) -> None:
-    slow = flow(live, "Slower", [{"ref": "nap", "appId": "sleep", "args": {"ms": 2500}}])
+    slow = make_flow(live.api, [{"ref": "nap", "appId": "sleep", "args": {"ms": 2500}}], name="Slower")
     channel_with_route(
         live, "slower", {"path": "/run", "flowIds": [slow["id"]], "responseMode": "sync", "timeoutMs": 500}
     )
@@ -291,9 +286,8 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "require
 
 
 def test_mcp_lists_and_calls_tools(live: Live) -> None:
-    flow(
-        live,
-        "Weather",
+    make_flow(
+        live.api,
         [
             {
                 "ref": "report",
@@ -302,18 +296,19 @@ def test_mcp_lists_and_calls_tools(live: Live) -> None:
             }
         ],
         tool={"name": "weather", "description": "Today's weather", "inputSchema": SCHEMA},
+        name="Weather",
     )
-    flow(
-        live,
-        "Broken",
+    make_flow(
+        live.api,
         [{"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.args.city }}"}}],
         tool={"name": "broken", "inputSchema": SCHEMA},
+        name="Broken",
     )
-    flow(
-        live,
-        "Long",
+    make_flow(
+        live.api,
         [{"ref": "nap", "appId": "sleep", "args": {"ms": 8000}}],
         tool={"name": "long", "inputSchema": SCHEMA},
+        name="Long",
     )
 
     async def body(client: Any) -> Any:

@@ -27,6 +27,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from ..factories import make_flow, trigger
 from .conftest import Server, wait_for
 
 pytestmark = pytest.mark.integration
@@ -65,20 +66,6 @@ def api_key(client: httpx.Client, name: str = "ws") -> dict[str, Any]:
     r = client.post("/api/auth/api-keys", json={"name": name})
     assert r.status_code == 201, r.text
     return r.json()
-
-
-def make_flow(client: httpx.Client, layers: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-    r = client.post(
-        "/api/flows", json={"name": fields.pop("name", f"ws-{secrets.token_hex(4)}"), "layers": layers, **fields}
-    )
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def run_play(client: httpx.Client, flow: dict[str, Any], args: dict[str, Any] | None = None) -> str:
-    r = client.post(f"/api/flows/{flow['id']}/run", json={"args": args or {}})
-    assert r.status_code == 201, r.text
-    return r.json()["playId"]
 
 
 def stored(client: httpx.Client, play_id: str) -> list[dict[str, Any]]:
@@ -153,7 +140,7 @@ def test_a_three_step_play_streams_its_exact_event_sequence(
     server: Server, alice: httpx.Client, three_steps: dict[str, Any]
 ) -> None:
     with cookie_ws(server, alice, flowId=three_steps["id"]) as ws:
-        play_id = run_play(alice, three_steps, {"n": 21})
+        play_id = trigger(alice, three_steps, {"n": 21})["playId"]
         got = collect(ws, ended(play_id))
         got += quiet(ws, 1.0)
     assert [(m["type"], m.get("ref"), m.get("state")) for m in got] == [
@@ -189,7 +176,7 @@ def test_a_failing_play_streams_the_failed_layer_and_the_play_error(server: Serv
         ],
     )
     with cookie_ws(server, alice, flowId=flow["permanentId"]) as ws:
-        play_id = run_play(alice, flow)
+        play_id = trigger(alice, flow)["playId"]
         got = collect(ws, ended(play_id))
     assert_shape(got)
     types = [m["type"] for m in got]
@@ -220,7 +207,7 @@ def test_a_filtered_step_is_a_completed_layer_in_state_filtered(server: Server, 
         ],
     )
     with cookie_ws(server, alice, flowId=flow["id"]) as ws:
-        play_id = run_play(alice, flow, {"amount": 5})
+        play_id = trigger(alice, flow, {"amount": 5})["playId"]
         got = collect(ws, ended(play_id))
     assert_shape(got)
     big = [m for m in got if m.get("ref") == "big"]
@@ -236,7 +223,7 @@ def test_a_skipped_play_streams_one_state_event(server: Server, alice: httpx.Cli
         filters=[{"leftValue": "{{ $prev.args.go }}", "operator": "eq", "rightValue": "yes"}],
     )
     with cookie_ws(server, alice, flowId=flow["id"]) as ws:
-        play_id = run_play(alice, flow, {"go": "no"})
+        play_id = trigger(alice, flow, {"go": "no"})["playId"]
         got = collect(ws, ended(play_id))
         got += quiet(ws, 1.0)
     assert_shape(got)
@@ -285,7 +272,7 @@ def test_a_connection_sees_only_its_company_and_its_filters(
             "shell",
             "-c",
             (
-                "from flows.models import ApiKey, Company, User; "
+                "from tenancy.models import ApiKey, Company, User; "
                 f"c = Company.objects.create(name='Globex {tag}', slug='globex-{tag}'); "
                 f"u = User.objects.create_user('charlie-{tag}', 'charlie-{tag}@globex.test', 'integration-pass-123', company=c); "
                 "print(ApiKey.issue(u, 'ws')[1])"
@@ -303,10 +290,10 @@ def test_a_connection_sees_only_its_company_and_its_filters(
         cookie_ws(server, alice) as alice_all,
         cookie_ws(server, alice, flowId=three_steps["id"]) as alice_flow,
     ):
-        alice_play = run_play(alice, three_steps, {"n": 1})
+        alice_play = trigger(alice, three_steps, {"n": 1})["playId"]
         with cookie_ws(server, alice, playId=alice_play) as alice_play_only:
-            other_play = run_play(alice, other)
-            charlie_play = run_play(charlie, charlie_flow)
+            other_play = trigger(alice, other)["playId"]
+            charlie_play = trigger(charlie, charlie_flow)["playId"]
             wait_for(alice, alice_play)
             wait_for(alice, other_play)
             wait_for(charlie, charlie_play)
@@ -362,7 +349,7 @@ def test_reconnecting_with_since_loses_nothing_while_the_play_runs(server: Serve
     token = api_key(alice)["token"]
 
     with connect(ws_url(server, token=token, flowId=flow["id"])) as first:
-        play_id = run_play(alice, flow)
+        play_id = trigger(alice, flow)["playId"]
         before = collect(first, lambda got: len(got) >= 4)
         # Killed mid-play, without a closing handshake, like a dropped network.
         first.socket.shutdown(socket.SHUT_RDWR)
@@ -518,7 +505,7 @@ def test_a_client_that_stops_reading_is_closed_without_holding_up_others(server:
     stalled = raw_handshake(server, token, f"&flowId={flow['id']}", rcvbuf=4096)
     blob = "x" * 200_000
     with connect(ws_url(server, token=token, flowId=flow["id"]), max_size=None) as reader:
-        plays = [run_play(alice, flow, {"blob": blob}) for _ in range(25)]
+        plays = [trigger(alice, flow, {"blob": blob})["playId"] for _ in range(25)]
         got = collect(reader, lambda g: all(ended(p)(g) for p in plays), timeout=120)
     assert [m["cursor"] for m in got] == sorted(m["cursor"] for p in plays for m in stored(alice, p))
     # The server gives up on the stalled socket once its buffer stays full for 15 s

@@ -2,19 +2,20 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-from django.conf import settings
 from django.db import migrations, models
 
 import flows.ids
 
 
+# The user model was flows.User then: references to it name it, not settings.AUTH_USER_MODEL, which
+# now names tenancy.User (tenancy/migrations/0001_initial.py).
 class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
         ("flows", "0002_audit_and_retention_keep"),
         ("plays", "0004_play_trigger"),
-        migrations.swappable_dependency(settings.AUTH_USER_MODEL),
+        ("flows", "0001_initial"),
     ]
 
     operations = [
@@ -68,7 +69,7 @@ class Migration(migrations.Migration):
                         null=True,
                         on_delete=django.db.models.deletion.SET_NULL,
                         related_name="+",
-                        to=settings.AUTH_USER_MODEL,
+                        to="flows.user",
                     ),
                 ),
                 (

@@ -154,7 +154,7 @@ class Command(BaseCommand):
         import logging
 
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        logging.getLogger("flows.audit").setLevel(logging.WARNING)  # one line per bench flow would bury the table
+        logging.getLogger("tenancy.audit").setLevel(logging.WARNING)  # one line per bench flow would bury the table
         # The bench measures the machinery with thousands of plays of one company at once and
         # no scheduler: the per-company limit of running plays would park most of them.
         os.environ["FLOWPLAY_MAX_RUNNING_PLAYS_PER_COMPANY"] = "0"  # the processes it starts
@@ -220,7 +220,7 @@ class Command(BaseCommand):
             raise CommandError(f"scenarios failed: {', '.join(errors)} (see {out})")
 
     def setup_company(self) -> None:
-        from flows.models import ApiKey, Company, User
+        from tenancy.models import ApiKey, Company, User
 
         self.company, _ = Company.objects.get_or_create(slug="bench", defaults={"name": "bench"})
         self.user = User.objects.filter(username="bench").first() or User.objects.create_user(
@@ -642,8 +642,8 @@ class Command(BaseCommand):
 
     def bulk_plays(self, flows: list[Any], versions: list[Any], total: int) -> None:
         """Insert ``total`` terminal plays spread over ``flows`` and the last 60 days."""
-        from flows.ids import new_id
         from plays.models import Play
+        from tenancy.ids import new_id
 
         fields = [f for f in Play._meta.concrete_fields]
         columns = [f.column for f in fields]

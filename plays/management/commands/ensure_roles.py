@@ -14,7 +14,7 @@ from django.contrib.auth.management import create_permissions
 from django.contrib.auth.models import Group, Permission
 from django.core.management.base import BaseCommand
 
-from flows.permissions import MEMBER_PERMISSIONS
+from tenancy.permissions import MEMBER_PERMISSIONS
 
 OPERATORS = "Operators"
 OPERATOR_PERMISSIONS = [
@@ -29,7 +29,7 @@ OPERATOR_PERMISSIONS = [
 
 
 COMPANY_ADMINS = "Company admins"
-# A role is all its holder may do (flows/permissions.py): a company admin is a member (edits
+# A role is all its holder may do (tenancy/permissions.py): a company admin is a member (edits
 # flows, runs and operates plays) who also manages the company's credentials.
 COMPANY_ADMIN_PERMISSIONS = [
     *(tuple(perm.split(".", 1)) for perm in sorted(MEMBER_PERMISSIONS)),

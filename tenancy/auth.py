@@ -57,7 +57,7 @@ try:
     class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
         """Documents ``Authorization: Bearer <token>`` in the OpenAPI schema."""
 
-        target_class = "flows.auth.ApiKeyAuthentication"
+        target_class = "tenancy.auth.ApiKeyAuthentication"
         name = "apiKey"
 
         def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:

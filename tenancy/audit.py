@@ -4,11 +4,11 @@ play, and who created, changed or deleted which flow.
 Call ``record(user, action, obj, **details)`` right after the change succeeded, inside the
 same transaction when there is one, from the API views and from admin actions alike::
 
-    from flows.audit import record
+    from tenancy.audit import record
     record(request.user, "play.cancelled", play, source="admin")
 
 Actions are ``"<object>.<verb in the past>"``; ``ACTIONS`` lists the known ones. Entries are
-only ever added (the admin registration in ``flows.audit_admin`` is read-only).
+only ever added (the admin shows them read-only, ``tenancy.admin``).
 """
 
 from __future__ import annotations
@@ -52,10 +52,6 @@ ACTIONS = {
     "schedule.triggered": "Fired a schedule by hand",
 }
 
-# The past tense of the play verbs of plays.models.Play, by method name.
-PLAY_VERBS = {"hold": "play.held", "resume": "play.resumed", "cancel": "play.cancelled", "begin": "play.started"}
-
-
 def record(user: Any, action: str, obj: Any, **details: Any) -> AuditEntry:
     """Store one audit entry of ``user`` doing ``action`` to ``obj`` (a model instance)."""
     if action not in ACTIONS:
@@ -83,4 +79,4 @@ def history(obj: Any) -> Any:
     return AuditEntry.objects.filter(object_type=obj._meta.model_name, object_id=str(obj.pk))
 
 
-__all__ = ["ACTIONS", "PLAY_VERBS", "record", "history"]
+__all__ = ["ACTIONS", "record", "history"]
