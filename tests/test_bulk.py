@@ -8,13 +8,22 @@ from typing import Any
 import pytest
 from django.db import transaction
 
-from flows.models import AuditEntry, Flow, User
+from flows.models import Flow
 from plays import bulk
 from plays.bulk import Action, BulkItem, BulkJob, JobState
 from plays.models import Play, State
+from tenancy.models import AuditEntry, User
 
-from .conftest import make_flow
-from .test_pages import ONE_STEP, browser, row_ids, run, seed_history
+from .factories import make_flow
+from .test_pages import ONE_STEP, browser, row_ids, seed_history
+
+
+def run(flow: Flow, user: User) -> Play:
+    """A play left RUN: nothing drains the queue, so no step runs."""
+    play, created = Play.trigger(flow, {}, user=user)
+    assert created and play.state == State.RUN
+    return play
+
 
 APPROVAL = [
     {"ref": "ask", "appId": "var", "args": {"values": {"x": 1}}, "needsApproval": True},
