@@ -6,7 +6,7 @@ from django.urls import path, re_path
 
 from flows import credential_views
 
-from . import pages
+from . import bulk_pages, history, inbox, pages
 
 app_name = "pages"
 
@@ -15,8 +15,17 @@ urlpatterns = [
     path("login/", pages.LoginPage.as_view(), name="login"),
     path("logout/", pages.LogoutPage.as_view(), name="logout"),
     path("flows/", pages.flow_list, name="flows"),
-    path("flows/<str:flow_key>/plays/", pages.flow_history, name="flow-history"),
-    path("plays/", pages.play_history, name="history"),
+    path("flows/<str:flow_key>/plays/", history.flow_history, name="flow-history"),
+    path("flows/<str:flow_key>/plays/match/", history.flow_match, name="flow-history-match"),
+    path("plays/", history.play_history, name="history"),
+    path("plays/match/", history.play_match, name="history-match"),
+    path("plays/bulk/", bulk_pages.job_list, name="bulk-jobs"),
+    path("plays/bulk/preview/", bulk_pages.preview, name="bulk-preview"),
+    path("plays/bulk/confirm/", bulk_pages.confirm, name="bulk-confirm"),
+    path("plays/bulk/<str:job_id>/", bulk_pages.job_page, name="bulk-job"),
+    path("plays/bulk/<str:job_id>/resume/", bulk_pages.job_resume, name="bulk-job-resume"),
+    path("inbox/", inbox.inbox, name="inbox"),
+    path("inbox/decide/", inbox.decide, name="inbox-decide"),
     path("credentials/", credential_views.credential_list, name="credentials"),
     path("credentials/change/", credential_views.credential_action, name="credential-action"),
     path("plays/<str:play_id>/", pages.play_detail, name="play-detail"),

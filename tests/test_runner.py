@@ -507,7 +507,7 @@ def test_step_on_writes_what_the_general_path_writes(api: Any, no_enqueue: Any) 
 
 
 def test_the_parking_migration_splits_parked_out_into_its_fields(api: Any, no_enqueue: Any) -> None:
-    """plays.0007: what parked_out held (a sleep's result, $rerun, $retry, a loop's
+    """plays.0008: what parked_out held (a sleep's result, $rerun, $retry, a loop's
     concurrency) moves to parked / retry_code / loop_concurrency; ended layers keep none."""
     import importlib
 
@@ -517,7 +517,7 @@ def test_the_parking_migration_splits_parked_out_into_its_fields(api: Any, no_en
 
     migration = importlib.import_module("plays.migrations.0008_i14e_layer_parking")
     flow = make_flow(api, [{"ref": f"s{i}", "appId": "var", "args": {"values": {}}} for i in range(6)])
-    play = Play.take_lease(run(api, flow)["playId"], "r1", 30)
+    play = Play.take_lease(trigger(api, flow)["playId"], "r1", 30)
     steps = play.flow_version.definition["layers"]
     old = [({"slept": True}, "var", LayerState.RUN), ({"$rerun": True}, "subflow", LayerState.RUN),
            ({"$retry": "FLAKY"}, "curl", LayerState.RUN), ({"concurrency": 3, "total": 9}, "iterator", LayerState.RUN),
