@@ -597,7 +597,7 @@ class Runner:
             self.sleep(wait)
             with transaction.atomic():
                 self.own()
-                layer.begin_attempt(self.play, f"retry after {error['code']}")
+                layer.begin_attempt(self.play, f"retry after {error['code']}", error=redact(error))
 
     def attempt(self, step: dict[str, Any], layer: Layer, module: Any, timeout: float) -> dict[str, Any] | None:
         """Run one attempt; record success; return the error of a failed attempt."""
