@@ -506,6 +506,12 @@ class Play(models.Model):
             models.Index(fields=["company", "-created_at", "-id"], name="plays_play_company_created"),
             models.Index(fields=["company", "state", "-created_at", "-id"], name="plays_play_company_state"),
             models.Index(fields=["flow", "idempotency_key"], name="plays_play_flow_key"),
+            # The history pages' search by key prefix (LIKE 'k%' needs the pattern opclass on PostgreSQL).
+            models.Index(
+                fields=["company", "idempotency_key"],
+                name="plays_play_company_key",
+                opclasses=["varchar_pattern_ops", "varchar_pattern_ops"],
+            ),
             # ?trigger= on the history lists; API plays (most of them) stay out of it.
             models.Index(
                 fields=["company", "trigger_kind", "-created_at", "-id"],
@@ -1471,4 +1477,5 @@ def dispatch(play: Play, layer: Layer, relaunch: bool = False) -> bool:
     return False
 
 
+from .bulk import BulkItem, BulkJob  # noqa: E402, F401  (bulk verbs as background jobs: plays/bulk.py)
 from .workers import Worker  # noqa: E402, F401  (worker liveness per queue: plays/workers.py)

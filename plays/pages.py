@@ -14,7 +14,6 @@ import json
 import math
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import messages
@@ -22,43 +21,32 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required, permission_required
 from django.contrib.auth.forms import AuthenticationForm
 from django.db.models import Count, OuterRef, Q, Subquery
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from flows.api import ApiError, PagePagination
 from flows.audit import PLAY_VERBS, record
 from flows.auth import authenticate_by_login
 from flows.models import Flow
-from flows.permissions import OPERATE_PLAY, VIEW_FLOW, VIEW_PLAY
+from flows.permissions import OPERATE_PLAY, VIEW_FLOW
 from flows.views import LoginThrottle
 
 from .models import (
     HOLDABLE,
     NON_TERMINAL,
-    TERMINAL,
     Decision,
     Event,
     InvalidState,
-    Layer,
     Play,
     State,
-    TriggerKind,
-    duration_ms,
     encode_cursor,
-    iso,
 )
 from .redaction import redact
-from .views import PlayFilter, PlayViewSet
 
-# Query parameters of a history page, in the order of its canonical (bookmarkable) URL.
-HISTORY_PARAMS = ("state", "from", "to", "idempotencyKey", "flowId", "trigger", "page", "size")
 # What a layer's out or error may show inline; the API has the whole value.
 MAX_JSON_CHARS = 20_000
-# A loop over thousands of items leaves as many layers: the page shows the first ones.
-MAX_LAYERS = 500
 
 # Which play states each button is legal in (plays/models.py verbs).
 ACTION_STATES: dict[str, frozenset[str]] = {
@@ -189,29 +177,6 @@ def _may_operate(user: Any) -> bool:
     return bool(user.is_authenticated and user.is_active and user.has_perm(OPERATE_PLAY))
 
 
-def _canonical_query(query: Any) -> dict[str, str]:
-    """The history query in the API's form: one comma-separated ``state``, no empty values."""
-    params: dict[str, str] = {}
-    for name in HISTORY_PARAMS:
-        values = [v.strip() for v in query.getlist(name) if v.strip()]
-        if not values:
-            continue
-        params[name] = ",".join(values) if name == "state" else values[-1]
-    return params
-
-
-def _encode(params: dict[str, str]) -> str:
-    # Commas and colons stay readable: state=FAIL,RUN&from=2024-01-15T10:00:00Z.
-    return urlencode(params, safe=",:")
-
-
-class _Query:
-    """What ``PagePagination.parse`` reads from a DRF request."""
-
-    def __init__(self, query: Any):
-        self.query_params = query
-
-
 # --- Flows ----------------------------------------------------------------------------
 
 
@@ -245,165 +210,7 @@ def flow_list(request: HttpRequest) -> HttpResponse:
     return render(request, "flowplay/flow_list.html", {"flows": flows, "since": since, "nav": "flows"})
 
 
-# --- History --------------------------------------------------------------------------
-
-
-@login_required
-@permission_required(VIEW_PLAY, raise_exception=True)
-def flow_history(request: HttpRequest, flow_key: str) -> HttpResponse:
-    return _history(request, _flow_or_404(request, flow_key))
-
-
-@login_required
-@permission_required(VIEW_PLAY, raise_exception=True)
-def play_history(request: HttpRequest) -> HttpResponse:
-    return _history(request, None)
-
-
-def _history(request: HttpRequest, flow: Flow | None) -> HttpResponse:
-    params = _canonical_query(request.GET)
-    query = _encode(params)
-    if query != request.META.get("QUERY_STRING", ""):
-        # The filter form sends state=FAIL&state=RUN and empty fields: redirect to the API's
-        # form of the query (state=FAIL,RUN), which is the URL people bookmark and share.
-        return HttpResponseRedirect(f"{request.path}?{query}" if query else request.path)
-    since = _head_cursor(request.user.company_id)
-    errors: list[str] = []
-    try:
-        page, size = PagePagination.parse(_Query(request.GET))
-    except ApiError as exc:
-        errors += [f"{name}: {'; '.join(msgs)}" for name, msgs in (exc.details or {}).items()]
-        page, size = 0, PagePagination.default_size
-
-    view = PlayViewSet(request=request, kwargs={"flow_id": flow.pk} if flow else {}, format_kwarg=None, action="list")
-    try:
-        queryset = view.get_queryset().select_related("flow")
-    except ApiError:  # the flow was deleted since _flow_or_404
-        raise Http404("No such flow") from None
-    filterset = PlayFilter(request.GET, queryset=queryset, request=request)
-    plays: list[Play] = []
-    total = 0
-    if not filterset.is_valid():
-        for name, msgs in filterset.errors.items():
-            errors.append(f"{name}: {'; '.join(msgs)}")
-    if not errors:
-        qs = filterset.qs
-        total = qs.count()
-        plays = list(qs[page * size : page * size + size])
-    for play in plays:
-        play.args_summary = summarize(play.args)
-        play.duration_text = fmt_ms(play.duration)
-        # Started and completed show the time only when it is the day the play was created.
-        day = play.created_at.date()
-        play.started_text = _moment(play.started_at, day)
-        play.completed_text = _moment(play.completed_at, day)
-    pages = (total + size - 1) // size
-
-    def page_url(n: int) -> str:
-        return f"{request.path}?{_encode({**params, 'page': str(n), 'size': str(size)})}"
-
-    selected = set(params.get("state", "").upper().split(",")) - {""}
-    context = {
-        "flow": flow,
-        "plays": plays,
-        "total": total,
-        "page": page,
-        "size": size,
-        "pages": pages,
-        "nav": "history" if flow is None else "flows",
-        "first_page_url": page_url(0),
-        "prev_url": page_url(page - 1) if page > 0 else None,
-        "next_url": page_url(page + 1) if page + 1 < pages else None,
-        "first_row": page * size + 1 if plays else 0,
-        "last_row": page * size + len(plays),
-        "states": [(s, s in selected) for s in State.values],
-        "params": params,
-        "filtered": bool(set(params) - {"page", "size"}),
-        "errors": errors,
-        "flows": list(Flow.objects.alive().for_company(request.user.company_id).order_by("name").values("id", "name"))
-        if flow is None
-        else [],
-        "sizes": [10, 25, 50, 100],
-        "triggers": TriggerKind.values,
-        # A flow's schedules (the triggers app's, through the reverse relation): spec, next fire, last play.
-        "schedules": list(flow.schedules.select_related("last_play").order_by("created_at", "id")) if flow else [],
-        "live": {"flowId": flow.pk if flow else None, "since": since, "page": page},
-        "api_url": (f"/api/flows/{flow.pk}/plays" if flow else "/api/plays") + (f"?{query}" if query else ""),
-    }
-    return render(request, "flowplay/play_history.html", context, status=400 if errors else 200)
-
-
-# --- Play detail ----------------------------------------------------------------------
-
-
-def _bar(layer: Layer, start: datetime, span_ms: int, now: datetime) -> tuple[float, float]:
-    if layer.started_at is None:
-        return 0.0, 0.0
-    offset = max(0, duration_ms(start, layer.started_at) or 0)
-    length = duration_ms(layer.started_at, layer.completed_at or now) or 0
-    left = min(100.0, 100.0 * offset / span_ms)
-    return round(left, 2), round(max(0.5, min(100.0 - left, 100.0 * length / span_ms)), 2)
-
-
-@login_required
-@permission_required(VIEW_PLAY, raise_exception=True)
-def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
-    since = _head_cursor(request.user.company_id)
-    play = get_object_or_404(
-        _plays(request).select_related("flow", "flow_version", "parent", "retry_of", "triggered_by"), pk=play_id
-    )
-    now = timezone.now()
-    layers = list(play.layers.order_by("index", "iteration")[: MAX_LAYERS + 1])
-    layer_count = len(layers)
-    if layer_count > MAX_LAYERS:
-        layers = layers[:MAX_LAYERS]
-        layer_count = play.layers.count()
-    start = play.started_at or play.created_at
-    end = play.completed_at or now
-    span = max(1, duration_ms(start, end) or 0)
-    for layer in layers:
-        layer.bar_left, layer.bar_width = _bar(layer, start, span, now)
-        layer.duration_text = fmt_ms(layer.duration)
-        layer.out_json = pretty(layer.out) if layer.out is not None else None
-        layer.error_json = pretty(layer.error) if layer.error is not None else None
-    pending = play.pending_approval() if play.state == State.WAIT else None
-    may = _may_operate(request.user)
-    actions = [
-        {"verb": verb, "label": ACTION_LABELS[verb], "states": " ".join(sorted(states))}
-        for verb, states in ACTION_STATES.items()
-        if may and play.state in states
-    ]
-    steps = {step["ref"]: step.get("appId", "") for step in (play.definition or {}).get("layers", [])}
-    context = {
-        "play": play,
-        "play_duration_text": fmt_ms(play.duration),
-        "flow": play.flow,
-        "layers": layers,
-        "layer_count": layer_count,
-        "layers_truncated": layer_count > len(layers),
-        "approvals": list(play.approvals.select_related("layer", "decided_by").order_by("decided_at")),
-        "pending": pending if may else None,
-        "decisions": Decision,
-        "actions": actions,
-        "children": list(play.children.order_by("created_at", "id")[:100]),
-        "retries": list(play.retries.order_by("created_at", "id")),
-        "args_json": pretty(play.args),
-        "error_json": pretty(play.error) if play.error else None,
-        "is_terminal": play.state in TERMINAL,
-        "live": {
-            "playId": play.pk,
-            "since": since,
-            "state": play.state,
-            "startedAt": iso(play.started_at),
-            "completedAt": iso(play.completed_at),
-            "createdAt": iso(play.created_at),
-            "serverNow": iso(now),
-            "layersTruncated": layer_count > len(layers),
-            "steps": steps,
-        },
-    }
-    context["queue_warning"] = _queue_warning(play)
-    return render(request, "flowplay/play_detail.html", context)
+# --- Play detail (the page itself is plays/play_page.py) -------------------------------
 
 
 def _queue_warning(play: Play) -> dict[str, Any] | None:

@@ -179,3 +179,11 @@ def prune_old_plays() -> int:
 
 
 __all__ = ["ACTIVE", "run_play", "run_iteration", "release_due", "release_flow", "reap_stuck", "expire_timed_out", "prune_old_plays"]
+
+
+@shared_task(ignore_result=True, acks_late=True)
+def run_bulk_job(job_id: str) -> None:
+    """Work through a confirmed bulk job (plays/bulk.py); a duplicate delivery acts on no play twice."""
+    from . import bulk
+
+    bulk.run(job_id)

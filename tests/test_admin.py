@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 import pytest
@@ -242,7 +243,52 @@ def test_a_huge_play_page_shows_the_first_rows_and_links_to_the_rest(api: Any, d
     pid = api.post(f"/api/flows/{flow['id']}/run", {"args": {}}, format="json").json()["playId"]
     drain()
     page = login(operator).get(f"/admin/plays/play/{pid}/change/").content.decode()
-    assert "6 layers, 14 events (the first 3 of each below)" in page
+    assert "6 layers, 14 events" in page and "Layers 1–3 of 6 below" in page and "Events 1–3 of 14 below" in page
     assert f'href="/plays/{pid}/"' in page and f'href="/api/plays/{pid}/events"' in page
-    shown = [ref for ref in ("s0", "s1", "s2", "s3", "s4", "s5") if f"<p>{ref}</p>" in page or f">{ref}<" in page]
-    assert shown == ["s0", "s1", "s2"], shown
+
+    def shown(html: str) -> list[str]:
+        return [ref for ref in ("s0", "s1", "s2", "s3", "s4", "s5") if f"<p>{ref}</p>" in html or f">{ref}<" in html]
+
+    assert shown(page) == ["s0", "s1", "s2"]
+    second = login(operator).get(f"/admin/plays/play/{pid}/change/", {"layers": 1}).content.decode()
+    assert shown(second) == ["s3", "s4", "s5"] and "Layers 4–6 of 6 below" in second
+
+
+def test_a_600_kb_output_leaves_the_admin_page_small_with_a_link_to_the_whole(
+        api: Any, drain: Any, operator: User) -> None:
+    big = "x" * 600_000
+    flow = make_flow(api, [{"ref": "big", "appId": "var", "args": {"values": {"blob": "{{ $prev.args.blob }}"}}}])
+    pid = api.post(f"/api/flows/{flow['id']}/run", {"args": {"n": 1}}, format="json").json()["playId"]
+    drain()
+    Layer.objects.filter(play_id=pid).update(out={"blob": big})
+    client = login(operator)
+    response = client.get(f"/admin/plays/play/{pid}/change/")
+    assert response.status_code == 200
+    assert len(response.content) < 200_000, len(response.content)
+    html = response.content.decode()
+    layer = Layer.objects.get(play_id=pid)
+    url = f"/admin/plays/play/{pid}/value/layer-out/{layer.pk}/"
+    assert f'href="{url}"' in html and "the whole value" in html
+    assert client.get(url).json() == {"blob": big}
+    assert " UTC" in html and re.search(r"\d{2}:\d{2}:\d{2} UTC", html)  # seconds and the zone
+
+
+def test_the_play_list_has_yesterday_and_not_yet_retried_filters_and_a_bulk_dry_run(
+        api: Any, drain: Any, operator: User) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    old = make_in_state(api, drain, "FAIL")
+    now = make_in_state(api, drain, "FAIL")
+    midnight = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    Play.objects.filter(pk=old).update(created_at=midnight - timedelta(hours=3))
+    client = login(operator)
+    yesterday = client.get("/admin/plays/play/", {"created": "yesterday"}).content.decode()
+    assert old in yesterday and now not in yesterday
+    act(client, "retry_plays", old)
+    not_retried = client.get("/admin/plays/play/", {"retried": "no", "state__exact": "FAIL"}).content.decode()
+    assert now in not_retried and old not in not_retried
+    r = client.post("/admin/plays/play/", {"action": "bulk_retry_plays", "_selected_action": [old, now]})
+    assert r.status_code == 200
+    assert "1 will be retried, 1 is already retried" in r.content.decode()

@@ -143,28 +143,84 @@
   // -- history page ----------------------------------------------------------------------
 
   var newPlays = {};
+  // Plays whose latest event may change whether they belong in this list: the server says
+  // (GET <match>?<the list's query>&ids=…), since only it knows every filter (keys, args,
+  // triggers, retries). Keyed by id, with the state the event reported.
+  var toCheck = {};
+  var checkTimer = null;
+  var checked = {};
 
   function handleHistory(event) {
     var state = playStateOf(event);
     if (!state || !event.playId) return;
     var row = document.querySelector('tr[data-play-id="' + cssEscape(event.playId) + '"]');
     if (!row) {
-      if (event.type === "play:started" || (event.type === "play:state" && event.previousState === "NEW")) {
-        newPlays[event.playId] = true;
-        showNewPlays();
+      var fresh = event.type === "play:started" || (event.type === "play:state" && event.previousState === "NEW");
+      if (!cfg.filtered) {
+        if (fresh) { newPlays[event.playId] = true; showNewPlays(); }
+        return;
       }
+      // A filtered list: a play entering it (started, or now FAIL on a FAIL list) counts once it matches.
+      if (!newPlays[event.playId] && checked[event.playId] !== state) queueCheck(event.playId, state);
       return;
     }
-    var day = row.getAttribute("data-created-day");
     setBadge(row.querySelector(".js-state .badge"), state);
-    if (event.type === "play:started") timeHtml(row.querySelector(".js-started"), event.timestamp, day);
     if (TERMINAL[state]) {
-      timeHtml(row.querySelector(".js-completed"), event.timestamp, day);
-      if (typeof event.duration === "number") row.querySelector(".js-duration").textContent = fmtMs(event.duration);
+      var cell = row.querySelector(".js-duration");
+      if (cell) {
+        cell.removeAttribute("data-running-since");
+        if (typeof event.duration === "number") cell.textContent = fmtMs(event.duration);
+      }
+    } else if (event.type === "play:started") {
+      var running = row.querySelector(".js-duration");
+      if (running) running.setAttribute("data-running-since", event.timestamp);
     }
     row.classList.add("is-updated");
     window.setTimeout(function () { row.classList.remove("is-updated"); }, 1500);
     announce("Play " + event.playId + " is now " + state + ".");
+    if (cfg.filtered) queueCheck(event.playId, state);
+  }
+
+  function queueCheck(playId, state) {
+    toCheck[playId] = state;
+    if (!checkTimer) checkTimer = window.setTimeout(runChecks, 400);
+  }
+
+  function runChecks() {
+    checkTimer = null;
+    var ids = Object.keys(toCheck).slice(0, 200);
+    if (!ids.length || !cfg.match) return;
+    var states = {};
+    ids.forEach(function (id) { states[id] = toCheck[id]; delete toCheck[id]; });
+    var url = cfg.match + "?" + (cfg.query ? cfg.query + "&" : "") + "ids=" + ids.map(encodeURIComponent).join(",");
+    fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (body) {
+        if (!body) return;
+        var matching = {};
+        (body.match || []).forEach(function (id) { matching[id] = true; });
+        ids.forEach(function (id) {
+          checked[id] = states[id];
+          var row = document.querySelector('tr[data-play-id="' + cssEscape(id) + '"]');
+          if (row && !matching[id]) leave(row, id, states[id]);
+          else if (!row && matching[id] && !newPlays[id]) { newPlays[id] = true; showNewPlays(); }
+        });
+        if (Object.keys(toCheck).length) runChecks();
+      })
+      .catch(function () { /* the next event tries again */ });
+  }
+
+  // A row that no longer matches the list's filters (WAIT → SKIP on a WAIT list) leaves it.
+  function leave(row, id, state) {
+    row.classList.add("is-leaving");
+    announce("Play " + id + " is now " + state + " and no longer matches these filters.");
+    window.setTimeout(function () {
+      if (row.parentNode) row.parentNode.removeChild(row);
+      var rest = document.querySelectorAll("#plays tbody tr").length;
+      var summary = document.getElementById("results-summary");
+      if (summary && !rest) summary.textContent = "No plays on this page match these filters any more.";
+      if (window.flowplayCountSelected) window.flowplayCountSelected();
+    }, 1200);
   }
 
   function showNewPlays() {
@@ -174,7 +230,10 @@
     var url = new URL(window.location.href);
     url.searchParams.set("page", "0");
     notice.textContent = "";
-    notice.appendChild(document.createTextNode(n + " new play" + (n === 1 ? "" : "s") + " since this page was loaded. "));
+    var text = cfg.filtered
+      ? n + " new play" + (n === 1 ? "" : "s") + " matching these filters since this page was loaded. "
+      : n + " new play" + (n === 1 ? "" : "s") + " since this page was loaded. ";
+    notice.appendChild(document.createTextNode(text));
     var link = document.createElement("a");
     link.href = url.pathname + "?" + url.searchParams.toString().replace(/%2C/gi, ",").replace(/%3A/gi, ":");
     link.textContent = "Show the newest plays";
