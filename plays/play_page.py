@@ -146,13 +146,17 @@ def describe(value: Any) -> dict[str, Any]:
     preview = json.dumps(_shrink(value), indent=2, ensure_ascii=False, default=str)
     if len(preview) > PREVIEW_CHARS:
         preview = preview[:PREVIEW_CHARS] + "\n…"
+    found = binaries(value)
     return {
         "preview": preview,
+        # What a tree has to lay out: binary fields are one line each.
+        "tree_bytes": len(text.encode()) - sum(4 * b["bytes"] // 3 for b in found),
         "size": len(text.encode()),
         "size_text": fmt_bytes(len(text.encode())),
         "cut": preview != json.dumps(value, indent=2, ensure_ascii=False, default=str),
-        "binaries": binaries(value),
-        "kind": type(value).__name__,
+        "binaries": found,
+        "kind": {"dict": "object", "list": "array", "str": "string", "int": "number", "float": "number",
+                 "bool": "boolean"}.get(type(value).__name__, type(value).__name__),
     }
 
 
@@ -453,6 +457,7 @@ def build_history(play: Play) -> dict[str, Any]:
             "seq": event.seq,
             "what": what,
             "detail": _error_text(error) if error else (p.get("note") or ""),
+            "error": bool(error),
             "by": "",
         })
     for entry in history(play).order_by("created_at")[:200]:
@@ -463,6 +468,7 @@ def build_history(play: Play) -> dict[str, Any]:
             "seq": None,
             "what": ACTIONS.get(entry.action, entry.action),
             "detail": ", ".join(f"{k}={v}" for k, v in (entry.details or {}).items() if k != "source"),
+            "error": False,
             "by": entry.actor_name or "system",
         })
     entries.sort(key=lambda e: (e["at"], 0 if e["kind"] == "audit" else 1, e["seq"] or 0))

@@ -189,7 +189,7 @@
           var current = document.getElementById(fresh.id);
           if (!current) { steps.appendChild(fresh); continue; }
           if (current.getAttribute("data-sig") !== fresh.getAttribute("data-sig")) {
-            if (swap(current, fresh)) fresh.classList.add("is-updated");
+            if (swap(current, fresh)) flash(fresh);
           }
         }
         bind();
@@ -200,6 +200,11 @@
         inFlight = false;
         if (again) { again = false; stale(); }
       });
+  }
+
+  function flash(node) {
+    node.classList.add("is-updated");
+    window.setTimeout(function () { node.classList.remove("is-updated"); }, 1500);
   }
 
   // -- running durations ------------------------------------------------------------------------
