@@ -371,7 +371,8 @@ def build_steps(play: Play, query: Any) -> list[dict[str, Any]]:
     events_by_layer: dict[str, list[Event]] = {}
     layer_ids = {layer.pk for layer in layers.values()}
     if layer_ids:
-        for event in Event.objects.filter(play=play, type__in=[
+        # Only the top-level layers' events: a 10,000-item loop's are not read here.
+        for event in Event.objects.filter(play=play, payload__layerId__in=list(layer_ids), type__in=[
             EventType.LAYER_STARTED, EventType.LAYER_COMPLETED, EventType.LAYER_FAILED
         ]).order_by("seq"):
             layer_id = event.payload.get("layerId")
