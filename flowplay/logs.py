@@ -104,6 +104,11 @@ class JsonFormatter(logging.Formatter):
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
 
+def request_id_from(given: str) -> str:
+    """The caller's ``X-Request-ID`` if it is a sane token, else a new one."""
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
 class RequestIdMiddleware:
     """Bind a request id to the log lines of a request and return it in ``X-Request-ID``."""
 
@@ -111,8 +116,7 @@ class RequestIdMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: Any) -> Any:
-        given = request.headers.get("X-Request-ID", "")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = request_id_from(request.headers.get("X-Request-ID", ""))
         request.request_id = request_id
         with bind(requestId=request_id):
             response = self.get_response(request)
@@ -120,4 +124,4 @@ class RequestIdMiddleware:
         return response
 
 
-__all__ = ["bind", "current", "ContextFilter", "JsonFormatter", "RequestIdMiddleware"]
+__all__ = ["bind", "current", "ContextFilter", "JsonFormatter", "RequestIdMiddleware", "request_id_from"]

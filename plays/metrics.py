@@ -406,14 +406,14 @@ class HttpMetricsMiddleware:
         response = self.get_response(request)
         match = getattr(request, "resolver_match", None)
         route = _route(match.route or match.view_name or "<unnamed>") if match is not None else "<unmatched>"
-        status = f"{response.status_code // 100}xx"
-        method = (
-            request.method
-            if request.method in {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
-            else "OTHER"
-        )
-        HTTP_LATENCY.labels(route[:120], method, status).observe(time.perf_counter() - started)
+        observe_http(route, request.method or "", response.status_code, time.perf_counter() - started)
         return response
+
+
+def observe_http(route: str, method: str, status_code: int, seconds: float) -> None:
+    """One request into the latency histogram: by route pattern, method and status class."""
+    method = method if method in {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"} else "OTHER"
+    HTTP_LATENCY.labels(route[:120], method, f"{status_code // 100}xx").observe(seconds)
 
 
 def _route(pattern: str) -> str:
@@ -476,6 +476,7 @@ __all__ = [
     "WS_CONNECTIONS",
     "WS_EVENT_LAG",
     "HTTP_LATENCY",
+    "observe_http",
     "DatabaseCollector",
     "HttpMetricsMiddleware",
     "WebSocketMetrics",

@@ -359,3 +359,32 @@ def test_plays_are_counted_by_what_triggered_them(api: Any, drain: Any) -> None:
     for trigger, n in (("api", 1), ("schedule", 1), ("channel", 2)):
         got = counted(trigger) - before[trigger]
         assert got == n, trigger
+
+
+def test_hooks_and_mcp_requests_get_a_request_id_and_the_latency_metric(settings: Any, db: Any) -> None:
+    """They bypass Django's middleware (flowplay.asgi), so the ASGI wrapper gives them both."""
+    import httpx
+    from asgiref.sync import async_to_sync
+
+    from flowplay.asgi import http_app
+
+
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=http_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return [
+                await client.post("/hooks/no-such-channel/x", headers={"X-Request-ID": "trace-me-1"}),
+                await client.post("/hooks/no-such-channel/y"),
+                await client.get("/mcp"),
+            ]
+
+    before = scrape()
+    given, made, mcp = async_to_sync(go)()
+    after = scrape()
+    assert given.status_code == 404 and given.headers["X-Request-ID"] == "trace-me-1"
+    assert made.status_code == 404 and len(made.headers["X-Request-ID"]) == 32
+    assert mcp.headers["X-Request-ID"]
+    name = "flowplay_http_request_duration_seconds_count"
+    hooks = {"route": "hooks/<slug>/<path>", "method": "POST", "status": "4xx"}
+    assert total(after, name, **hooks) - total(before, name, **hooks) == 2
+    assert total(after, name, route="mcp", method="GET") - total(before, name, route="mcp", method="GET") == 1

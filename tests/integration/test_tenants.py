@@ -27,6 +27,7 @@ from .processes import TERMINAL, Cluster, make_flow, run_play, wait_terminal, wa
 pytestmark = pytest.mark.integration
 
 TICKS = os.sysconf("SC_CLK_TCK")
+STEP_TIMEOUT = 5  # seconds, of tenant A's pathological steps
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def pathological_flows(client: httpx.Client) -> list[str]:
         ),
     ]
     return [
-        make_flow(client, name, [{"ref": "bad", "timeout": 5, "onError": "continue", **body}])["id"]
+        make_flow(client, name, [{"ref": "bad", "timeout": STEP_TIMEOUT, "onError": "continue", **body}])["id"]
         for name, body in bodies
     ]
 
@@ -129,10 +130,13 @@ def test_one_tenants_hostile_plays_do_not_slow_another_tenant(alice: httpx.Clien
     base, load = p95(baseline), p95(loaded)
     figures = f"baseline p95 {base:.3f} s, under load p95 {load:.3f} s, A plays finished {len(finished)}"
     print(figures)
-    # Within 2x of the baseline, which counts as at least 0.2 s: a quiet machine's 0.09 s would
-    # make the ratio hostage to one scheduling hiccup. (Measured 2026-11-30 on the quiet 2-core
-    # machine: 0.087 -> 0.125 s, 0.098 -> 0.111 s, 0.093 -> 0.127 s; 1.1-1.4x.)
-    assert load <= 2 * max(base, 0.2), figures
+    # Stalled means waiting for a worker slot that tenant A holds: at least A's 5 s step
+    # timeout (before the fix: 43.5 s, or for ever). What is left under load is the CPU the
+    # killable children of A's steps take from a 2-core machine, which a busy CI machine
+    # multiplies: so the bound is the stall, halved, not a ratio to a quiet baseline.
+    # (Measured on the quiet machine 2026-11-30: 0.087 -> 0.125 s, 0.098 -> 0.111 s; on a
+    # machine with 8 test runs beside it: 0.159 -> 0.533 s.)
+    assert load < STEP_TIMEOUT / 2, figures
     codes = {(p["error"] or {}).get("code") for p in finished}
     assert all(p["state"] == "DONE" for p in finished), figures  # onError continue: failed steps, done plays
     assert codes == {None}
