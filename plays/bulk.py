@@ -97,6 +97,8 @@ class Outcome(models.TextChoices):
     """The play was in a state the verb is not legal in (or already retried)."""
     MISSING = "missing"
     """No such play in the job's company."""
+    ERROR = "error"
+    """An unexpected error (logged); the play was left as it was."""
 
 
 class BulkJob(models.Model):
@@ -132,10 +134,13 @@ class BulkJob(models.Model):
         return dict(self.items.values_list("outcome").annotate(n=models.Count("id")).order_by())
 
     def enqueue(self) -> None:
+        """Send the job to a worker after commit. If the broker is down it stays PENDING and
+        its page offers to send it again (running a job twice is harmless, see above)."""
+        from .broker import send_on_commit
         from .tasks import run_bulk_job
 
         job_id = self.id
-        transaction.on_commit(lambda: run_bulk_job.delay(job_id))
+        send_on_commit(lambda: run_bulk_job.delay(job_id), f"bulk job {job_id}")
 
 
 class BulkItem(models.Model):
@@ -255,6 +260,9 @@ def run_one(job: BulkJob, play_id: str) -> bool:
                         outcome, message, new = _apply(job, play, user)
                 except InvalidState as exc:
                     outcome, message = Outcome.REFUSED, exc.message
+                except Exception as exc:  # one bad play must not stop the batch (nor leave it RUN forever)
+                    log.exception("bulk job %s: %s of play %s failed", job.id, job.action, play_id)
+                    outcome, message, new = Outcome.ERROR, f"{type(exc).__name__}: {exc}", None
             BulkItem.objects.create(job=job, play_id=play_id, outcome=outcome, message=message[:500], new_play=new)
             BulkJob.objects.filter(pk=job.pk).update(processed=F("processed") + 1)
     except IntegrityError:

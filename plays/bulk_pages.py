@@ -141,8 +141,21 @@ def job_page(request: HttpRequest, job_id: str) -> HttpResponse:
         "finished": job.state == JobState.DONE,
         "progress": _job_json(job),
         "new_plays": [i.new_play_id for i in items if i.new_play_id],
+        "may_resume": _may_operate(request.user) and job.state != JobState.DONE,
     }
     return render(request, "flowplay/bulk_job.html", context)
+
+
+@login_required
+@require_POST
+def job_resume(request: HttpRequest, job_id: str) -> HttpResponse:
+    """Send an unfinished job to a worker again (its broker message was lost, its worker died)."""
+    if not _may_operate(request.user):
+        raise Http404("No such action")
+    job = get_object_or_404(BulkJob, pk=job_id, company_id=request.user.company_id)
+    if job.state != JobState.DONE:
+        job.enqueue()
+    return redirect("pages:bulk-job", job_id=job.pk)
 
 
 @login_required
@@ -154,4 +167,4 @@ def job_list(request: HttpRequest) -> HttpResponse:
     return render(request, "flowplay/bulk_jobs.html", {"jobs": jobs, "nav": "history"})
 
 
-__all__ = ["preview", "confirm", "job_page", "job_list", "redirect"]
+__all__ = ["preview", "confirm", "job_page", "job_list", "job_resume", "render_preview"]

@@ -28,6 +28,7 @@ urlpatterns = [
     path("plays/bulk/preview/", bulk_pages.preview, name="bulk-preview"),
     path("plays/bulk/confirm/", bulk_pages.confirm, name="bulk-confirm"),
     path("plays/bulk/<str:job_id>/", bulk_pages.job_page, name="bulk-job"),
+    path("plays/bulk/<str:job_id>/resume/", bulk_pages.job_resume, name="bulk-job-resume"),
     path("inbox/", inbox.inbox, name="inbox"),
     path("inbox/decide/", inbox.decide, name="inbox-decide"),
     path("credentials/", credential_views.credential_list, name="credentials"),

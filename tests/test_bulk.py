@@ -268,3 +268,36 @@ def test_empty_states_say_what_to_do(flow: Flow, alice: User) -> None:
     assert "This flow has not run yet" in client.get(f"/flows/{flow.permanent_id}/plays/").content.decode()
     assert "No play matches these filters" in client.get(f"/flows/{flow.permanent_id}/plays/?state=WAIT").content.decode()
     assert "Nothing is waiting for an approval" in client.get("/inbox/").content.decode()
+
+
+def test_an_unexpected_error_on_one_play_does_not_stop_the_batch(
+        flow: Flow, alice: User, enqueued: list[str], monkeypatch: Any) -> None:
+    fails = failed(flow, alice, 2)
+    original = Play.retry
+
+    def flaky(self: Play, by: Any = None) -> Play:
+        if self.pk == fails[0].pk:
+            raise RuntimeError("disk full")
+        return original(self, by=by)
+
+    monkeypatch.setattr(Play, "retry", flaky)
+    job = bulk.create(alice, Action.RETRY, [p.pk for p in fails])
+    assert bulk.run(job.pk) is True
+    job.refresh_from_db()
+    assert job.state == JobState.DONE
+    assert job.counts() == {"error": 1, "done": 1}
+    assert "disk full" in BulkItem.objects.get(job=job, play_id=fails[0].pk).message
+    assert not Play.objects.filter(retry_of=fails[0]).exists()
+
+
+def test_an_unfinished_job_can_be_sent_again(flow: Flow, alice: User, enqueued: list[str]) -> None:
+    fails = failed(flow, alice, 1)
+    job = bulk.create(alice, Action.RETRY, [p.pk for p in fails])
+    client = browser(alice)
+    assert "Send it again" in client.get(f"/plays/bulk/{job.pk}/").content.decode()
+    assert client.post(f"/plays/bulk/{job.pk}/resume/").status_code == 302
+    assert enqueued == [job.pk, job.pk]
+    bulk.run(job.pk)
+    assert "Send it again" not in client.get(f"/plays/bulk/{job.pk}/").content.decode()
+    client.post(f"/plays/bulk/{job.pk}/resume/")
+    assert enqueued == [job.pk, job.pk]  # a finished job is not sent again

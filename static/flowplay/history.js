@@ -58,7 +58,8 @@
     var toggle = document.getElementById("tz-toggle");
     if (toggle) {
       toggle.hidden = false;
-      toggle.textContent = zone === "utc" ? "Times: UTC (show " + localName + ")" : "Times: " + localName + " (show UTC)";
+      var utcOnly = /^(Etc\/)?(UTC|GMT)$/.test(localName);
+      toggle.textContent = utcOnly ? "Times: UTC" : zone === "utc" ? "Times: UTC · show " + localName : "Times: " + localName + " · show UTC";
       toggle.setAttribute("aria-pressed", zone === "utc" ? "true" : "false");
     }
   }
