@@ -214,4 +214,4 @@ def test_the_run_form_starts_a_play(server: Server, alice: httpx.Client, page: A
     play = alice.get(f"/api/plays/{play_id}").json()
     assert play["args"] == {"name": "Ada"} and play["idempotencyKey"] == "greet-ada-1"
     assert_no_axe_violations(page)
-    shot(page, "play-run", docs=True)
+    shot(page, "play-run")
