@@ -1561,8 +1561,10 @@ class Layer(models.Model):
             extra["iteration"] = self.iteration
         return extra
 
-    def begin_attempt(self, play: Play, note: str | None = None) -> None:
-        """Count one more attempt of a RUN layer (a retry, a resumed or an interrupted one)."""
+    def begin_attempt(self, play: Play, note: str | None = None, error: dict[str, Any] | None = None) -> None:
+        """Count one more attempt of a RUN layer (a retry, a resumed or an interrupted one).
+
+        ``error``: the previous attempt's, kept in the event for the play page's attempts."""
         now = timezone.now()
         Layer.objects.filter(pk=self.pk).update(attempts=F("attempts") + 1, started_at=self.started_at or now)
         self.attempts += 1
@@ -1572,6 +1574,8 @@ class Layer(models.Model):
             extra["iteration"] = self.iteration
         if note:
             extra["note"] = note
+        if error:
+            extra["previousError"] = error
         emit(play, [(EventType.LAYER_STARTED, extra)])
 
     def end(self, state: str, *, out: Any = None, error: dict[str, Any] | None = None) -> bool:

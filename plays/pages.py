@@ -30,28 +30,22 @@ from django.views.decorators.http import require_POST
 from flows.models import Flow
 from flows.views import LoginThrottle
 from tenancy.auth import authenticate_by_login
-from tenancy.permissions import OPERATE_PLAY, VIEW_FLOW, VIEW_PLAY
+from tenancy.permissions import OPERATE_PLAY, VIEW_FLOW
 
 from .models import (
     HOLDABLE,
     NON_TERMINAL,
-    TERMINAL,
     Decision,
     Event,
     InvalidState,
-    Layer,
     Play,
     State,
-    duration_ms,
     encode_cursor,
-    iso,
 )
 from .redaction import redact
 
 # What a layer's out or error may show inline; the API has the whole value.
 MAX_JSON_CHARS = 20_000
-# A loop over thousands of items leaves as many layers: the page shows the first ones.
-MAX_LAYERS = 500
 
 # Which play states each button is legal in (plays/models.py verbs).
 ACTION_STATES: dict[str, frozenset[str]] = {
@@ -177,7 +171,7 @@ def pretty(value: Any) -> str:
 
 
 def _may_operate(user: Any) -> bool:
-    # The API's and the admin's rule: the role's plays.operate_play (flows/permissions.py);
+    # The API's and the admin's rule: the role's plays.operate_play (tenancy/permissions.py);
     # the play was already looked up within the user's company.
     return bool(user.is_authenticated and user.is_active and user.has_perm(OPERATE_PLAY))
 
@@ -215,77 +209,7 @@ def flow_list(request: HttpRequest) -> HttpResponse:
     return render(request, "flowplay/flow_list.html", {"flows": flows, "since": since, "nav": "flows"})
 
 
-# --- Play detail ----------------------------------------------------------------------
-
-
-def _bar(layer: Layer, start: datetime, span_ms: int, now: datetime) -> tuple[float, float]:
-    if layer.started_at is None:
-        return 0.0, 0.0
-    offset = max(0, duration_ms(start, layer.started_at) or 0)
-    length = duration_ms(layer.started_at, layer.completed_at or now) or 0
-    left = min(100.0, 100.0 * offset / span_ms)
-    return round(left, 2), round(max(0.5, min(100.0 - left, 100.0 * length / span_ms)), 2)
-
-
-@login_required
-@permission_required(VIEW_PLAY, raise_exception=True)
-def play_detail(request: HttpRequest, play_id: str) -> HttpResponse:
-    since = _head_cursor(request.user.company_id)
-    play = get_object_or_404(
-        _plays(request).select_related("flow", "flow_version", "parent", "retry_of", "triggered_by"), pk=play_id
-    )
-    now = timezone.now()
-    layers = list(play.layers.order_by("index", "iteration")[: MAX_LAYERS + 1])
-    layer_count = len(layers)
-    if layer_count > MAX_LAYERS:
-        layers = layers[:MAX_LAYERS]
-        layer_count = play.layers.count()
-    start = play.started_at or play.created_at
-    end = play.completed_at or now
-    span = max(1, duration_ms(start, end) or 0)
-    for layer in layers:
-        layer.bar_left, layer.bar_width = _bar(layer, start, span, now)
-        layer.duration_text = fmt_ms(layer.duration)
-        layer.out_json = pretty(layer.out) if layer.out is not None else None
-        layer.error_json = pretty(layer.error) if layer.error is not None else None
-    pending = play.pending_approval() if play.state == State.WAIT else None
-    may = _may_operate(request.user)
-    actions = [
-        {"verb": verb, "label": ACTION_LABELS[verb], "states": " ".join(sorted(states))}
-        for verb, states in ACTION_STATES.items()
-        if may and play.state in states
-    ]
-    steps = {step["ref"]: step.get("appId", "") for step in (play.definition or {}).get("layers", [])}
-    context = {
-        "play": play,
-        "play_duration_text": fmt_ms(play.duration),
-        "flow": play.flow,
-        "layers": layers,
-        "layer_count": layer_count,
-        "layers_truncated": layer_count > len(layers),
-        "approvals": list(play.approvals.select_related("layer", "decided_by").order_by("decided_at")),
-        "pending": pending if may else None,
-        "decisions": Decision,
-        "actions": actions,
-        "children": list(play.children.order_by("created_at", "id")[:100]),
-        "retries": list(play.retries.order_by("created_at", "id")),
-        "args_json": pretty(play.args),
-        "error_json": pretty(play.error) if play.error else None,
-        "is_terminal": play.state in TERMINAL,
-        "live": {
-            "playId": play.pk,
-            "since": since,
-            "state": play.state,
-            "startedAt": iso(play.started_at),
-            "completedAt": iso(play.completed_at),
-            "createdAt": iso(play.created_at),
-            "serverNow": iso(now),
-            "layersTruncated": layer_count > len(layers),
-            "steps": steps,
-        },
-    }
-    context["queue_warning"] = _queue_warning(play)
-    return render(request, "flowplay/play_detail.html", context)
+# --- Play detail (the page itself is plays/play_page.py) -------------------------------
 
 
 def _queue_warning(play: Play) -> dict[str, Any] | None:

@@ -554,7 +554,7 @@ class Runner:
             self.sleep(wait)
             with transaction.atomic():
                 self.own()
-                layer.begin_attempt(self.play, f"retry after {error['code']}")
+                layer.begin_attempt(self.play, f"retry after {error['code']}", error=redact(error))
 
     def context(self, step: dict[str, Any], layer: Layer, timeout: float, auth: Any) -> RunContext:
         return RunContext(

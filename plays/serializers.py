@@ -193,3 +193,6 @@ class PayloadSerializer(serializers.Serializer):
     iteration = serializers.IntegerField(required=False, allow_null=True)
     duration = serializers.IntegerField(required=False, allow_null=True, help_text="Milliseconds")
     note = serializers.CharField(required=False, help_text="Why an attempt started again (resumed, interrupted)")
+    previousError = StepErrorSerializer(
+        required=False, help_text="play:layer:started of a retry: the error the previous attempt failed with"
+    )

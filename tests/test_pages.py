@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -16,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from flows.models import Flow
-from plays.models import Event, Layer, Play, State, encode_cursor
+from plays.models import Layer, Play, State
 from tenancy.models import AuditEntry, User
 
 from .conftest import PASSWORD
@@ -285,44 +284,6 @@ def test_all_plays_page_names_the_flow_and_filters_by_it(api: Any, flow: Flow, a
 
 
 # --- detail ---------------------------------------------------------------------------
-
-
-def test_detail_shows_header_timeline_and_live_config(api: Any, alice: User, drain: Any) -> None:
-    flow = make_flow(api, [
-        {"ref": "fetch", "appId": "var", "args": {"values": {"n": 1, "nested": {"k": "v"}}}},
-        {"ref": "parse", "appId": "json-parse", "args": {"input": "{{ $prev.args.doc }}"}},
-    ])
-    body = api.post(f"/api/flows/{flow['id']}/run", {"args": {"doc": "{"}}, format="json").json()
-    drain()
-    play = Play.objects.get(pk=body["playId"])
-    assert play.state == State.FAIL
-    html = browser(alice).get(f"/plays/{play.pk}/").content.decode()
-    assert f"<code>{play.pk}</code>" in html and 'data-state="FAIL"' in html
-    timeline = html.split('id="timeline"', 1)[1].split("</ol>", 1)[0]
-    assert timeline.index("<code>fetch</code>") < timeline.index("<code>parse</code>")
-    assert ">var<" in timeline and ">json-parse<" in timeline
-    assert "&quot;nested&quot;: {" in timeline  # formatted JSON of the out
-    assert "STEP_FAILED" in html
-    config = json.loads(re.search(r'<script id="live-config" type="application/json">(.*?)</script>', html, re.S).group(1))
-    assert config["playId"] == play.pk
-    assert config["since"] == encode_cursor(Event.objects.head(alice.company_id))
-    assert config["steps"] == {"fetch": "var", "parse": "json-parse"}
-    assert '/static/flowplay/live.js' in html and 'aria-live="polite"' in html
-
-
-def test_a_long_loop_shows_its_first_layers(flow: Flow, alice: User, monkeypatch: Any) -> None:
-    from plays import pages
-
-    monkeypatch.setattr(pages, "MAX_LAYERS", 3)
-    play = make_play(flow, alice)
-    Layer.objects.bulk_create(
-        Layer(play=play, ref="a", app_id="var", index=0, iteration=i, state="DONE", started_at=timezone.now())
-        for i in range(5)
-    )
-    html = browser(alice).get(f"/plays/{play.pk}/").content.decode()
-    assert html.count('class="layer" id="layer-') == 3
-    assert "Showing the first 3 of 5 layers" in html
-    assert '"layersTruncated": true' in html
 
 
 @pytest.mark.parametrize(

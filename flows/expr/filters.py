@@ -22,7 +22,7 @@ from .errors import ExpressionError, FilterError
 from .evaluator import Scope, _join_path, check, render
 from .values import a_type, to_text, type_name
 
-__all__ = ["OPERATORS", "CASTS", "MODES", "evaluate_filters", "check_filters"]
+__all__ = ["OPERATORS", "CASTS", "MODES", "evaluate_filters", "explain_filters", "check_filters"]
 
 OPERATORS = (
     "eq",
@@ -311,6 +311,42 @@ def evaluate_filters(filters: list[dict[str, Any]] | None, scope: Scope) -> bool
                 if not or_passed and _evaluate_one(item, scope, index):
                     or_passed = True
         return or_passed or not has_or
+
+
+def explain_filters(filters: Any, scope: Scope) -> list[dict[str, Any]]:
+    """Each filter of a list with the values it compared and its verdict, for people.
+
+    ``[{"index", "mode", "operator", "cast", "left", "right", "passed", "error"}]``: every
+    item is evaluated (no short cut), so a page can show why a step was FILTERED.
+    ``passed`` is None and ``error`` the message when an item could not be evaluated.
+    """
+    if not isinstance(filters, (list, tuple)):
+        return []
+    verdicts: list[dict[str, Any]] = []
+    with limits.EvaluationBudget():
+        for index, item in enumerate(filters):
+            if not isinstance(item, Mapping):
+                verdicts.append({"index": index, "passed": None, "error": "each filter must be an object"})
+                continue
+            entry: dict[str, Any] = {
+                "index": index,
+                "mode": item.get("mode") or "and",
+                "operator": item.get("operator"),
+                "cast": item.get("cast"),
+                "leftExpr": item.get("leftValue"),
+                "rightExpr": item.get("rightValue"),
+                "passed": None,
+                "error": None,
+            }
+            try:
+                entry["left"] = _render_side(item, "leftValue", scope, f"[{index}]")
+                if item.get("operator") not in _UNARY:
+                    entry["right"] = _render_side(item, "rightValue", scope, f"[{index}]")
+                entry["passed"] = _evaluate_one(item, scope, index)
+            except (FilterError, ExpressionError) as exc:
+                entry["error"] = str(exc)
+            verdicts.append(entry)
+    return verdicts
 
 
 # --------------------------------------------------------------------------- validation

@@ -108,36 +108,37 @@ def test_watch_filter_hold_and_resume_in_the_browser(server: Server, alice: http
     log_in(page, server)
 
     # 1. A play created without starting; its page opened first, then the play started:
-    #    every layer has to arrive over the WebSocket.
+    #    every step's progress has to arrive over the WebSocket.
     r = alice.post(f"/api/flows/{slow['id']}/run", json={"args": {"day": "2024-01-15"}, "start": False})
     assert r.status_code == 201, r.text
     play_id = r.json()["playId"]
     page.goto(f"{server.url}/plays/{play_id}/")
     page.wait_for_selector("#live-status[data-state='on']")
     assert badge(page, "#play-state") == "NEW"
-    assert page.locator("#timeline .layer").count() == 0
+    # Every step of the flow is listed before any ran, as not reached.
+    assert page.locator("#steps .step .badge[data-state='UNREACHED']").count() == 3
     page.evaluate("window.__sameDocument = true")
 
     assert alice.post(f"/api/plays/{play_id}/start").status_code == 200
-    page.wait_for_selector("#timeline .layer:has(code:text-is('prepare')) .badge[data-state='DONE']")
-    page.wait_for_selector("#timeline .layer:has(code:text-is('pause'))")
+    page.wait_for_selector("#step-prepare .step__state .badge[data-state='DONE']")
+    page.wait_for_selector("#step-pause .step__state .badge:not([data-state='UNREACHED'])")
     shot(page, "detail-running")
     page.wait_for_selector("#play-state .badge[data-state='DONE']")
-    page.wait_for_selector("#timeline .layer:has(code:text-is('publish')) .badge[data-state='DONE']")
+    page.wait_for_selector("#step-publish .step__state .badge[data-state='DONE']")
     assert page.evaluate("window.__sameDocument") is True  # updated in place, never reloaded
-    refs = page.locator("#timeline .layer .layer__ref code").all_inner_texts()
+    refs = page.locator("#steps .step .step__ref code").all_inner_texts()
     assert refs == ["prepare", "pause", "publish"]
-    assert page.locator("#timeline .layer:has(code:text-is('publish')) .layer__app").inner_text() == "var"
-    out = page.locator("#timeline .layer:has(code:text-is('publish')) details.js-out")
+    assert page.locator("#step-publish .step__app").inner_text().strip() == "var"
+    out = page.locator("#step-publish details.step__out")
     out.locator("summary").click()
-    assert "Exported 1200 rows" in out.locator("pre").inner_text()
+    assert "Exported 1200 rows" in out.locator("pre.js-preview").inner_text()
     assert page.locator("#play-duration").inner_text().strip() not in ("", "—")
     assert wait_for(alice, play_id)["state"] == "DONE"
     # A reload renders the same from the server.
     page.reload()
-    assert page.locator("#timeline .layer").count() == 3
-    page.locator("#timeline .layer:has(code:text-is('prepare')) details.js-out summary").click()
-    shot(page, "detail", docs=True)
+    assert page.locator("#steps .step").count() == 3
+    page.locator("#step-prepare details.step__out summary").click()
+    shot(page, "detail")
     page.set_viewport_size({"width": 390, "height": 844})
     shot(page, "detail-phone")
     page.set_viewport_size({"width": 1280, "height": 860})
