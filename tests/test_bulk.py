@@ -72,7 +72,7 @@ def test_the_dry_run_counts_what_will_be_retried_and_why_the_rest_will_not(
     assert bulk.summary(Action.RETRY, dry) == "5 will be retried, 1 is already retried, 1 is not FAIL, 1 is not found"
 
 
-def test_a_bulk_retry_retries_each_failed_play_once_and_writes_one_audit_entry(
+def test_a_bulk_retry_retries_each_failed_play_once_and_writes_one_audit_entry_for_the_batch(
         flow: Flow, alice: User, enqueued: list[str]) -> None:
     fails = failed(flow, alice, 3)
     done = run(flow, alice)
@@ -89,9 +89,13 @@ def test_a_bulk_retry_retries_each_failed_play_once_and_writes_one_audit_entry(
     item = BulkItem.objects.get(job=job, play_id=done.pk)
     assert item.outcome == "refused" and "only FAIL plays can be retried" in item.message
     entries = list(AuditEntry.objects.order_by("id")[before:])
-    assert [e.action for e in entries] == ["bulk.retried"]
-    assert entries[0].object_id == job.pk and entries[0].details["counts"] == {"done": 3, "refused": 1}
-    assert entries[0].details["note"] == "bad night" and len(entries[0].details["plays"]) == 3
+    # One entry for the batch; each play's own history also says it was retried, by whom,
+    # from a bulk job (the verb writes that entry in its transaction, as for every caller).
+    assert [e.action for e in entries] == ["play.retried"] * 3 + ["bulk.retried"]
+    assert {(e.object_id, e.details["source"]) for e in entries[:3]} == {(p.pk, "bulk") for p in fails}
+    batch = entries[-1]
+    assert batch.object_id == job.pk and batch.details["counts"] == {"done": 3, "refused": 1}
+    assert batch.details["note"] == "bad night" and len(batch.details["plays"]) == 3
 
 
 def test_running_a_job_again_acts_on_no_play_twice(flow: Flow, alice: User, enqueued: list[str]) -> None:
@@ -284,10 +288,10 @@ def test_an_unexpected_error_on_one_play_does_not_stop_the_batch(
     fails = failed(flow, alice, 2)
     original = Play.retry
 
-    def flaky(self: Play, by: Any = None) -> Play:
+    def flaky(self: Play, by: Any = None, source: str = "") -> Play:
         if self.pk == fails[0].pk:
             raise RuntimeError("disk full")
-        return original(self, by=by)
+        return original(self, by=by, source=source)
 
     monkeypatch.setattr(Play, "retry", flaky)
     job = bulk.create(alice, Action.RETRY, [p.pk for p in fails])
