@@ -20,7 +20,7 @@ from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required, permission_required
 from django.contrib.auth.forms import AuthenticationForm
-from django.db.models import Count, OuterRef, Q, Subquery
+from django.db.models import Count, OuterRef, Subquery
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -124,7 +124,7 @@ def _plays(request: HttpRequest) -> Any:
 
 
 def _flow_or_404(request: HttpRequest, key: str) -> Flow:
-    flow = Flow.objects.alive().for_company(request.user.company_id).filter(Q(pk=key) | Q(permanent_id=key)).first()
+    flow = Flow.objects.resolve(request.user.company_id, key)
     if flow is None:
         raise Http404("No such flow")
     return flow

@@ -465,8 +465,7 @@ class Runner:
             raise StepError(
                 f"Subflow depth limit of {limit} plays reached (a flow calling itself?)", "SUBFLOW_DEPTH", False
             )
-        flows = Flow.objects.filter(company_id=parent.company_id, deleted_at__isnull=True)
-        flow = flows.filter(pk=key).first() or flows.filter(permanent_id=key).first()
+        flow = Flow.objects.resolve(parent.company_id, key)
         if flow is None:
             raise StepError(f"No flow {key!r}", "NOT_FOUND", retryable=False)
         if not flow.enabled:

@@ -82,7 +82,8 @@ class PlaySerializer(serializers.ModelSerializer):
                   "completedAt", "duration", "runAt", "retryOf", "parentPlayId", "error", "trigger"]
 
     def to_representation(self, play: Play) -> dict[str, Any]:
-        # Hand-rolled: this runs for every row of a history page.
+        # Hand-rolled: this runs for every row of a history page. The declared fields above are
+        # the schema; tests/test_serializer_shapes.py holds the two to the same keys.
         return {
             "id": play.id,
             "flowId": play.flow_id,
