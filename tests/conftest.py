@@ -89,30 +89,47 @@ def no_enqueue(monkeypatch: Any) -> list[str]:
 
 
 @pytest.fixture
-def drain(no_enqueue: list[str], monkeypatch: Any) -> Any:
+def drain(no_enqueue: list[str], django_capture_on_commit_callbacks: Any, monkeypatch: Any) -> Any:
     """Run every enqueued play to completion in this process, like a worker would.
 
-    The test runs inside one transaction that is never committed, so on-commit hooks
-    (enqueueing the runner) fire at once instead.
+    The test runs inside one transaction that is never committed; its on-commit callbacks
+    (enqueueing the runner, publishing events) are captured and run when the test calls
+    ``drain()`` or ``drain.flush()``, as a commit would run them - and, like a commit, only
+    those of savepoints that were not rolled back.
     """
-    from django.db import transaction
-
     from plays import runner, tasks
 
-    monkeypatch.setattr(transaction, "on_commit", lambda func, using=None, robust=False: func())
     iterations: list[int] = []
     monkeypatch.setattr(tasks.run_iteration, "apply_async", lambda args, **kw: iterations.append(args[0]))
+    capture = [django_capture_on_commit_callbacks(execute=True)]
+    capture[0].__enter__()
+
+    def flush() -> None:
+        """Run the callbacks registered so far (and those they register)."""
+        capture[0].__exit__(None, None, None)
+        capture[0] = django_capture_on_commit_callbacks(execute=True)
+        capture[0].__enter__()
 
     def run_all(limit: int = 1000) -> int:
         n = 0
+        flush()
         while (no_enqueue or iterations) and n < limit:
             if iterations:
                 runner.run_iteration(iterations.pop(0))
             else:
                 runner.run(no_enqueue.pop(0))
+            flush()
             n += 1
         return n
 
-    run_all.iterations = iterations  # type: ignore[attr-defined]
+    def step() -> None:
+        """Run the next enqueued play once (a worker's one task), then what it committed."""
+        flush()
+        runner.run(no_enqueue.pop(0))
+        flush()
 
-    return run_all
+    run_all.iterations = iterations  # type: ignore[attr-defined]
+    run_all.flush = flush  # type: ignore[attr-defined]
+    run_all.step = step  # type: ignore[attr-defined]
+    yield run_all
+    capture[0].__exit__(None, None, None)

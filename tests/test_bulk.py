@@ -213,6 +213,7 @@ def test_the_inbox_lists_waiting_plays_and_decides_with_a_note(
     assert "2 will be declined." in client.post("/plays/bulk/preview/", form).content.decode()
     with drain_jobs() as jobs:
         client.post("/plays/bulk/confirm/", form)
+        drain.flush()  # the request's commit sends the job
     for job_id in jobs:
         bulk.run(job_id)
     for pid in ids[1:]:

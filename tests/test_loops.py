@@ -51,9 +51,8 @@ def test_at_most_concurrency_iterations_are_launched_at_once(api: Any, no_enqueu
     flow = loop_flow(api, concurrency=3)
     play = trigger(api, flow, {"items": list(range(10))})
     # Run only the play's runner: it launches the first iterations and gives the play up.
-    from plays import runner
 
-    runner.run(no_enqueue.pop(0))
+    drain.step()
     assert len(drain.iterations) == 3
     assert Iteration.objects.filter(play_id=play["playId"], state="RUN").count() == 3
     assert Iteration.objects.filter(play_id=play["playId"], state="PENDING").count() == 7
@@ -140,11 +139,10 @@ def test_items_must_be_a_list_and_within_the_limit(api: Any, drain: Any, setting
 
 
 def test_holding_a_play_mid_loop_stops_new_iterations_and_resume_finishes_it(api: Any, no_enqueue: list[str], drain: Any) -> None:
-    from plays import runner
 
     flow = loop_flow(api, concurrency=2)
     play_id = trigger(api, flow, {"items": [1, 2, 3, 4]})["playId"]
-    runner.run(no_enqueue.pop(0))
+    drain.step()
     assert api.post(f"/api/plays/{play_id}/hold").status_code == 200
     drain()  # the two launched iterations see the hold and give up
     assert Play.objects.get(pk=play_id).state == "ON_HOLD"
@@ -158,11 +156,11 @@ def test_holding_a_play_mid_loop_stops_new_iterations_and_resume_finishes_it(api
 def test_a_dead_iteration_is_reaped_and_counts_the_interrupted_attempt(api: Any, no_enqueue: list[str], drain: Any) -> None:
     from django.utils import timezone
 
-    from plays import runner, tasks
+    from plays import tasks
 
     flow = loop_flow(api, concurrency=1)
     play_id = trigger(api, flow, {"items": [1, 2]})["playId"]
-    runner.run(no_enqueue.pop(0))
+    drain.step()
     first = drain.iterations.pop(0)
     # A worker took the iteration and the step, then died: lease taken, layer RUN.
     it = Iteration.objects.get(pk=first)
@@ -220,7 +218,7 @@ def child_flow(api: Any, **fields: Any) -> dict:
 
 
 def test_a_synchronous_subflow_parks_the_parent_until_the_child_ends(api: Any, no_enqueue: list[str], drain: Any) -> None:
-    from plays import runner, tasks
+    from plays import tasks
 
     child = child_flow(api)
     parent = make_flow(api, [
@@ -228,7 +226,7 @@ def test_a_synchronous_subflow_parks_the_parent_until_the_child_ends(api: Any, n
         {"ref": "after", "appId": "var", "args": {"values": {"got": "{{ $prev.call.out.hello }}"}}},
     ])
     play_id = trigger(api, parent, {"who": "Ada"})["playId"]
-    runner.run(no_enqueue.pop(0))  # the parent starts the child and parks
+    drain.step()  # the parent starts the child and parks
     assert Play.objects.get(pk=play_id).state == "DEFERRED"
     kid = Play.objects.get(parent_id=play_id)
     assert api.get(f"/api/plays/{kid.id}").json()["parentPlayId"] == play_id
@@ -266,12 +264,11 @@ def test_a_failing_child_fails_the_subflow_step(api: Any, drain: Any) -> None:
 
 
 def test_cancelling_or_holding_the_parent_reaches_the_child(api: Any, no_enqueue: list[str], drain: Any) -> None:
-    from plays import runner
 
     slow = make_flow(api, [{"ref": "nap", "appId": "sleep", "args": {"ms": 60000}}], name="slow child")
     parent = make_flow(api, [{"ref": "call", "appId": "subflow", "args": {"flowId": slow["id"]}}])
     play_id = trigger(api, parent)["playId"]
-    runner.run(no_enqueue.pop(0))
+    drain.step()
     kid = Play.objects.get(parent_id=play_id)
     assert api.post(f"/api/plays/{play_id}/hold").status_code == 200
     assert Play.objects.get(pk=kid.id).state == "ON_HOLD"

@@ -112,6 +112,7 @@ def test_a_known_workload_is_counted_exactly(api: Any, drain: Any, no_enqueue: l
     plays.append(trigger(api, approval)["playId"])
     plays.append(trigger(api, ok, args={"n": 9}, runAt=(timezone.now() + timedelta(hours=1)).isoformat())["playId"])
     waiting = trigger(api, gpu)["playId"]
+    drain.flush()  # the runs' commits: their tasks are sent
     no_enqueue.remove(waiting)  # sent to the "gpu" queue, which no worker consumes
     plays.append(waiting)
     drain()
@@ -350,6 +351,7 @@ def test_plays_are_counted_by_what_triggered_them(api: Any, drain: Any) -> None:
     Play.trigger(model, {}, source={"kind": "schedule", "scheduleId": "s1"})
     Play.trigger(model, {}, source={"kind": "channel", "route": "/hooks/x"})
     Play.trigger(model, {}, source={"kind": "channel", "route": "/hooks/x"})
+    drain.flush()  # counted once committed
     for kind, n in (("api", 1), ("schedule", 1), ("channel", 2)):
         got = counted(kind) - before[kind]
         assert got == n, kind

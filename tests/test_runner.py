@@ -225,6 +225,7 @@ def test_a_runner_that_died_mid_step_is_resumed_and_counts_the_attempt(api: Any,
         {"ref": "b", "appId": "test-flaky", "args": {}},
     ])
     play_id = trigger(api, flow)["playId"]
+    drain.flush()
     no_enqueue.clear()
     play = Play.objects.get(pk=play_id)
     # Simulate a worker that finished step a, opened step b and was killed.
@@ -234,6 +235,7 @@ def test_a_runner_that_died_mid_step_is_resumed_and_counts_the_attempt(api: Any,
     Layer.objects.create(play=play, ref="b", app_id="test-flaky", index=1, state="RUN", attempts=1, started_at=timezone.now())
     Play.objects.filter(pk=play_id).update(next_index=1, lease_until=timezone.now() - timedelta(seconds=1))
     assert tasks.reap_stuck_one()
+    drain.flush()
     assert no_enqueue == [play_id]
     drain()
     assert Play.objects.get(pk=play_id).state == "DONE"

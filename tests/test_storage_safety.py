@@ -407,6 +407,7 @@ def test_a_loops_iterations_unsent_while_the_broker_is_down_are_reaped_and_finis
 
     monkeypatch.setattr(tasks.run_iteration, "apply_async", refuse)
     runner.run(play_id)  # the play's runner launches the first iterations
+    drain.flush()  # its commit: sending them fails
     launched = Iteration.objects.filter(play_id=play_id, state="RUN")
     assert launched.count() == 2 and all(it.runner == "" and it.lease_until is not None for it in launched)
     # The broker is back: the reaper's next sweep sends them, and the loop finishes.

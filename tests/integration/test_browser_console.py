@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.polling import wait_until
+
 from .axe import assert_no_axe_violations
 from .conftest import FileServer, Server, wait_for
-from .test_browser import chromium, log_in, make_flow, page, poll, shot  # chromium, page: fixtures
+from .test_browser import chromium, log_in, make_flow, page, shot  # chromium, page: fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -36,7 +38,7 @@ def test_a_held_play_shows_its_unreached_steps(server: Server, alice: httpx.Clie
          "filters": [{"leftValue": "{{ $prev.args.publish }}", "operator": "eq", "rightValue": True}]},
     ], category="Reports")
     play_id = alice.post(f"/api/flows/{flow['id']}/run", json={"args": {"month": "2024-01", "publish": False}}).json()["playId"]
-    poll(lambda: alice.get(f"/api/plays/{play_id}").json()["state"] == "DEFERRED", "the sleep to park the play")
+    wait_until(lambda: alice.get(f"/api/plays/{play_id}").json()["state"] == "DEFERRED", 60, "the sleep to park the play")
     assert alice.post(f"/api/plays/{play_id}/hold").status_code == 200
     log_in(page, server)
     page.goto(f"{server.url}/plays/{play_id}/")
@@ -170,7 +172,7 @@ def test_the_dashboard_renders_and_updates(server: Server, alice: httpx.Client, 
     for _ in range(2):
         play_id = alice.post(f"/api/flows/{flow['id']}/run", json={"args": {"doc": "{bad"}}).json()["playId"]
         wait_for(alice, play_id)
-    poll(lambda: failed() >= before + 2, "the dashboard to count the new failures", timeout=90)
+    wait_until(lambda: failed() >= before + 2, 90, "the dashboard to count the new failures")
     assert page.get_attribute("body", "data-dashboard-updated") != updated
     assert page.evaluate("window.__same") is True
     row = page.locator(f"#dash-flows tr[data-flow-id='{flow['id']}']")
