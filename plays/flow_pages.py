@@ -23,7 +23,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from flows.modules.iterator import loop_end
-from tenancy.audit import record
+from tenancy.audit import entry as audit_entry
 from tenancy.permissions import RUN_FLOW, VIEW_FLOW
 
 from .models import IdempotencyConflict, Play, State
@@ -141,7 +141,7 @@ def flow_run(request: HttpRequest, flow_key: str) -> HttpResponse:
         try:
             play, created = Play.trigger(
                 flow, args, idempotency_key=form["key"] or None, run_at=run_at, user=request.user,
-                on_created=lambda play: record(request.user, "play.triggered", play, flowId=flow.id, source="page"),
+                audit=lambda play: audit_entry(request.user, "play.triggered", play, flowId=flow.id, source="page"),
             )
         except IdempotencyConflict as exc:
             errors["key"] = f"This key was used by play {exc.play.id} with different args."
