@@ -172,15 +172,6 @@ _HORIZON_SQL = """
 """
 
 
-def _horizon(connection: Any) -> int:
-    with connection.cursor() as cursor:
-        if connection.in_atomic_block:
-            # pg_stat_activity is read once per transaction and kept: read it afresh.
-            cursor.execute("SELECT pg_stat_clear_snapshot()")
-        cursor.execute(_HORIZON_SQL)
-        return cursor.fetchone()[0]
-
-
 class EventQuerySet(models.QuerySet):
     def after(self, company_id: str, position: Position) -> EventQuerySet:
         """The company's events after ``position``, in cursor order (final or not)."""
@@ -214,19 +205,23 @@ class EventQuerySet(models.QuerySet):
             filters += " AND flow_id = %s"
             params.append(flow_id)
         if connection.vendor == "postgresql":
-            h = _horizon(connection)
+            # One round trip: the horizon and the rows behind it, read in one snapshot.
             sql = f"""
-                SELECT id, xid, payload FROM plays_event
-                WHERE company_id = %s AND (xid, id) > (%s, %s)
-                    AND (xid < %s OR xid = pg_current_xact_id_if_assigned()::text::bigint){filters}
-                ORDER BY xid, id LIMIT %s
+                SELECT e.id, e.xid, e.payload, h.h FROM ({_HORIZON_SQL}) AS h (h) LEFT JOIN LATERAL (
+                    SELECT id, xid, payload FROM plays_event
+                    WHERE company_id = %s AND (xid, id) > (%s, %s)
+                        AND (xid < h.h OR xid = pg_current_xact_id_if_assigned()::text::bigint){filters}
+                    ORDER BY xid, id LIMIT %s
+                ) AS e ON TRUE
             """
-            rows = []
-            if limit:
-                with connection.cursor() as cursor:
-                    cursor.execute(sql, [company_id, after[0], after[1], h, *params, limit])
-                    rows = cursor.fetchall()
-            horizon: Position = (h, 0)
+            with connection.cursor() as cursor:
+                if connection.in_atomic_block:
+                    # pg_stat_activity is read once per transaction and kept: read it afresh.
+                    cursor.execute("SELECT pg_stat_clear_snapshot()")
+                cursor.execute(sql, [company_id, after[0], after[1], *params, limit])
+                found = cursor.fetchall()
+            rows = [row[:3] for row in found if row[0] is not None]
+            horizon: Position = (found[0][3], 0)
         else:
             # Read the newest id first: every row up to it is committed (one writer).
             newest = self.filter(company_id=company_id).aggregate(m=models.Max("id"))["m"] or 0
@@ -418,32 +413,47 @@ def _store(items: list[tuple[Play, str, dict[str, Any]]]) -> list[Event]:
 
 
 @functools.cache
-def _step_on_sql(ended: tuple[str, ...], columns: tuple[str, ...]) -> str:
-    """Play.step_on's statement (built once): ``ended`` are the columns Layer.end writes."""
+def _step_on_sql(ended: tuple[str, ...] | None, columns: tuple[str, ...] | None, events: int) -> str:
+    """Play.step_on's statement (built once per shape): ``ended`` are the columns Layer.end
+    writes (None: no layer ends), ``columns`` those of the layer it opens (None: the play
+    finishes instead), ``events`` how many events it stores."""
     from django.db import connection
 
     q = connection.ops.quote_name
-    return f"""
-            WITH ok AS MATERIALIZED (
-                SELECT FROM plays_play pp, plays_layer ll
-                WHERE pp.id = %s AND pp.runner = %s AND pp.state = 'RUN'
-                    AND ll.id = %s AND ll.play_id = pp.id AND ll.state IN ('RUN', 'WAIT')
-                FOR UPDATE
-            ), p AS (
-                UPDATE plays_play SET next_index = %s, lease_until = %s, event_seq = event_seq + 2
-                WHERE id = %s AND EXISTS (SELECT FROM ok) RETURNING event_seq
-            ), d AS (
+    layer = ", plays_layer ll" if ended else ""
+    layer_ok = "AND ll.id = %s AND ll.play_id = pp.id AND ll.state IN ('RUN', 'WAIT')" if ended else ""
+    finish = ", state = 'DONE', completed_at = %s, updated_at = %s, runner = ''" if columns is None else ""
+    end = (
+        f""", d AS (
                 UPDATE plays_layer SET {", ".join(f"{q(c)} = %s" for c in ended)},
                     started_at = COALESCE(started_at, %s)
                 WHERE id = %s AND EXISTS (SELECT FROM ok)
-            ), n AS (
+            )"""
+        if ended
+        else ""
+    )
+    open_ = (
+        f""", n AS (
                 INSERT INTO plays_layer ({", ".join(q(c) for c in columns)})
                 SELECT {", ".join(["%s"] * len(columns))} WHERE EXISTS (SELECT FROM ok)
-            )
+            )"""
+        if columns
+        else ""
+    )
+    values = ", ".join(f"({k}, %s, %s::jsonb)" for k in range(1, events + 1))
+    return f"""
+            WITH ok AS MATERIALIZED (
+                SELECT FROM plays_play pp{layer}
+                WHERE pp.id = %s AND pp.runner = %s AND pp.state = 'RUN' {layer_ok}
+                FOR UPDATE
+            ), p AS (
+                UPDATE plays_play SET next_index = %s, lease_until = %s, event_seq = event_seq + {events}{finish}
+                WHERE id = %s AND EXISTS (SELECT FROM ok) RETURNING event_seq
+            ){end}{open_}
             INSERT INTO plays_event (company_id, play_id, flow_id, seq, xid, type, payload, created_at)
-            SELECT %s, %s, %s, p.event_seq - 2 + v.k, pg_current_xact_id()::text::bigint, v.type,
-                v.payload || jsonb_build_object('seq', p.event_seq - 2 + v.k), %s
-            FROM p, (VALUES (1, %s, %s::jsonb), (2, %s, %s::jsonb)) AS v (k, type, payload)
+            SELECT %s, %s, %s, p.event_seq - {events} + v.k, pg_current_xact_id()::text::bigint, v.type,
+                v.payload || jsonb_build_object('seq', p.event_seq - {events} + v.k), %s
+            FROM p, (VALUES {values}) AS v (k, type, payload)
             ORDER BY v.k
             RETURNING id, seq, xid
         """
@@ -1063,43 +1073,74 @@ class Play(models.Model):
         return connection.vendor == "postgresql"
 
     def step_on(self, runner: str, done: Layer, out: Any, step: dict[str, Any], lease_until: datetime) -> Layer | None:
-        """``Runner.succeed``'s transaction (``step_past``, ``Layer.end``, ``Layer.open`` and
-        their events) in one statement on PostgreSQL: ``done`` DONE, the cursor at ``step``
-        and the lease renewed, ``step``'s layer opened RUN. The new layer, or None when
-        nothing was written (not PostgreSQL, the play not ours and RUN, ``done`` ended).
+        """``Runner.succeed``'s transaction (``step_past``, ``Layer.end``, ``Layer.open``) in
+        one statement on PostgreSQL: ``done`` DONE with ``out``, the cursor at ``step`` and
+        the lease renewed, ``step``'s layer RUN. The new layer, or None when nothing was
+        written (not PostgreSQL, the play not ours and RUN, ``done`` ended): the caller
+        takes the general path."""
+        return self._boundary(runner, done, out, step, step["index"], lease_until)
 
-        Why raw SQL: one round trip instead of seven on the path every step takes. The
-        rows come from the same definitions (``Layer.ended``, ``Layer.build``,
-        ``event_payload``); test_runner's equality test compares both paths' rows.
-        ``ok`` locks the play, then the layer, and each part writes only if ``ok`` found
-        them (the parts of a ``WITH`` have no condition of their own): all or nothing.
+    def open_on(self, runner: str, step: dict[str, Any], lease_until: datetime) -> Layer | None:
+        """``Runner.open``'s transaction for a step that runs now, in one statement: the
+        lease renewed, ``step``'s layer RUN. None as ``step_on``."""
+        return self._boundary(runner, None, None, step, step["index"], lease_until)
+
+    def finish_on(self, runner: str, done: Layer, out: Any, to: int) -> bool:
+        """After the last step, ``Runner.succeed``'s transaction (``step_past``,
+        ``Layer.end``, ``finish``) in one statement: ``done`` DONE, the play DONE. False
+        as ``step_on``, and for a play whose end wakes something (``ends_alone``)."""
+        return self.ends_alone() and self._boundary(runner, done, out, None, to, None) is not None
+
+    def ends_alone(self) -> bool:
+        """Whether this play's end wakes nothing else (``_after_end`` has nothing to do)."""
+        return not self.parent_layer_id and not self.definition.get("execution", {}).get("maxConcurrency")
+
+    def _boundary(
+        self, runner: str, done: Layer | None, out: Any, step: dict[str, Any] | None, to: int, lease_until: datetime | None
+    ) -> Layer | bool | None:
+        """The one statement of ``step_on``, ``open_on`` and ``finish_on``: ``done`` (if any)
+        ends DONE, then ``step``'s layer opens RUN, or (``step`` None) the play finishes DONE.
+
+        Why raw SQL: one round trip instead of five to seven on the path every step takes.
+        The rows come from the same definitions (``Layer.ended``, ``Layer.build``,
+        ``event_payload``); test_runner's equality tests compare them with the general
+        path's. ``ok`` locks the play, then the layer, and each part writes only if ``ok``
+        found them (the parts of a ``WITH`` have no condition of their own): all or nothing.
         """
         from django.db import connection
 
-        if not Play.can_step_on() or done.iteration is not None:
+        if not Play.can_step_on() or (done is not None and done.iteration is not None):
             return None
         now = timezone.now()
-        layer = Layer.build(self, step, LayerState.RUN)
-        layer.started_at = now
-        events = [
-            (EventType.LAYER_COMPLETED, done.event_extra(LayerState.DONE, out=out)),
-            (EventType.LAYER_STARTED, {**layer.event_extra(LayerState.RUN), "attempt": 1}),
-        ]
+        events: list[tuple[str, dict[str, Any]]] = []
+        params: list[Any] = [self.pk, runner]
+        if done is not None:
+            params.append(done.pk)
+            events.append((EventType.LAYER_COMPLETED, done.event_extra(LayerState.DONE, out=out)))
+        layer = None
+        if step is not None:
+            layer = Layer.build(self, step, LayerState.RUN)
+            layer.started_at = now
+            events.append((EventType.LAYER_STARTED, {**layer.event_extra(LayerState.RUN), "attempt": 1}))
+            params += [to, lease_until]
+        else:
+            events.append((EventType.PLAY_COMPLETED, {"state": State.DONE, "duration": duration_ms(self.started_at, now)}))
+            params += [to, None, now, now]
+        params.append(self.pk)
+        end = Layer.ended(LayerState.DONE, out, None, now) if done is not None else None
+        ended = [Layer._meta.get_field(name) for name in end] if end is not None else []
+        if end is not None:
+            params += [*(f.get_db_prep_save(end[f.name], connection) for f in ended), now, done.pk]
+        fields = list(Layer._meta.concrete_fields) if layer is not None else []
+        params += [f.get_db_prep_save(getattr(layer, f.attname), connection) for f in fields]
         payloads = [event_payload(self, kind, 0, extra, now) for kind, extra in events]
-        fields = list(Layer._meta.concrete_fields)
         prep = Event._meta.get_field("payload").get_db_prep_save
-        end = Layer.ended(LayerState.DONE, out, None, now)
-        ended = [Layer._meta.get_field(name) for name in end]
-        sql = _step_on_sql(tuple(f.column for f in ended), tuple(f.column for f in fields))
-        params = [
-            *(self.pk, runner, done.pk),
-            *(step["index"], lease_until, self.pk),
-            *(f.get_db_prep_save(end[f.name], connection) for f in ended),
-            *(now, done.pk),
-            *(f.get_db_prep_save(getattr(layer, f.attname), connection) for f in fields),
-            *(self.company_id, self.pk, self.flow_id, now),
-            *(events[0][0], prep(payloads[0], connection), events[1][0], prep(payloads[1], connection)),
-        ]
+        params += [self.company_id, self.pk, self.flow_id, now]
+        for (kind, _), payload in zip(events, payloads, strict=True):
+            params += [kind, prep(payload, connection)]
+        sql = _step_on_sql(
+            tuple(f.column for f in ended) or None, tuple(f.column for f in fields) or None, len(events)
+        )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
@@ -1112,8 +1153,12 @@ class Play(models.Model):
         from .fanout import publish_on_commit
 
         publish_on_commit(self.company_id, messages)
-        self.next_index, self.lease_until = step["index"], lease_until
-        done._set({**end, "started_at": done.started_at or now})
+        if done is not None:
+            done._set({**end, "started_at": done.started_at or now})
+        self.next_index, self.lease_until = to, lease_until
+        if layer is None:
+            self.state, self.completed_at, self.updated_at, self.runner = State.DONE, now, now, ""
+            return True
         return layer
 
     def release(self, runner: str) -> bool:

@@ -501,6 +501,11 @@ class Runner:
         """Create the step's layer; return it if the step must run now."""
         play = self.play
         verdict = self.filter_verdict(step)
+        if verdict is True and not step.get("needsApproval") and self.iteration_index is None:
+            opened = self.one_statement(lambda: play.open_on(self.runner, step, lease()))
+            if opened is not None:
+                self.layers[step["ref"]] = opened
+                return opened
         with transaction.atomic():
             self.own()
             iteration = self.iteration_index
@@ -752,6 +757,8 @@ class Runner:
             return self.play.state in TERMINAL
         if following is not None and self.step_on(layer, out, following):
             return False
+        if following is None and self.finish_on(step, layer, out):
+            return True
         with transaction.atomic(), batched_events():
             running = self.step_past(step["index"], self.after(step))
             if not layer.end(LayerState.DONE, out=out):
@@ -780,17 +787,30 @@ class Runner:
     def step_on(self, layer: Layer, out: Any, following: dict[str, Any]) -> bool:
         """succeed() in one statement where the database can (Play.step_on): a play's step
         DONE and ``following`` started. False: nothing written, succeed() goes on."""
-        if not Play.can_step_on():
-            return False
-        # Alone it is atomic; inside a caller's transaction (tests) a savepoint keeps a
-        # failed statement from breaking that transaction.
-        with transaction.atomic() if connection.in_atomic_block else nullcontext():
-            opened = self.play.step_on(self.runner, layer, out, following, lease())
+        opened = self.one_statement(lambda: self.play.step_on(self.runner, layer, out, following, lease()))
         if opened is None:
             return False
         self.layers[following["ref"]] = opened
         self.opened = opened.pk
         return True
+
+    def finish_on(self, step: dict[str, Any], layer: Layer, out: Any) -> bool:
+        """succeed() after a play's last step in one statement where the database can
+        (Play.finish_on): the step DONE and the play DONE. False: nothing written."""
+        to = self.after(step)
+        if self.iteration is not None or to < self.end:
+            return False
+        return bool(self.one_statement(lambda: self.play.finish_on(self.runner, layer, out, to)))
+
+    @staticmethod
+    def one_statement(write: Callable[[], T]) -> T | None:
+        """``write`` (one of the Play verbs that write a step boundary in one statement) where
+        the database can; None elsewhere. Alone it is atomic; inside a caller's transaction
+        (tests) a savepoint keeps a failed statement from breaking that transaction."""
+        if not Play.can_step_on():
+            return None
+        with transaction.atomic() if connection.in_atomic_block else nullcontext():
+            return write()
 
     def go_on(self, following: dict[str, Any] | None) -> bool:
         """Inside succeed()'s transaction, on a play that is ours and RUN: open the layer of

@@ -267,11 +267,13 @@ def test_each_step_is_one_transaction_that_also_starts_the_next_one(api: Any, dr
     # play:started (trigger), the first layer's start, then one per step: its completion with
     # the next step's start, or with play:completed after the last one.
     if connection.vendor == "postgresql":
-        # Steps 0-4 hand over to the next one in a single statement (Play.step_on), which
-        # stores its two events itself; the last step finishes the play.
-        assert len([q for q in queries.captured_queries if "WITH ok AS" in q["sql"]]) == 5
-        # play:started was written by the run request's one statement (Play.trigger), not _store.
-        assert reservations == [1, 2]
+        # The first step opens in one statement (Play.open_on), steps 0-4 hand over to the
+        # next one in one (Play.step_on), the last one finishes the play in one
+        # (Play.finish_on); each stores its events itself.
+        assert len([q for q in queries.captured_queries if "WITH ok AS" in q["sql"]]) == 7
+        # play:started was written by the run request's one statement (Play.trigger): no
+        # event of this play went through _store.
+        assert reservations == []
     else:
         assert reservations == [1, 1] + [2] * 6
     assert events_of(play_id) == ["play:started"] + ["play:layer:started", "play:layer:completed"] * 6 + ["play:completed"]
@@ -507,6 +509,96 @@ def test_step_on_writes_what_the_general_path_writes(api: Any, no_enqueue: Any) 
         Layer.open(slow, steps[1], LayerState.RUN)
     assert outcome(fast, first) == outcome(slow, second)
     assert (first.state, first.out, first.parked) == (second.state, second.out, second.parked)
+
+
+def boundary_outcome(play: Play) -> tuple:
+    """What a step boundary left: the play's row, its layers and its events (ids, times and
+    durations aside), for comparing the one-statement verbs with the general path."""
+    p = Play.objects.get(pk=play.pk)
+    skip = {"id", "play", "started_at", "completed_at"}
+    layers = [{f.name: getattr(x, f.attname) for f in Layer._meta.concrete_fields if f.name not in skip}
+              for x in Layer.objects.filter(play=play).order_by("index")]
+    events = [{k: v for k, v in e.payload.items() if k not in ("layerId", "playId", "flowId", "timestamp", "duration")}
+              for e in Event.objects.filter(play=play).order_by("seq")]
+    ends = [x.completed_at is not None for x in Layer.objects.filter(play=play).order_by("index")]
+    return (p.next_index, p.event_seq, p.state, p.runner, p.lease_until is None, p.completed_at is None,
+            layers, events, ends)
+
+
+def leased_play(api: Any, steps: int = 1, execution: dict | None = None) -> tuple[Play, list[dict[str, Any]]]:
+    """A play of ``steps`` var steps whose lease runner "r1" holds, no layer opened yet."""
+    body = {"execution": execution} if execution else {}
+    flow = make_flow(api, [{"ref": f"s{i}", "appId": "var", "args": {"values": {}}} for i in range(steps)], **body)
+    play = Play.take_lease(trigger(api, flow)["playId"], "r1", 30)
+    return play, play.flow_version.definition["layers"]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the one-statement verbs write on PostgreSQL only")
+def test_open_on_writes_what_the_general_path_writes_or_nothing(api: Any, no_enqueue: Any) -> None:
+    """Play.open_on (a step's layer opened RUN, the lease renewed) leaves the rows and events
+    of Runner.open's transaction (hold_lease, Layer.open); not our play: nothing at all."""
+    from datetime import timedelta
+
+    from django.db import transaction
+    from django.utils import timezone
+
+    from plays.models import LayerState
+
+    lease = timezone.now() + timedelta(seconds=30)
+    fast, steps = leased_play(api, 2)
+    before = boundary_outcome(fast)
+    assert fast.open_on("someone-else", steps[0], lease) is None
+    assert boundary_outcome(fast) == before
+    opened = fast.open_on("r1", steps[0], lease)
+    assert opened is not None and (opened.ref, opened.state, opened.attempts) == ("s0", LayerState.RUN, 1)
+    assert Play.objects.get(pk=fast.pk).lease_until == lease
+    slow, steps = leased_play(api, 2)
+    with transaction.atomic():
+        assert slow.hold_lease("r1", lease)
+        Layer.open(slow, steps[0], LayerState.RUN)
+    assert boundary_outcome(fast) == boundary_outcome(slow)
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the one-statement verbs write on PostgreSQL only")
+def test_finish_on_writes_what_the_general_path_writes_or_nothing(api: Any, no_enqueue: Any) -> None:
+    """Play.finish_on (the last step DONE, the play DONE) leaves the rows and events of
+    Runner.succeed's transaction after the last step (step_past, Layer.end, finish); not our
+    play, a layer that ended meanwhile or a play whose end wakes others: nothing at all."""
+    from datetime import timedelta
+
+    from django.db import transaction
+    from django.utils import timezone
+
+    from plays.models import LayerState, batched_events
+
+    lease = timezone.now() + timedelta(seconds=30)
+    fast, steps = leased_play(api)
+    last = Layer.open(fast, steps[0], LayerState.RUN)
+    before = boundary_outcome(fast)
+    assert not fast.finish_on("someone-else", last, {"x": 1}, 1)
+    Layer.objects.filter(pk=last.pk).update(state=LayerState.FAIL)
+    assert not fast.finish_on("r1", last, {"x": 1}, 1)
+    Layer.objects.filter(pk=last.pk).update(state=LayerState.RUN)
+    assert boundary_outcome(fast) == before
+    assert fast.finish_on("r1", last, {"x": [1, "two"]}, 1)
+    assert (fast.state, fast.runner, fast.completed_at is not None) == ("DONE", "", True)
+    completed = Event.objects.get(play=fast, type="play:completed").payload
+    assert isinstance(completed["duration"], int) and completed["state"] == "DONE"
+
+    slow, steps = leased_play(api)
+    last = Layer.open(slow, steps[0], LayerState.RUN)
+    with transaction.atomic(), batched_events():
+        assert slow.step_past("r1", 1, lease)
+        assert last.end(LayerState.DONE, out={"x": [1, "two"]})
+        assert slow.finish("r1", filtered=False)
+    assert boundary_outcome(fast) == boundary_outcome(slow)
+
+    # A play whose end frees a concurrency slot takes the general path (it wakes others).
+    limited, steps = leased_play(api, execution={"maxConcurrency": 2})
+    last = Layer.open(limited, steps[0], LayerState.RUN)
+    before = boundary_outcome(limited)
+    assert not limited.finish_on("r1", last, {}, 1)
+    assert boundary_outcome(limited) == before
 
 
 def test_the_parking_migration_splits_parked_out_into_its_fields(api: Any, no_enqueue: Any) -> None:
