@@ -227,6 +227,7 @@ async def bench(
     lost = duplicates = out_of_order = unexpected = 0
     details: list[str] = []
     latencies: list[float] = []
+    by_type: dict[str, list[float]] = {}
     delivered = 0
     for i, events in enumerate(received):
         seqs = [e["cursor"] for e, _ in events]
@@ -252,7 +253,10 @@ async def bench(
                 lost += missing
                 if missing:
                     details.append(f"client {i}: play {play_id} lost {missing}")
-        latencies += [(arrived - parse_ts(e["timestamp"])) * 1000 for e, arrived in events]
+        for e, arrived in events:
+            latency = (arrived - parse_ts(e["timestamp"])) * 1000
+            latencies.append(latency)
+            by_type.setdefault(e.get("type", "?"), []).append(latency)
     elapsed = max(finished - started, 1e-9)
     q = percentiles(latencies)
     fq = percentiles(floor.latencies)
@@ -274,6 +278,10 @@ async def bench(
         "out of order": out_of_order,
         "unexpected": unexpected,
         "details": details,
+        "by type": {
+            kind: {"events": len(values), "p50 ms": round(percentiles(values)[49], 1), "p99 ms": round(percentiles(values)[98], 1)}
+            for kind, values in sorted(by_type.items())
+        },
     }
 
 
@@ -302,4 +310,7 @@ def table(result: dict[str, Any]) -> str:
     head = "| " + " | ".join(columns) + " |"
     rule = "|" + "|".join("---:" for _ in columns) + "|"
     row = "| " + " | ".join(str(result[c]) for c in columns) + " |"
-    return "\n".join([head, rule, row]) + "\n"
+    kinds = ["", "| event type | delivered | p50 ms | p99 ms |", "|---|---:|---:|---:|"] + [
+        f"| {kind} | {v['events']} | {v['p50 ms']} | {v['p99 ms']} |" for kind, v in result.get("by type", {}).items()
+    ]
+    return "\n".join([head, rule, row, *kinds]) + "\n"
