@@ -118,10 +118,15 @@ class BodyLimitMiddleware:
 
 def _limited_web_request() -> type:
     from daphne.http_protocol import WebRequest
-    from twisted.web import http
 
+    # Overrides Twisted's per-request hooks (gotLength, handleContentChunk, requestReceived)
+    # and reads the request line's path that Twisted keeps on the channel (``_path``): Daphne
+    # has no hook of its own before the whole body is read. tests/test_shims.py checks them.
     class LimitedWebRequest(WebRequest):
-        """Daphne's request, refusing a body over the limit while it arrives."""
+        """Daphne's request, refusing a body over the limit while it arrives.
+
+        A refused request still ends through Daphne's ``connectionLost``: Daphne's server
+        registered it when it was created and forgets it only once told it is gone."""
 
         refused = False
         body_seen = 0
@@ -160,12 +165,6 @@ def _limited_web_request() -> type:
         def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
             if not self.refused:
                 super().requestReceived(command, path, version)
-
-        def connectionLost(self, reason: Any) -> None:  # noqa: N802
-            if self.refused:  # never handed to the application, unknown to Daphne's server
-                http.Request.connectionLost(self, reason)
-                return
-            super().connectionLost(reason)
 
     return LimitedWebRequest
 

@@ -11,7 +11,8 @@ from kombu.transport import TRANSPORT_ALIASES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "flowplay.settings")
 
-# The embedded broker publishes atomically; see flowplay/broker.py.
+# kombu's alias table, so that every filesystem:// URL (web, worker, beat) gets the
+# transport that publishes atomically (flowplay/broker.py). Checked in tests/test_shims.py.
 TRANSPORT_ALIASES["filesystem"] = "flowplay.broker:Transport"
 
 app = Celery("flowplay")
@@ -26,6 +27,8 @@ def _leave_the_parents_database_pool(**kwargs: object) -> None:
     child opens its own on first use. (Celery's Django fixup closes plain connections.)"""
     from django.db.backends.postgresql.base import DatabaseWrapper
 
+    # Django's private pool per process and alias (no public way to drop it without closing
+    # the parent's connections). Checked in tests/test_shims.py.
     DatabaseWrapper._connection_pools.clear()
 
 
@@ -47,6 +50,8 @@ def _close_connections_keep_pool(self: DjangoWorkerFixup) -> None:
                 raise
 
 
+# A private method of Celery's Django fixup, replaced whole: Celery offers no setting for it.
+# tests/test_shims.py checks that Celery still calls it before and after each task.
 DjangoWorkerFixup._close_database = _close_connections_keep_pool
 
 

@@ -150,8 +150,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # After commit, a broker error is reported in the answer, never as a 500 (plays/broker.py).
-    "plays.broker.BrokerNoticeMiddleware",
+    # After commit, a broker error is reported in the answer, never as a 500 (plays/outbox.py).
+    "plays.outbox.BrokerNoticeMiddleware",
 ]
 
 ROOT_URLCONF = "flowplay.urls"
@@ -280,7 +280,7 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # --- Channels -------------------------------------------------------------------------
-# The channel layer only carries the live stream's doorbells (plays/fanout.py → plays/hub.py):
+# The channel layer only carries the live stream's doorbells (plays/outbox.py → plays/hub.py):
 # Redis pub/sub, one subscription per company per web process. Pub/sub channel names are
 # server-wide, not per Redis database: the prefix carries the database's number.
 if REDIS_URL:

@@ -136,7 +136,7 @@ class BulkJob(models.Model):
     def enqueue(self) -> None:
         """Send the job to a worker after commit. If the broker is down it stays PENDING and
         its page offers to send it again (running a job twice is harmless, see above)."""
-        from .broker import send_on_commit
+        from .outbox import send_on_commit
         from .tasks import run_bulk_job
 
         job_id = self.id

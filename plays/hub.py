@@ -24,8 +24,8 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from .fanout import company_group
 from .models import START, Event, Position, decode_cursor, encode_cursor
+from .outbox import company_group
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Hub:
     the table (``Event.objects.replay``: only what is final in cursor order) and handed to
     each listener as a ``LiveRange``. It reads when woken:
 
-    - with Redis, by the doorbell that writers publish after commit (``fanout.py``) on the
+    - with Redis, by the doorbell that writers publish after commit (``outbox.py``) on the
       company's pub/sub channel, which this process subscribes to once; when the events
       rung for are not final yet (an older transaction still runs) it reads again shortly;
       and every ``POLL_SECONDS`` anyway, for doorbells lost (pub/sub delivers at most once);

@@ -178,7 +178,7 @@ def observe_events(payloads: list[dict[str, Any]]) -> None:
 
 
 def events_committed(payloads: list[dict[str, Any]]) -> None:
-    """Hooked into ``plays.fanout.publish_on_commit``: count after the commit."""
+    """Hooked into ``plays.outbox.publish_on_commit``: count after the commit."""
     from django.db import transaction
 
     def count() -> None:

@@ -29,7 +29,7 @@ from tenancy.ids import new_id
 from tenancy.models import Company
 from tenancy.storable import StorableJSONField, storable
 
-from .broker import send_on_commit
+from .outbox import publish_on_commit, send_on_commit
 
 
 class State(models.TextChoices):
@@ -369,8 +369,6 @@ def _store(items: list[tuple[Play, str, dict[str, Any]]]) -> list[Event]:
         by_play.setdefault(item[0].pk, []).append(item)
     now = timezone.now()
     events = []
-    from .fanout import publish_on_commit
-
     for play_id, play_items in sorted(by_play.items()):  # one lock order: no deadlock
         play = play_items[0][0]
         n = len(play_items)
@@ -812,8 +810,6 @@ class Play(models.Model):
         from django.db import connection
         from django.db.models.signals import post_save, pre_save
 
-        from .fanout import publish_on_commit
-
         now = timezone.now()
         play = cls(
             company_id=flow.company_id,
@@ -1150,8 +1146,6 @@ class Play(models.Model):
         for payload, (pk, seq, xid) in zip(payloads, rows, strict=True):
             payload["seq"] = seq
             messages.append({**payload, "cursor": encode_cursor((xid, pk))})
-        from .fanout import publish_on_commit
-
         publish_on_commit(self.company_id, messages)
         if done is not None:
             done._set({**end, "started_at": done.started_at or now})

@@ -88,6 +88,9 @@ class SendBacklogMiddleware:
         return await self.inner(scope, receive, send)
 
 
+# Reads Daphne's ``send`` (``partial(server.handle_reply, protocol)``) and Twisted's write
+# buffer (``FileDescriptor.dataBuffer``, ``offset``, ``_tempDataLen``): no public API says how
+# many bytes wait unwritten. Checked in tests/test_shims.py.
 def _backlog_probe(send: Any) -> Callable[[], int] | None:
     if not isinstance(send, functools.partial) or not send.args:
         return None

@@ -23,8 +23,8 @@ from kombu.exceptions import OperationalError as BrokerError
 from flows import modules
 from flows.modules import Module, RunContext
 from plays import tasks
-from plays.broker import BROKER_UNAVAILABLE
 from plays.models import Layer, Play
+from plays.outbox import BROKER_UNAVAILABLE
 from tenancy.storable import MAX_DEPTH, UnstorableValue, storable
 
 from .factories import make_flow, run, trigger

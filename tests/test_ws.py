@@ -14,9 +14,9 @@ from channels.testing import WebsocketCommunicator
 from flows.models import Flow
 from plays import consumers, wsauth
 from plays import hub as hub_module
-from plays.fanout import company_group, doorbell
 from plays.hub import Hub, LiveRange, hub, live_event
 from plays.models import Event, EventType, Play, decode_cursor, emit, encode_cursor
+from plays.outbox import company_group, doorbell
 from plays.wsauth import SEND_BACKLOG
 from tenancy.models import ApiKey, User
 
