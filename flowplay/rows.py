@@ -9,6 +9,7 @@ turned into model instances as the ORM does it (its converters, then ``Model.fro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,14 +24,28 @@ def columns(model: type[models.Model], alias: str, connection: Any) -> str:
 
 def instance(model: type[models.Model], values: Sequence[Any], connection: Any) -> models.Model:
     """``model`` from the values of ``columns(model, …)``, converted as the ORM converts them."""
-    fields = model._meta.concrete_fields
+    names, converters = _converters(model, connection.alias, connection.vendor)
     converted = []
-    for field, value in zip(fields, values, strict=True):
-        col = field.cached_col
-        for convert in (*connection.ops.get_db_converters(col), *col.get_db_converters(connection)):
-            value = convert(value, col, connection)
+    for value, (col, convert) in zip(values, converters, strict=True):
+        for one in convert:
+            value = one(value, col, connection)
         converted.append(value)
-    return model.from_db(connection.alias, [f.attname for f in fields], converted)
+    return model.from_db(connection.alias, names, converted)
+
+
+@functools.cache
+def _converters(model: type[models.Model], alias: str, vendor: str) -> tuple[list[str], list[tuple[Any, tuple]]]:
+    """``instance``'s field names and, per field, its column and the ORM's converters,
+    looked up once per model and database (``vendor``: the key's part that says which)."""
+    from django.db import connections
+
+    connection = connections[alias]
+    fields = model._meta.concrete_fields
+    converters = []
+    for field in fields:
+        col = field.cached_col
+        converters.append((col, (*connection.ops.get_db_converters(col), *col.get_db_converters(connection))))
+    return [f.attname for f in fields], converters
 
 
 def instances(
