@@ -19,10 +19,8 @@ from .models import Flow, Flowlet, OnError
 from .modules import get_module
 from .modules.base import REGISTRY
 from .modules.iterator import loop_end
-from .strict import NO_NUL, StrictJSONMixin
+from .strict import StrictJSONMixin
 
-# The play states (plays.models.State; flows does not import plays): the run answer's state.
-PLAY_STATES = ["NEW", "RUN", "DONE", "FAIL", "SKIP", "FILTERED", "DEFERRED", "WAIT", "ON_HOLD"]
 REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_REFS = {"args"}
 
@@ -407,32 +405,6 @@ def _replace_flowlets(flow: Flow, layers: list[dict[str, Any]]) -> None:
             flowlet.save()
         else:
             flowlet.save(force_insert=True)
-
-
-class RunSerializer(StrictJSONMixin, serializers.Serializer):
-    """POST /run. Every field may be left out; none may be null (the schema says so, and a
-    generated client never sends null for a field it does not set)."""
-
-    args = serializers.DictField(required=False, help_text="Any JSON object (default {}): $prev.args")
-    idempotencyKey = serializers.RegexField(NO_NUL, required=False, min_length=1, max_length=255, trim_whitespace=False)
-    runAt = serializers.DateTimeField(required=False, help_text="Start at this time (not with delayMs)")
-    delayMs = serializers.IntegerField(required=False, min_value=0, max_value=366 * 24 * 3600 * 1000,
-                                       help_text="Start after this many milliseconds (not with runAt)")
-    start = serializers.BooleanField(required=False, default=True, help_text="false: create the play in NEW")
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if "runAt" in attrs and "delayMs" in attrs:
-            raise serializers.ValidationError({"runAt": ["Give runAt or delayMs, not both"]})
-        return attrs
-
-
-class RunResponseSerializer(serializers.Serializer):
-    playId = serializers.CharField()
-    state = serializers.ChoiceField(choices=PLAY_STATES)
-    startedAt = serializers.DateTimeField(allow_null=True)
-    createdAt = serializers.DateTimeField()
-    idempotencyKey = serializers.CharField(allow_null=True)
-    runAt = serializers.DateTimeField(allow_null=True)
 
 
 # --- Accounts -------------------------------------------------------------------------

@@ -5,8 +5,39 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from flows.strict import NO_NUL, StrictJSONMixin
+
 from .models import Approval, EventType, Layer, LayerState, Play, State, TriggerKind, iso
 from .redaction import redact
+
+# --- POST /api/flows/{flowId}/run ------------------------------------------------------
+
+
+class RunSerializer(StrictJSONMixin, serializers.Serializer):
+    """POST /run. Every field may be left out; none may be null (the schema says so, and a
+    generated client never sends null for a field it does not set)."""
+
+    args = serializers.DictField(required=False, help_text="Any JSON object (default {}): $prev.args")
+    idempotencyKey = serializers.RegexField(NO_NUL, required=False, min_length=1, max_length=255, trim_whitespace=False)
+    runAt = serializers.DateTimeField(required=False, help_text="Start at this time (not with delayMs)")
+    delayMs = serializers.IntegerField(required=False, min_value=0, max_value=366 * 24 * 3600 * 1000,
+                                       help_text="Start after this many milliseconds (not with runAt)")
+    start = serializers.BooleanField(required=False, default=True, help_text="false: create the play in NEW")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "runAt" in attrs and "delayMs" in attrs:
+            raise serializers.ValidationError({"runAt": ["Give runAt or delayMs, not both"]})
+        return attrs
+
+
+class RunResponseSerializer(serializers.Serializer):
+    playId = serializers.CharField()
+    state = serializers.ChoiceField(choices=State.values)
+    startedAt = serializers.DateTimeField(allow_null=True)
+    createdAt = serializers.DateTimeField()
+    idempotencyKey = serializers.CharField(allow_null=True)
+    runAt = serializers.DateTimeField(allow_null=True)
+
 
 # Output shapes for the OpenAPI document. The serializers below hand-roll their
 # to_representation for speed; these fields only describe what they send.

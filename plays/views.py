@@ -22,7 +22,7 @@ from flowplay import rows
 from flows import views as flow_views
 from flows.api import ApiError, invalid_state, not_found
 from flows.models import Flow, FlowVersion
-from flows.serializers import FlowSerializer, RunResponseSerializer, RunSerializer
+from flows.serializers import FlowSerializer
 from flows.strict import NO_NUL
 from flows.views import get_flow
 from tenancy.audit import entry as audit_entry
@@ -50,6 +50,8 @@ from .serializers import (
     PlayDetailSerializer,
     PlaySerializer,
     RetryResponseSerializer,
+    RunResponseSerializer,
+    RunSerializer,
 )
 
 # --- Trigger --------------------------------------------------------------------------
