@@ -13,12 +13,16 @@ happened and the play it created.
    the selection is reported as not found and never touched.
 3. The job ends with one audit entry for the whole batch (``bulk.<verb>``), written in the
    same transaction as the job's RUN → DONE compare-and-set, so only once.
+4. A job whose task was lost (never sent, or its worker died) is sent again by the reaper
+   (``resend_stalled_one``, from ``plays.tasks.reap_stuck``) once it has made no progress
+   for ``REAP_IDLE_SECONDS``; by 1 that is harmless even when it was only slow.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -118,6 +122,8 @@ class BulkJob(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
+    # Its last sign of life: created, claimed, a play done, or sent again by the reaper.
+    updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         app_label = "plays"
@@ -264,10 +270,30 @@ def run_one(job: BulkJob, play_id: str) -> bool:
                     log.exception("bulk job %s: %s of play %s failed", job.id, job.action, play_id)
                     outcome, message, new = Outcome.ERROR, f"{type(exc).__name__}: {exc}", None
             BulkItem.objects.create(job=job, play_id=play_id, outcome=outcome, message=message[:500], new_play=new)
-            BulkJob.objects.filter(pk=job.pk).update(processed=F("processed") + 1)
+            BulkJob.objects.filter(pk=job.pk).update(processed=F("processed") + 1, updated_at=timezone.now())
     except IntegrityError:
         # Another delivery of this job did this play in the meantime; ours was rolled back.
         return False
+    return True
+
+
+def resend_stalled_one(idle_seconds: float) -> bool:
+    """Send one unfinished job again whose task was lost: never sent (the broker was down),
+    or its worker died (no play done for ``idle_seconds``). Running a job twice acts once per
+    play (see above), so a job that was only slow loses nothing either. False: none."""
+    now = timezone.now()
+    with transaction.atomic():
+        job = (
+            BulkJob.objects.select_for_update(skip_locked=True)
+            .filter(state__in=[JobState.PENDING, JobState.RUN], updated_at__lt=now - timedelta(seconds=idle_seconds))
+            .order_by("updated_at")
+            .first()
+        )
+        if job is None:
+            return False
+        log.warning("sending bulk job %s again (%s, no progress since %s)", job.pk, job.state, job.updated_at)
+        BulkJob.objects.filter(pk=job.pk).update(updated_at=now)
+        job.enqueue()
     return True
 
 
@@ -277,7 +303,7 @@ def run(job_id: str) -> bool:
 
     now = timezone.now()
     claimed = BulkJob.objects.filter(pk=job_id, state__in=[JobState.PENDING, JobState.RUN]).update(
-        state=JobState.RUN, started_at=now
+        state=JobState.RUN, started_at=now, updated_at=now
     )
     if not claimed:
         return False

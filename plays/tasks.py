@@ -164,8 +164,14 @@ def reap_stuck_iteration_one(idle_seconds: float = 30.0) -> bool:
 def reap_stuck() -> int:
     from django.conf import settings
 
+    from . import bulk
+
     idle = settings.FLOWPLAY.get("REAP_IDLE_SECONDS", 30.0)
-    return _drain(lambda: reap_stuck_one(idle)) + _drain(lambda: reap_stuck_iteration_one(idle))
+    return (
+        _drain(lambda: reap_stuck_one(idle))
+        + _drain(lambda: reap_stuck_iteration_one(idle))
+        + _drain(lambda: bulk.resend_stalled_one(idle))
+    )
 
 
 def expire_timed_out_one() -> bool:

@@ -315,3 +315,55 @@ def test_an_unfinished_job_can_be_sent_again(flow: Flow, alice: User, enqueued: 
     assert "Send it again" not in client.get(f"/plays/bulk/{job.pk}/").content.decode()
     client.post(f"/plays/bulk/{job.pk}/resume/")
     assert enqueued == [job.pk, job.pk]  # a finished job is not sent again
+
+
+def test_the_reaper_sends_again_a_job_whose_worker_died_and_it_finishes_once(
+    flow: Flow, alice: User, enqueued: list[str], settings: Any
+) -> None:
+    """A worker died in the middle of a job (RUN, one play done, no progress since): the
+    reaper sends it again, the new delivery does the rest, and no play is acted on twice."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from plays import tasks
+
+    fails = failed(flow, alice, 3)
+    job = bulk.create(alice, Action.RETRY, [p.pk for p in fails])
+    BulkJob.objects.filter(pk=job.pk).update(state=JobState.RUN)
+    assert bulk.run_one(job, fails[0].pk)
+    enqueued.clear()
+    tasks.reap_stuck()
+    assert enqueued == []  # it made progress a moment ago: maybe only slow
+    idle = settings.FLOWPLAY["REAP_IDLE_SECONDS"]
+    BulkJob.objects.filter(pk=job.pk).update(updated_at=timezone.now() - timedelta(seconds=idle + 1))
+    tasks.reap_stuck()
+    assert enqueued == [job.pk]
+    tasks.reap_stuck()
+    assert enqueued == [job.pk]  # sent once: the next sweep waits for it to make progress
+    assert bulk.run(job.pk) is True
+    assert Play.objects.filter(retry_of__in=fails).count() == 3
+    assert BulkItem.objects.filter(job=job).count() == 3
+    BulkJob.objects.filter(pk=job.pk).update(updated_at=timezone.now() - timedelta(seconds=idle + 1))
+    tasks.reap_stuck()
+    assert enqueued == [job.pk]  # a finished job is never sent again
+
+
+def test_the_reaper_sends_again_a_job_that_never_reached_a_worker(
+    flow: Flow, alice: User, enqueued: list[str], settings: Any
+) -> None:
+    """The broker was down when the job was confirmed: it stays PENDING until the reaper sends it."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from plays import tasks
+
+    job = bulk.create(alice, Action.RETRY, [p.pk for p in failed(flow, alice, 1)])
+    enqueued.clear()  # the send after commit was lost
+    idle = settings.FLOWPLAY["REAP_IDLE_SECONDS"]
+    BulkJob.objects.filter(pk=job.pk).update(updated_at=timezone.now() - timedelta(seconds=idle + 1))
+    tasks.reap_stuck()
+    assert enqueued == [job.pk]
+    assert bulk.run(job.pk) is True
+    assert BulkJob.objects.get(pk=job.pk).state == JobState.DONE
