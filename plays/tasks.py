@@ -27,7 +27,7 @@ class StepTask(Task):
     """The hot step tasks: their outcome is the play's rows, so their results are ignored,
     and they share one result backend per process. Celery keeps a result backend per thread
     and Django serves each ASGI request in a thread of its own, so every ``apply_async`` of
-    a request built a new one (about 1 ms of a ``POST /run``)."""
+    a request built a new one (~7% of a ``POST /run``'s CPU, profiled)."""
 
     ignore_result = True
     acks_late = True
