@@ -31,7 +31,8 @@ from websockets.sync.client import connect
 
 from .conftest import ROOT, Server
 
-pytestmark = pytest.mark.integration
+# The contract is the web server's: CI runs it once, on the embedded default (web_only).
+pytestmark = [pytest.mark.integration, pytest.mark.web_only]
 
 BIN = Path(sys.executable).parent
 JS_DIR = Path(__file__).parent / "js"

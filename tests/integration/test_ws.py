@@ -472,6 +472,7 @@ def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
     return None if payload is None else (opcode, payload)
 
 
+@pytest.mark.web_only  # Daphne's keepalive: 45 s of waiting, once is enough (CI's embedded half)
 def test_the_server_pings_and_drops_a_client_that_never_answers(server: Server, alice: httpx.Client) -> None:
     assert "--ping-interval 15 --ping-timeout 30" in (Path(__file__).parents[2] / "Procfile").read_text()
     token = api_key(alice, "keepalive")["token"]
